@@ -1,0 +1,154 @@
+"""Token-level rewards and advantage estimators (FORMULAS.md).
+
+Notation: B responses, T response length, G responses per prompt (a group); `mask[b, t] = 1`
+exactly where the policy sampled the token; L_b is the last index of row b with mask 1.
+
+- Token rewards: r = −β·kl·m, then the sequence score is added at L_b (the EOS token if it
+  was generated, else the truncation point), never at a padding position.
+- GAE: Schulman et al., "High-Dimensional Continuous Control Using Generalized Advantage
+  Estimation" (2016). Masked positions are skipped, not treated as steps: the next value and
+  the running advantage are carried across them (so interleaved tool/observation tokens do
+  not count), and nothing bootstraps past L_b.
+- GRPO: Shao et al., "DeepSeekMath" (2024): (s − mean_g) / (std_g + ε), std unbiased.
+  Dr.GRPO: Liu et al., "Understanding R1-Zero-Like Training" (2025): s − mean_g.
+- RLOO: Ahmadian et al., "Back to Basics" (2024): s minus the mean of the other G − 1 scores.
+- REINFORCE++: Hu, "REINFORCE++" (2025): discounted return-to-go of the token rewards,
+  whitened over the batch; the -baseline variant first subtracts the group mean score.
+
+Departures: a group of one response gets advantage 0 under GRPO/RLOO (no baseline exists);
+outputs at masked positions are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlfleet.learner.algos.masked import masked_whiten
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """L_b [B]: the last index with mask 1 (0 for an all-zero row)."""
+    positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+    return (mask.bool() * positions).argmax(dim=-1)
+
+
+def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def token_level_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """r [B, T] = −β·kl·m with scores [B] added at each row's last response token.
+
+    A row with no response token (all-zero mask) gets no reward at all.
+    """
+    rewards = _zero_masked(-kl_coef * kl, mask)
+    has_token = mask.bool().any(dim=-1)
+    placed = torch.where(has_token, scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
+    return rewards.scatter_add(-1, last_token_index(mask)[:, None], placed[:, None])
+
+
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (unwhitened) GAE advantages [B, T] and returns = advantages + values.
+
+    Backwards over t with next value nv and last advantage lg starting at 0:
+    δ_t = r_t + γ·nv − V_t; g = δ_t + γλ·lg; at unmasked t: nv ← V_t, lg ← g; A_t = lg.
+    """
+    keep = mask.bool()
+    next_value = torch.zeros_like(values[:, 0])
+    last_adv = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[-1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        step = delta + gamma * lam * last_adv
+        next_value = torch.where(keep[:, t], values[:, t], next_value)
+        last_adv = torch.where(keep[:, t], step, last_adv)
+        advantages[:, t] = last_adv
+    advantages = _zero_masked(advantages, mask)
+    return advantages, _zero_masked(advantages + values, mask)
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + γ·G_{t+1} over unmasked tokens (carried across masked ones); 0 where masked."""
+    keep = mask.bool()
+    running = torch.zeros_like(token_rewards[:, 0])
+    returns = torch.zeros_like(token_rewards)
+    for t in reversed(range(token_rewards.shape[-1])):
+        running = torch.where(keep[:, t], token_rewards[:, t] + gamma * running, running)
+        returns[:, t] = running
+    return _zero_masked(returns, mask)
+
+
+def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per response [B]: its group's size, score sum and unbiased std."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    size = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(
+        0, inverse, torch.ones_like(scores)
+    )
+    total = torch.zeros_like(size).index_add_(0, inverse, scores)
+    mean = total / size
+    squares = torch.zeros_like(size).index_add_(0, inverse, (scores - mean[inverse]) ** 2)
+    std = torch.sqrt(squares / (size - 1).clamp(min=1))
+    return size[inverse], total[inverse], std[inverse]
+
+
+def _broadcast(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A[b, t] = A_b · m[b, t]."""
+    return _zero_masked(per_seq[:, None].expand(mask.shape).to(per_seq.dtype), mask)
+
+
+def grpo_advantages(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    mask: torch.Tensor,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO advantages [B, T]: (s − mean_g)/(std_g + eps), or s − mean_g (Dr.GRPO) without std.
+
+    scores [B], group_ids [B] (any integer labels, any order). Equal scores in a group give 0.
+    """
+    size, total, std = _group_stats(scores, group_ids)
+    centred = scores - total / size
+    if norm_by_std:
+        centred = centred / (std + eps)
+    return _broadcast(torch.where(size > 1, centred, torch.zeros_like(centred)), mask)
+
+
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RLOO advantages [B, T]: s_b − (Σ_g s − s_b)/(G − 1); per group they sum to 0."""
+    size, total, _ = _group_stats(scores, group_ids)
+    baseline = (total - scores) / (size - 1).clamp(min=1)
+    return _broadcast(torch.where(size > 1, scores - baseline, torch.zeros_like(scores)), mask)
+
+
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++: returns G [B, T] (return-to-go) and advantages masked_whiten(G)·m."""
+    returns = discounted_returns(token_rewards, mask, gamma)
+    return masked_whiten(returns, mask), returns
+
+
+def reinforce_pp_baseline_advantages(
+    token_rewards: torch.Tensor,
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline: the group mean score is subtracted at L_b, then as REINFORCE++.
+
+    `token_rewards` already holds each score at L_b (see `token_level_rewards`).
+    """
+    size, total, _ = _group_stats(scores, group_ids)
+    shifted = token_level_rewards(-(total / size), torch.zeros_like(token_rewards), mask, 0.0)
+    return reinforce_pp_advantages(token_rewards + shifted, mask, gamma)

@@ -1,0 +1,90 @@
+"""Masked statistics and the one loss-reduction function, `agg_loss`.
+
+Notation: B sequences, T response length; `mask[b, t]` is 1 exactly where the policy sampled
+the token (bool or 0/1 of any dtype). Values at masked positions never leak into a result,
+even when they are NaN or inf: every reduction selects with `torch.where`, never multiplies.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+AGG_MODES: tuple[str, ...] = AggMode.__args__  # type: ignore[attr-defined]
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ x over mask == 1; masked entries contribute exactly 0 (NaN/inf there are ignored)."""
+    zeros = torch.zeros((), dtype=x.dtype, device=x.device)
+    selected = torch.where(mask.bool(), x, zeros)
+    return selected.sum() if dim is None else selected.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ where(m, x, 0) / max(Σ m, 1): an all-zero mask gives 0."""
+    count = mask.bool().sum() if dim is None else mask.bool().sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries (Bessel-corrected by default); fewer than 2 entries give 0."""
+    mean = masked_mean(x, mask)
+    squares = masked_sum((x - mean) ** 2, mask)
+    count = mask.bool().sum().to(x.dtype)
+    denom = (count - 1) if unbiased else count
+    return squares / denom.clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − μ)·rsqrt(var + 1e-8) over the masked entries; μ is added back if not `shift_mean`.
+
+    Masked positions of the result are 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def agg_loss(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: AggMode,
+    num_global_tokens: int | float | torch.Tensor | None = None,
+    num_global_seqs: int | float | torch.Tensor | None = None,
+    norm_length: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar.
+
+    Modes (FORMULAS.md, "Loss aggregation"):
+      token-mean               Σ L·m / N, N = valid tokens of the whole global batch
+      seq-mean-token-mean      mean over sequences of each sequence's token mean
+      seq-mean-token-sum       mean over sequences of each sequence's token sum
+      seq-mean-token-sum-norm  Σ L·m / (B · T_max)            (Dr.GRPO)
+
+    For micro-batching and data parallelism pass the global normalisers: `num_global_tokens`
+    (token-mean), `num_global_seqs` (the seq-mean modes) and `norm_length` (T_max, default the
+    local T); the sum of the micro-batches' results then equals the whole batch's loss, and so
+    does its gradient. Left at None, each normaliser is taken from this batch.
+    """
+    if mode == "token-mean":
+        n_tokens = mask.bool().sum() if num_global_tokens is None else num_global_tokens
+        return masked_sum(loss, mask) / _positive(n_tokens, loss)
+    n_seqs = loss.shape[0] if num_global_seqs is None else num_global_seqs
+    if mode == "seq-mean-token-mean":
+        per_seq = masked_mean(loss, mask, dim=-1)
+    elif mode == "seq-mean-token-sum":
+        per_seq = masked_sum(loss, mask, dim=-1)
+    elif mode == "seq-mean-token-sum-norm":
+        per_seq = masked_sum(loss, mask, dim=-1) / (loss.shape[-1] if norm_length is None else norm_length)
+    else:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; valid modes: {', '.join(AGG_MODES)}")
+    return per_seq.sum() / _positive(n_seqs, loss)
+
+
+def _positive(n: int | float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(n, dtype=like.dtype, device=like.device).clamp(min=1)
