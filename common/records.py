@@ -19,15 +19,40 @@ class SamplingSpec:
     max_tokens: int = 64
     """Longest response, in tokens."""
     temperature: float = 1.0
-    """Logits are divided by this before sampling."""
+    """Logits are divided by this before sampling; 0 means greedy decoding (log-probs are then
+    those of log_softmax(logits), temperature 1)."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     top_k: int = -1
     """Top-k sampling; -1 disables it."""
     stop: tuple[str, ...] = ()
     """Strings that end a response."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a response (besides EOS), kept in the response like EOS."""
     seed: int | None = None
-    """Per-request seed; None uses the engine's generator."""
+    """Seed of the request: sample k of prompt i uses seed + i·n + k, so the n samples of a
+    prompt are independent and a rerun is reproducible; None uses the engine's generator."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("n", self.n >= 1, ">= 1"),
+            ("max_tokens", self.max_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 is greedy decoding)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 (off) or >= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"SamplingSpec.{name}={getattr(self, name)!r} must be {rule}")
+
+    @property
+    def matches_learner(self) -> bool:
+        """True when the learner's log_softmax(logits / temperature) is the sampling distribution."""
+        return self.top_p == 1.0 and self.top_k == -1
+
+
+# A prompt is token ids, plain text, or chat messages rendered with the tokenizer's template.
+PromptInput = list[int] | str | list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -60,3 +85,5 @@ class RolloutBatch:
     """Wall time of the engine call."""
     num_tokens: int = field(default=0)
     """Response tokens generated."""
+    dropped: list[int] = field(default_factory=list)
+    """Indices (in the request) of prompts dropped as bad input (rollout.on_bad_prompt='drop')."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
 from rlfleet.common.config import RoleResources, RolloutConfig
+from rlfleet.rollout.hf_worker import HFRolloutWorker
+from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.vllm_worker import VLLMRolloutWorker
+
+ROLLOUT_BACKENDS = {"vllm": VLLMRolloutWorker, "hf": HFRolloutWorker}
 
 
 def actor_options(res: RoleResources, **extra: Any) -> dict[str, Any]:
@@ -19,9 +24,46 @@ def actor_options(res: RoleResources, **extra: Any) -> dict[str, Any]:
     return opts
 
 
+def rollout_worker_factory(
+    model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0
+) -> Callable[[], ray.actor.ActorHandle]:
+    """A function that starts one rollout worker actor (engine built in its constructor).
+
+    Workers restart up to `rollout.max_restarts` times; a call in flight when one dies fails
+    (no automatic retry) so that the pool re-runs its groups and re-syncs the worker.
+    """
+    cls = ray.remote(ROLLOUT_BACKENDS[rollout.backend])
+    options = actor_options(
+        resources,
+        max_restarts=rollout.max_restarts,
+        max_task_retries=0,
+        scheduling_strategy=rollout.placement,
+    )
+    counter = iter(range(1_000_000))
+
+    def spawn() -> ray.actor.ActorHandle:
+        # Each worker gets its own engine seed so that unseeded requests differ across workers.
+        return cls.options(**options).remote(model_path, rollout, seed + next(counter))
+
+    return spawn
+
+
+def start_rollout_pool(
+    model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0
+) -> RolloutPool:
+    """A rollout pool of `rollout.num_workers` workers of `rollout.backend`."""
+    spawn = rollout_worker_factory(model_path, rollout, resources, seed)
+    return RolloutPool(
+        spawn,
+        rollout.num_workers,
+        call_timeout_s=rollout.generate_timeout_s,
+        max_redispatch=rollout.max_redispatch,
+    )
+
+
 def start_vllm_worker(
     model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0
 ) -> ray.actor.ActorHandle:
-    """Start one vLLM rollout worker as a Ray actor (the engine builds in its constructor)."""
-    cls = ray.remote(VLLMRolloutWorker).options(**actor_options(resources))
-    return cls.remote(model_path, rollout, seed)
+    """Start one vLLM rollout worker as a Ray actor."""
+    vllm_cfg = rollout.model_copy(update={"backend": "vllm"})
+    return rollout_worker_factory(model_path, vllm_cfg, resources, seed)()

