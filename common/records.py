@@ -18,6 +18,9 @@ class SamplingSpec:
     """Responses per prompt."""
     max_tokens: int = 64
     """Longest response, in tokens."""
+    min_tokens: int = 0
+    """EOS and stop ids are suppressed until this many tokens exist. It changes the sampling
+    distribution away from the learner's, so use it for benchmarks, not training."""
     temperature: float = 1.0
     """Logits are divided by this before sampling; 0 means greedy decoding (log-probs are then
     those of log_softmax(logits), temperature 1)."""
@@ -37,6 +40,7 @@ class SamplingSpec:
         checks = [
             ("n", self.n >= 1, ">= 1"),
             ("max_tokens", self.max_tokens >= 1, ">= 1"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
             ("temperature", self.temperature >= 0, ">= 0 (0 is greedy decoding)"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 (off) or >= 1"),

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
-from rlfleet.common.weights import iter_state_dict
+from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
 from rlfleet.rollout.prompts import PromptLimits, render_prompt, split_bad_prompts
 from rlfleet.rollout.worker_info import WorkerInfo
 
@@ -72,6 +73,7 @@ class HFRolloutWorker:
             top_p=spec.top_p,
             top_k=spec.top_k if spec.top_k > 0 else 0,
             max_new_tokens=spec.max_tokens,
+            min_new_tokens=spec.min_tokens,
             num_return_sequences=spec.n,
             eos_token_id=stop_ids,
             pad_token_id=tok.eos_token_id,  # rows that finished early are filled with EOS
@@ -107,6 +109,14 @@ class HFRolloutWorker:
     def load_weights(self, version: int, *chunks: bytes) -> int:
         """Load a full state dict (safetensors chunks); returns `version`."""
         state = {k: v.to(self._device) for k, v in iter_state_dict(chunks)}
+        self._model.load_state_dict(state, strict=True)
+        self._version = version
+        return version
+
+    def receive_weights(self, version: int, info: WeightGroupInfo, rank_offset: int) -> int:
+        """Receive a broadcast push as rank `rank_offset` of its group; returns `version`."""
+        group = BroadcastGroup(rank_offset, info.world_size, info.backend, info.host, info.port)
+        state = dict(receive_buckets(group, info, self._device))
         self._model.load_state_dict(state, strict=True)
         self._version = version
         return version

@@ -23,6 +23,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
+from rlfleet.rollout.weight_sources import WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ class RolloutPool:
     ):
         self._spawn = spawn
         self._slots: list[_Slot] = []
-        self._version = 0
-        self._weights: list[ray.ObjectRef] = []
+        self._source: WeightSource | None = None
         self._call_timeout_s = call_timeout_s
         self._max_redispatch = max_redispatch
         self._recover_timeout_s = recover_timeout_s
@@ -88,8 +88,8 @@ class RolloutPool:
 
     @property
     def version(self) -> int:
-        """The policy version every worker must hold."""
-        return self._version
+        """The policy version every worker must hold (0 before the first push)."""
+        return 0 if self._source is None else self._source.version
 
     def versions(self) -> list[int]:
         """The version each worker reports, in slot order."""
@@ -111,22 +111,18 @@ class RolloutPool:
             self._ensure_current(slot)
         logger.info("rollout pool: %d workers", len(self._slots))
 
-    def push_weights(self, version: int, chunks: Sequence[ray.ObjectRef]) -> None:
-        """Load the weights (object-store refs of safetensors chunks) into every worker
-        concurrently, then verify that each reports `version`."""
-        self._version, self._weights = version, list(chunks)
-        calls = {s.handle.load_weights.remote(version, *chunks): s for s in self._slots}
-        for ref, slot in calls.items():
-            try:
-                got = ray.get(ref, timeout=self._call_timeout_s)
-            except WorkerFailure:
-                self._recover(slot)  # recovery re-syncs it to `version`
-                continue
-            if got != version:
-                raise RolloutPoolError(f"worker reported version {got} after a push of {version}")
-        reported = self.versions()
-        if any(v != version for v in reported):
-            raise RolloutPoolError(f"after pushing v{version} the workers report {reported}")
+    def push_weights(self, source: WeightSource) -> None:
+        """Load `source`'s version into every worker concurrently, then verify that each one
+        reports it. A worker that dies during the push is recovered and re-synced."""
+        self._source = source
+        try:
+            reported = source.load_into(self.handles(), self._call_timeout_s)
+        except WorkerFailure:
+            for slot in self._slots:
+                self._recover(slot)  # re-syncs every worker that is not at `source.version`
+            reported = self.versions()
+        if any(v != source.version for v in reported):
+            raise RolloutPoolError(f"after pushing v{source.version} the workers report {reported}")
 
     def sleep(self) -> None:
         """Colocated mode: let every worker free its memory while the learner trains."""
@@ -215,9 +211,9 @@ class RolloutPool:
             seconds = max(seconds, part.generate_seconds)
             dropped += [chunk.start + i for i in part.dropped]
             for r in part.rollouts:
-                if r.policy_version != self._version:
+                if r.policy_version != self.version:
                     raise RolloutPoolError(
-                        f"worker {part.worker_id} generated with v{r.policy_version}, expected v{self._version}"
+                        f"worker {part.worker_id} generated with v{r.policy_version}, expected v{self.version}"
                     )
                 rollouts.append(_shift(r, chunk.start))
             self.stats.per_worker_tokens[part.worker_id] = (
@@ -247,11 +243,11 @@ class RolloutPool:
     def _ensure_current(self, slot: _Slot) -> None:
         """A worker that restarted comes back with the initial weights: load the current ones."""
         held = ray.get(slot.handle.policy_version.remote(), timeout=self._recover_timeout_s)
-        if held == self._version:
+        if held == self.version:
             return
-        if not self._weights:
-            raise RolloutPoolError(f"a worker holds v{held} but the pool has no weights for v{self._version}")
-        ray.get(slot.handle.load_weights.remote(self._version, *self._weights), timeout=self._call_timeout_s)
+        if self._source is None:
+            raise RolloutPoolError(f"a worker holds v{held} but the pool has no weights for v{self.version}")
+        self._source.load_into([slot.handle], self._call_timeout_s)
         self.stats.resynced += 1
 
 

@@ -24,9 +24,10 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
-from rlfleet.common.weights import iter_state_dict
+from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
 from rlfleet.rollout.prompts import PromptLimits, render_prompt, split_bad_prompts
 from rlfleet.rollout.worker_info import WorkerInfo
 
@@ -38,6 +39,13 @@ def _reload_weights(worker: Any, chunks: Sequence[bytes]) -> None:
     worker.reload_weights(weights_iterator=iter_state_dict(chunks))
 
 
+def _receive_broadcast(worker: Any, info: WeightGroupInfo, rank_offset: int) -> None:
+    """Runs inside each of vLLM's workers (one per tensor-parallel rank): join the push's
+    group and stream the buckets, as they arrive, into vLLM's layer-wise in-place reload."""
+    group = BroadcastGroup(rank_offset + worker.rank, info.world_size, info.backend, info.host, info.port)
+    worker.reload_weights(weights_iterator=receive_buckets(group, info, worker.device))
+
+
 class VLLMRolloutWorker:
     """Generates responses with the old policy in a vLLM engine and reports its policy version."""
 
@@ -47,7 +55,13 @@ class VLLMRolloutWorker:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        if config.sleep_between_steps and not current_platform.is_sleep_mode_available():
+            raise ValueError(
+                "rollout.sleep_between_steps=true needs vLLM's sleep mode, which this platform "
+                f"({current_platform.device_type}) does not have; set it to false"
+            )
         self._config = config
         self._version = 0
         self._sleeping = False
@@ -86,6 +100,7 @@ class VLLMRolloutWorker:
         )
         base = dict(
             max_tokens=spec.max_tokens,
+            min_tokens=spec.min_tokens,
             temperature=spec.temperature,
             top_p=spec.top_p,
             top_k=spec.top_k,
@@ -131,6 +146,17 @@ class VLLMRolloutWorker:
         self._llm.reset_prefix_cache()
         self._version = version
         logger.info("%s: loaded weights v%d in %.2fs", self._id, version, time.perf_counter() - start)
+        return version
+
+    def receive_weights(self, version: int, info: WeightGroupInfo, rank_offset: int) -> int:
+        """Receive a broadcast push (NCCL on GPU, gloo on CPU) as ranks rank_offset.. of its
+        group (one per tensor-parallel rank); returns `version`."""
+        self.wake_up()
+        start = time.perf_counter()
+        self._llm.collective_rpc(_receive_broadcast, args=(info, rank_offset))
+        self._llm.reset_prefix_cache()
+        self._version = version
+        logger.info("%s: received weights v%d in %.2fs", self._id, version, time.perf_counter() - start)
         return version
 
     def sleep(self) -> None:

@@ -15,8 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlfleet.common.config import RoleResources, RolloutConfig
 from rlfleet.common.records import SamplingSpec
 from rlfleet.common.weights import serialize_state_dict
-from rlfleet.deploy.assembly import start_rollout_pool
+from rlfleet.deploy.assembly import rollout_worker_factory, start_rollout_pool
 from rlfleet.deploy.smoke import response_logprobs
+from rlfleet.learner.weights import WeightBroadcaster
+from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -35,6 +37,11 @@ def pool(ray_cluster, tiny_model_dir):
 @pytest.fixture(scope="module")
 def pushed_model(tiny_model_v1_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_v1_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def original_model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,28 @@ def greedy_matches(handle, model) -> bool:
 def push(pool, model, version: int) -> None:
     refs = [ray.put(c) for c in serialize_state_dict(model.state_dict(), chunk_bytes=300_000)]
     assert len(refs) > 1  # several chunks travel
-    pool.push_weights(version, refs)
+    pool.push_weights(ObjectStoreWeights(version, tuple(refs)))
+
+
+class Publisher:
+    """The learner's publishing side: a real model and a WeightBroadcaster (rank 0)."""
+
+    def __init__(self, model_dir: str):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.broadcaster = WeightBroadcaster(bucket_bytes=300_000)
+
+    def open_weight_group(self, world_size: int):
+        return self.broadcaster.open(self.model.state_dict(), world_size)
+
+    def broadcast_weights(self) -> int:
+        return self.broadcaster.send(self.model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def publisher(ray_cluster, tiny_model_dir):
+    handle = ray.remote(Publisher).options(num_cpus=0).remote(str(tiny_model_dir))
+    yield handle
+    ray.kill(handle)
 
 
 def check_complete(batch, n: int, version: int, tok) -> None:
@@ -75,6 +103,24 @@ def test_push_reaches_every_worker(pool, pushed_model):
     push(pool, pushed_model, version=1)
     assert pool.versions() == [1, 1]
     assert all(greedy_matches(h, pushed_model) for h in pool.handles())
+
+
+def test_broadcast_push_reaches_every_worker(pool, publisher, original_model):
+    """The bucketed broadcast path (gloo here, NCCL on GPU) through real vLLM engines; from
+    here on the pool re-syncs restarted workers by broadcast too."""
+    assert not any(greedy_matches(h, original_model) for h in pool.handles())  # they hold v1 now
+    pool.push_weights(BroadcastWeights(2, publisher))
+    assert pool.versions() == [2, 2]
+    assert all(greedy_matches(h, original_model) for h in pool.handles())
+
+
+def test_broadcast_push_into_hf_worker(ray_cluster, publisher, original_model, tiny_model_v1_dir):
+    spawn = rollout_worker_factory(str(tiny_model_v1_dir), RolloutConfig(backend="hf"), RoleResources(num_cpus=0))
+    worker = spawn()
+    assert not greedy_matches(worker, original_model)
+    assert BroadcastWeights(5, publisher).load_into([worker], timeout_s=120) == [5]
+    assert greedy_matches(worker, original_model)
+    ray.kill(worker)
 
 
 def test_groups_complete_and_in_order_while_scaling(pool, tok):
@@ -125,11 +171,11 @@ def _kill_during_generate(pool, kill) -> None:
     assert ray.get(pool.handles()[0].info.remote()).pid != pid
 
 
-def test_sigkilled_worker_is_rerun_and_resynced(pool, pushed_model):
+def test_sigkilled_worker_is_rerun_and_resynced(pool, original_model):
     _kill_during_generate(pool, lambda handle, pid: os.kill(pid, signal.SIGKILL))
-    assert greedy_matches(pool.handles()[0], pushed_model)
+    assert greedy_matches(pool.handles()[0], original_model)
 
 
-def test_ray_killed_worker_is_rerun_and_resynced(pool, pushed_model):
+def test_ray_killed_worker_is_rerun_and_resynced(pool, original_model):
     _kill_during_generate(pool, lambda handle, pid: ray.kill(handle, no_restart=False))
-    assert greedy_matches(pool.handles()[0], pushed_model)
+    assert greedy_matches(pool.handles()[0], original_model)

@@ -1,0 +1,73 @@
+"""Publishing the learner's weights to the rollout fleet.
+
+- `object_store_chunks`: safetensors chunks (the caller puts them in the Ray object store once;
+  every worker fetches them). The CPU / small-model path.
+- `WeightBroadcaster`: rank 0 of a one-push process group (NCCL on GPU, gloo on CPU); the
+  buckets are broadcast once to every rollout process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from rlfleet.common.collective import BroadcastGroup, serve_store
+from rlfleet.common.weights import (
+    DEFAULT_CHUNK_BYTES,
+    WeightGroupInfo,
+    pack_bucket,
+    plan_buckets,
+    serialize_state_dict,
+)
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to publish non-finite weights: name the first tensor that has a NaN or inf."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"refusing to publish weights: {name} has non-finite values")
+
+
+def object_store_chunks(state_dict: Mapping[str, torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
+    """Safetensors chunks of the state dict, after a finiteness check."""
+    check_finite(state_dict)
+    return serialize_state_dict(state_dict, chunk_bytes)
+
+
+class WeightBroadcaster:
+    """Sender side of a broadcast push: `open` (returns what receivers need), then `send`."""
+
+    def __init__(self, bucket_bytes: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 300.0):
+        self._bucket_bytes = bucket_bytes
+        self._timeout_s = timeout_s
+        self._pending: tuple | None = None
+
+    def open(self, state_dict: Mapping[str, torch.Tensor], world_size: int) -> WeightGroupInfo:
+        """Serve the rendezvous for `world_size` ranks (this one is rank 0) and plan the buckets."""
+        check_finite(state_dict)
+        first = next(iter(state_dict.values()))
+        backend = "nccl" if first.is_cuda else "gloo"
+        store, host, port = serve_store(world_size, timeout_s=self._timeout_s)
+        info = WeightGroupInfo(host, port, world_size, backend, plan_buckets(state_dict, self._bucket_bytes))
+        self._pending = (store, info, first.device)
+        return info
+
+    def send(self, state_dict: Mapping[str, torch.Tensor]) -> int:
+        """Join the group as rank 0 and broadcast every bucket; returns the bytes sent."""
+        if self._pending is None:
+            raise RuntimeError("WeightBroadcaster.send() before open()")
+        store, info, device = self._pending
+        self._pending = None
+        group = BroadcastGroup(0, info.world_size, info.backend, info.host, info.port, store=store,
+                               timeout_s=self._timeout_s)
+        for bucket in info.buckets:
+            group.broadcast(pack_bucket(state_dict, bucket, device), src=0)
+        return sum(b.nbytes for b in info.buckets)
+
+
+def num_buckets(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int) -> int:
+    """How many buckets a push of this state dict takes (for logging)."""
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    return max(1, math.ceil(total / bucket_bytes))
