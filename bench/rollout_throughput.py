@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import ray
+from transformers import AutoModelForCausalLM
 
-from rlfleet.common.config import RoleResources, RolloutConfig
+from rlfleet.common.config import RoleResources, RolloutConfig, TinyModelConfig
 from rlfleet.common.records import SamplingSpec
 from rlfleet.common.tiny_models import build_tiny_causal_lm
 from rlfleet.deploy.assembly import rollout_worker_factory, start_rollout_pool
@@ -91,6 +92,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-pool", action="store_true", help="skip the 1-vs-2-workers measurement")
+    parser.add_argument("--hidden-size", type=int, default=128, help="tiny model width (default: the test model)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "rollout_throughput.json"))
     args = parser.parse_args()
 
@@ -99,10 +103,14 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            model = str(build_tiny_causal_lm(Path(tmp) / "tiny", seed=0))
+            shape = TinyModelConfig(hidden_size=args.hidden_size, num_layers=args.layers,
+                                    num_heads=args.heads, intermediate_size=args.hidden_size * 2)
+            model = str(build_tiny_causal_lm(Path(tmp) / "tiny", seed=0, shape=shape))
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
             result = {
                 "setup": {"prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
-                          "rounds": args.rounds, "cpus": os.cpu_count(), "model": "tiny llama 2x128"},
+                          "rounds": args.rounds, "cpus": os.cpu_count(), "threads_per_actor": 1,
+                          "model": f"llama {args.layers}x{args.hidden_size}", "parameters": params},
                 **bench_backends(model, args, spec),
             }
             if not args.no_pool:

@@ -210,14 +210,23 @@ class RewardConfig(Section):
     """Rule-based reward functions."""
     remote: RemoteRewardConfig | None = None
     """Remote scorer."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Sequences per reward-model forward pass."""
     normalize: Literal["none", "running", "fixed"] = "none"
-    """Score normalisation."""
+    """Normalisation of the reward model's score: running mean/std, or fixed norm_mean/norm_std."""
+    norm_mean: float = 0.0
+    """Mean subtracted with normalize='fixed'."""
+    norm_std: float = Field(1.0, gt=0)
+    """Standard deviation divided by with normalize='fixed'."""
+    rule_processes: int = Field(2, ge=1)
+    """Processes that run rule functions (a hung rule is killed with its process)."""
     clip: float | None = Field(None, gt=0)
     """Clip scores to [-clip, clip] after normalisation."""
     on_unscorable: Literal["drop_group", "fail"] = "drop_group"
     """What to do when a source cannot score a response."""
     max_failures: int = Field(8, ge=0)
-    """With on_unscorable='fail': unscorable responses tolerated per step."""
+    """With on_unscorable='fail': unscorable responses tolerated per step (their groups are
+    dropped); one more fails the step."""
 
 
 class ReferenceConfig(Section):

@@ -91,3 +91,24 @@ class RolloutBatch:
     """Response tokens generated."""
     dropped: list[int] = field(default_factory=list)
     """Indices (in the request) of prompts dropped as bad input (rollout.on_bad_prompt='drop')."""
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Scores of B responses from the reward service."""
+
+    scores: list[float | None]
+    """Weighted sum of the sources per response; None where it is unscorable."""
+    components: dict[str, list[float | None]]
+    """Each source's own (unweighted) value per response: 'model', 'rules[i]', 'remote'."""
+    reasons: list[str | None]
+    """Why a response is unscorable ('rules[0]:timeout', 'remote:error', …), else None."""
+
+    @property
+    def unscorable_counts(self) -> dict[str, int]:
+        """Reason → number of responses, for metrics."""
+        counts: dict[str, int] = {}
+        for r in self.reasons:
+            if r is not None:
+                counts[r] = counts.get(r, 0) + 1
+        return counts

@@ -7,10 +7,12 @@ from typing import Any
 
 import ray
 
-from rlfleet.common.config import RoleResources, RolloutConfig
+from rlfleet.common.config import ReferenceConfig, RewardConfig, RoleResources, RolloutConfig
 from rlfleet.rollout.hf_worker import HFRolloutWorker
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.vllm_worker import VLLMRolloutWorker
+from rlfleet.services.reference import ReferenceService
+from rlfleet.services.reward_service import RewardService
 
 ROLLOUT_BACKENDS = {"vllm": VLLMRolloutWorker, "hf": HFRolloutWorker}
 
@@ -67,3 +69,18 @@ def start_vllm_worker(
     """Start one vLLM rollout worker as a Ray actor."""
     vllm_cfg = rollout.model_copy(update={"backend": "vllm"})
     return rollout_worker_factory(model_path, vllm_cfg, resources, seed)()
+
+
+def start_reward_service(
+    reward: RewardConfig, tokenizer_path: str, resources: RoleResources
+) -> ray.actor.ActorHandle:
+    """The reward service actor; its constructor checks every source (bad config fails here)."""
+    return ray.remote(RewardService).options(**actor_options(resources)).remote(reward, tokenizer_path)
+
+
+def start_reference_service(
+    model_path: str, reference: ReferenceConfig, resources: RoleResources
+) -> ray.actor.ActorHandle:
+    """The reference-model actor (frozen initial policy)."""
+    cls = ray.remote(ReferenceService).options(**actor_options(resources))
+    return cls.remote(model_path, reference.micro_batch_size)

@@ -164,8 +164,8 @@ class RolloutPool:
         chunk.attempts += 1
         if chunk.attempts > self._max_redispatch + 1:
             raise RolloutPoolError(
-                f"prompts {chunk.start}..{chunk.start + len(chunk.prompts) - 1} failed on "
-                f"{chunk.attempts - 1} workers; giving up (rollout.max_redispatch={self._max_redispatch})"
+                f"prompts {chunk.start}..{chunk.start + len(chunk.prompts) - 1} failed "
+                f"{chunk.attempts - 1} times; giving up (rollout.max_redispatch={self._max_redispatch})"
             )
         if chunk.attempts > 1:
             self.stats.redispatched += 1

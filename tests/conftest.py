@@ -42,6 +42,21 @@ def tiny_model_v1_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_policy(tiny_model_dir: Path):
+    """The tiny causal LM loaded in transformers (fp32, eval): the reference forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster shared by the whole session."""
     import ray

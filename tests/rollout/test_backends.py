@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfleet.common.records import SamplingSpec
 from rlfleet.deploy.smoke import response_logprobs
@@ -14,27 +13,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 PROMPTS = ["12+7=", "sort: dbca", [{"role": "user", "content": "hi"}]]
 
 
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
 @pytest.fixture(params=["vllm", "hf"])
 def worker(request):
     return request.getfixturevalue(f"{request.param}_worker")
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_equal_transformers_forward(ray_cluster, worker, policy, tok, temperature):
+def test_logprobs_equal_transformers_forward(ray_cluster, worker, tiny_policy, tiny_tokenizer, temperature):
     spec = SamplingSpec(n=3, max_tokens=20, temperature=temperature)
     batch = ray_cluster.get(worker.generate.remote(PROMPTS, spec))
-    rendered = [tok.encode(PROMPTS[0]), tok.encode(PROMPTS[1]),
-                tok.apply_chat_template(PROMPTS[2], add_generation_prompt=True, return_dict=False)]
+    rendered = [tiny_tokenizer.encode(PROMPTS[0]), tiny_tokenizer.encode(PROMPTS[1]),
+                tiny_tokenizer.apply_chat_template(PROMPTS[2], add_generation_prompt=True, return_dict=False)]
     assert [r.prompt_index for r in batch.rollouts] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for r in batch.rollouts:
         assert r.prompt_ids == rendered[r.prompt_index]
@@ -43,8 +32,8 @@ def test_logprobs_equal_transformers_forward(ray_cluster, worker, policy, tok, t
         if r.finish_reason == "length":
             assert len(r.response_ids) == spec.max_tokens
         else:
-            assert r.response_ids[-1] == tok.eos_token_id and tok.eos_token_id not in r.response_ids[:-1]
-        hf = response_logprobs(policy, r, temperature=temperature)
+            assert r.response_ids[-1] == tiny_tokenizer.eos_token_id and tiny_tokenizer.eos_token_id not in r.response_ids[:-1]
+        hf = response_logprobs(tiny_policy, r, temperature=temperature)
         torch.testing.assert_close(torch.tensor(r.logprobs), hf, rtol=0, atol=1e-4)
     assert batch.num_tokens == sum(len(r.response_ids) for r in batch.rollouts)
 
@@ -60,12 +49,12 @@ def test_seeded_samples_are_reproducible_and_independent(ray_cluster, vllm_worke
     assert len(firsts) == 4
 
 
-def test_stop_strings_and_stop_ids_end_the_response(ray_cluster, worker, tok):
-    stop_id = tok.convert_tokens_to_ids("e")
+def test_stop_strings_and_stop_ids_end_the_response(ray_cluster, worker, tiny_tokenizer):
+    stop_id = tiny_tokenizer.convert_tokens_to_ids("e")
     spec = SamplingSpec(n=8, max_tokens=60, stop_token_ids=(stop_id,), seed=5)
     batch = ray_cluster.get(worker.generate.remote(["abc"], spec))
     for r in batch.rollouts:
-        ended = r.response_ids[-1] in (stop_id, tok.eos_token_id)
+        ended = r.response_ids[-1] in (stop_id, tiny_tokenizer.eos_token_id)
         assert (r.finish_reason == "stop") == ended
         assert stop_id not in r.response_ids[:-1]
 

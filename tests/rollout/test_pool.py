@@ -10,7 +10,7 @@ import time
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from rlfleet.common.config import RoleResources, RolloutConfig
 from rlfleet.common.records import SamplingSpec
@@ -37,16 +37,6 @@ def pool(ray_cluster, tiny_model_dir):
 @pytest.fixture(scope="module")
 def pushed_model(tiny_model_v1_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_v1_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def original_model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def greedy_matches(handle, model) -> bool:
@@ -89,11 +79,11 @@ def publisher(ray_cluster, tiny_model_dir):
     ray.kill(handle)
 
 
-def check_complete(batch, n: int, version: int, tok) -> None:
+def check_complete(batch, n: int, version: int, tiny_tokenizer) -> None:
     """Every prompt's n samples, grouped, in prompt order; right prompt ids; right version."""
     assert [r.prompt_index for r in batch.rollouts] == [i for i in range(len(PROMPTS)) for _ in range(n)]
     for r in batch.rollouts:
-        assert r.prompt_ids == tok.encode(PROMPTS[r.prompt_index])
+        assert r.prompt_ids == tiny_tokenizer.encode(PROMPTS[r.prompt_index])
         assert r.policy_version == version
 
 
@@ -105,38 +95,38 @@ def test_push_reaches_every_worker(pool, pushed_model):
     assert all(greedy_matches(h, pushed_model) for h in pool.handles())
 
 
-def test_broadcast_push_reaches_every_worker(pool, publisher, original_model):
+def test_broadcast_push_reaches_every_worker(pool, publisher, tiny_policy):
     """The bucketed broadcast path (gloo here, NCCL on GPU) through real vLLM engines; from
     here on the pool re-syncs restarted workers by broadcast too."""
-    assert not any(greedy_matches(h, original_model) for h in pool.handles())  # they hold v1 now
+    assert not any(greedy_matches(h, tiny_policy) for h in pool.handles())  # they hold v1 now
     pool.push_weights(BroadcastWeights(2, publisher))
     assert pool.versions() == [2, 2]
-    assert all(greedy_matches(h, original_model) for h in pool.handles())
+    assert all(greedy_matches(h, tiny_policy) for h in pool.handles())
 
 
-def test_broadcast_push_into_hf_worker(ray_cluster, publisher, original_model, tiny_model_v1_dir):
+def test_broadcast_push_into_hf_worker(ray_cluster, publisher, tiny_policy, tiny_model_v1_dir):
     spawn = rollout_worker_factory(str(tiny_model_v1_dir), RolloutConfig(backend="hf"), RoleResources(num_cpus=0))
     worker = spawn()
-    assert not greedy_matches(worker, original_model)
+    assert not greedy_matches(worker, tiny_policy)
     assert BroadcastWeights(5, publisher).load_into([worker], timeout_s=120) == [5]
-    assert greedy_matches(worker, original_model)
+    assert greedy_matches(worker, tiny_policy)
     ray.kill(worker)
 
 
-def test_groups_complete_and_in_order_while_scaling(pool, tok):
+def test_groups_complete_and_in_order_while_scaling(pool, tiny_tokenizer):
     spec = SamplingSpec(n=4, max_tokens=16)
     before = dict(pool.stats.per_worker_tokens)
-    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tok)
+    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tiny_tokenizer)
     used = {w for w, n in pool.stats.per_worker_tokens.items() if n > before.get(w, 0)}
     assert len(used) == 2  # both workers took groups
     pool.scale_to(1)
     assert pool.num_workers == 1
-    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tok)
+    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tiny_tokenizer)
     resynced = pool.stats.resynced
     pool.scale_to(2)
     assert pool.versions() == [pool.version, pool.version]
     assert pool.stats.resynced == resynced + 1  # the new worker got the current weights first
-    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tok)
+    check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tiny_tokenizer)
 
 
 def test_bad_prompts_dropped_and_counted(pool):
@@ -171,11 +161,31 @@ def _kill_during_generate(pool, kill) -> None:
     assert ray.get(pool.handles()[0].info.remote()).pid != pid
 
 
-def test_sigkilled_worker_is_rerun_and_resynced(pool, original_model):
+def test_sigkilled_worker_is_rerun_and_resynced(pool, tiny_policy):
     _kill_during_generate(pool, lambda handle, pid: os.kill(pid, signal.SIGKILL))
-    assert greedy_matches(pool.handles()[0], original_model)
+    assert greedy_matches(pool.handles()[0], tiny_policy)
 
 
-def test_ray_killed_worker_is_rerun_and_resynced(pool, original_model):
+def test_ray_killed_worker_is_rerun_and_resynced(pool, tiny_policy):
     _kill_during_generate(pool, lambda handle, pid: ray.kill(handle, no_restart=False))
-    assert greedy_matches(pool.handles()[0], original_model)
+    assert greedy_matches(pool.handles()[0], tiny_policy)
+
+
+def test_call_past_deadline_is_cut_and_retry_budget_bounds_the_wait(ray_cluster, tiny_model_dir):
+    """A call that outlives rollout.generate_timeout_s is cancelled and its worker restarted;
+    after rollout.max_redispatch re-runs the pool gives up with an error naming the prompts."""
+    from rlfleet.rollout.pool import RolloutPoolError
+
+    cfg = RolloutConfig(num_workers=1, generate_timeout_s=1.5, max_redispatch=1, max_restarts=4)
+    small = start_rollout_pool(str(tiny_model_dir), cfg, RoleResources(num_cpus=1))
+    ray.get(small.handles()[0].policy_version.remote())
+    start = time.monotonic()
+    with pytest.raises(RolloutPoolError, match=r"prompts 0\.\.7 failed 2 times; giving up \(rollout\.max_redispatch=1\)"):
+        small.generate(PROMPTS, SamplingSpec(n=16, max_tokens=400, min_tokens=400))
+    assert small.stats.timeouts == 2
+    # Bounded: two deadlines plus two engine restarts, not an open-ended wait.
+    assert time.monotonic() - start < 2 * (1.5 + 60)
+    # The restarted worker serves short calls again.
+    batch = small.generate(PROMPTS[:2], SamplingSpec(n=1, max_tokens=4))
+    assert len(batch.rollouts) == 2
+    ray.kill(small.handles()[0], no_restart=True)

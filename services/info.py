@@ -1,0 +1,28 @@
+"""What a service says about its model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """Model size, placement and precision of a service, and the process hosting it."""
+
+    parameters: int
+    device: str
+    dtype: str
+    pid: int
+
+
+def model_info(model: torch.nn.Module) -> ServiceInfo:
+    first = next(model.parameters())
+    return ServiceInfo(
+        parameters=sum(p.numel() for p in model.parameters()),
+        device=str(first.device),
+        dtype=str(first.dtype).removeprefix("torch."),
+        pid=os.getpid(),
+    )

@@ -1,0 +1,111 @@
+"""A sequence-classification reward model: one score per (prompt + response), micro-batched.
+
+The score is read at the last real token of each sequence (found from the attention mask,
+not from the pad id: a sampled response may contain the pad token). Position ids count real
+tokens only, so left or right padding gives the score of the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from rlfleet.services.batching import last_token_positions, micro_batches, pad_batch
+from rlfleet.services.info import ServiceInfo, model_info
+
+
+class RewardModelScorer:
+    """Scores token sequences with a 1-label sequence-classification model."""
+
+    def __init__(
+        self,
+        path: str,
+        micro_batch_size: int = 16,
+        padding_side: str = "right",
+        dtype: torch.dtype = torch.float32,
+        field: str = "reward.model_path",
+    ):
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{field}={path!r}: cannot load a sequence-classification model ({err})") from None
+        if model.config.num_labels != 1:
+            raise ValueError(
+                f"{field}={path!r}: the model's head has {model.config.num_labels} labels; "
+                "a reward model needs exactly 1"
+            )
+        head = getattr(model, "score", None) or getattr(model, "classifier", None)
+        if head is None:
+            raise ValueError(f"{field}={path!r}: no 'score' or 'classifier' head found on {type(model).__name__}")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._model = model.to(device).eval()
+        self._head = head
+        self._pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self._micro_batch_size = micro_batch_size
+        self._padding_side = padding_side
+        self.batch_sizes: list[int] = []
+        """Sizes of the forward passes run so far (micro-batching is observable)."""
+
+    def info(self) -> ServiceInfo:
+        return model_info(self._model)
+
+    @torch.no_grad()
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+        """One float per sequence (prompt ids + response ids), in input order."""
+        scores = [math.nan] * len(sequences)
+        device = next(self._model.parameters()).device
+        for idx in micro_batches([len(s) for s in sequences], self._micro_batch_size):
+            ids, mask, pos = pad_batch([sequences[i] for i in idx], self._pad_id, self._padding_side)
+            hidden = self._model.base_model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
+            ).last_hidden_state
+            last = last_token_positions(mask).to(device)
+            values = self._head(hidden[torch.arange(len(idx), device=device), last])[:, 0].float()
+            for i, v in zip(idx, values.tolist(), strict=True):
+                scores[i] = v
+            self.batch_sizes.append(len(idx))
+        return scores
+
+
+class ScoreNormalizer:
+    """Optional normalisation ('running' mean/std, or 'fixed' mean/std) then clipping."""
+
+    def __init__(self, mode: str = "none", mean: float = 0.0, std: float = 1.0, clip: float | None = None):
+        self.mode, self.mean, self.std, self.clip = mode, mean, std, clip
+        self._count, self._m2 = 0, 0.0
+        if mode == "running":
+            self.mean, self.std = 0.0, 1.0
+
+    def __call__(self, scores: Sequence[float]) -> list[float]:
+        """Normalise (after folding this batch into the running statistics) and clip."""
+        finite = [s for s in scores if math.isfinite(s)]
+        if self.mode == "running" and finite:
+            self._update(finite)
+        out = list(scores)
+        if self.mode != "none":
+            out = [(s - self.mean) / max(self.std, 1e-8) for s in out]
+        if self.clip is not None:
+            out = [min(max(s, -self.clip), self.clip) if math.isfinite(s) else s for s in out]
+        return out
+
+    def _update(self, batch: list[float]) -> None:
+        """Chan et al.'s parallel update of count, mean and M2 by a batch."""
+        n_b = len(batch)
+        mean_b = sum(batch) / n_b
+        m2_b = sum((x - mean_b) ** 2 for x in batch)
+        total = self._count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / total
+        self._m2 += m2_b + delta**2 * self._count * n_b / total
+        self._count = total
+        self.std = math.sqrt(self._m2 / (total - 1)) if total > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std, "count": self._count, "m2": self._m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+        self._count, self._m2 = int(state["count"]), state["m2"]

@@ -1,0 +1,129 @@
+"""The reward service: one score per (prompt, response) from weighted reward sources.
+
+Sources: a sequence-classification reward model, rule functions, a remote scorer. Every
+source is built — and checked — in the constructor, so a bad path, a rule that does not
+import or has the wrong signature, a reward model with more than one label, or a remote URL
+that does not answer fails at start-up, naming the config field, before any rollout is spent.
+
+A response is unscorable when any source gives no finite value for it; its score is None and
+its reason is recorded (never a silent 0). `drop_unscorable` applies the configured policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from rlfleet.common.config import RewardConfig
+from rlfleet.common.records import ScoreBatch
+from rlfleet.services.info import ServiceInfo
+from rlfleet.services.remote import RemoteScorer, RemoteScorerError
+from rlfleet.services.reward_model import RewardModelScorer, ScoreNormalizer
+from rlfleet.services.rules import RuleRunner, judge, load_rule
+
+
+class UnscorableError(RuntimeError):
+    """More responses were unscorable in one step than `reward.max_failures` allows."""
+
+
+class RewardService:
+    """Scores batches of token-id (prompt, response) pairs."""
+
+    def __init__(self, config: RewardConfig, tokenizer_path: str):
+        self._config = config
+        self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self._model = None
+        if config.model_path is not None:
+            self._model = RewardModelScorer(config.model_path, config.micro_batch_size)
+            self._normalize = ScoreNormalizer(config.normalize, config.norm_mean, config.norm_std, config.clip)
+        for i, rule in enumerate(config.rules):
+            load_rule(rule.function, field=f"reward.rules[{i}].function")
+        self._runner = RuleRunner(config.rule_processes) if config.rules else None
+        self._remote = None
+        if config.remote is not None:
+            r = config.remote
+            self._remote = RemoteScorer(r.url, r.token_env, r.timeout_s, r.max_retries)
+
+    def info(self) -> ServiceInfo | None:
+        """The reward model's size, device and dtype (None without a reward model)."""
+        return self._model.info() if self._model is not None else None
+
+    def health(self) -> bool:
+        return True
+
+    def score(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        extras: Sequence[Mapping[str, Any]] | None = None,
+    ) -> ScoreBatch:
+        """Score B responses; `extras` are the examples' other fields (e.g. a reference answer)."""
+        extras = extras if extras is not None else [{}] * len(prompt_ids)
+        components: dict[str, list[float | None]] = {}
+        reasons: list[str | None] = [None] * len(prompt_ids)
+        weights: dict[str, float] = {}
+        if self._model is not None:
+            raw = self._model.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
+            values = self._normalize(raw)
+            components["model"] = [v if math.isfinite(v) else None for v in values]
+            weights["model"] = self._config.model_weight
+            _mark(reasons, "model", ["non_finite" if v is None else None for v in components["model"]])
+        if self._runner is not None or self._remote is not None:
+            prompts = self._tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+            responses = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            self._score_text(prompts, responses, extras, components, weights, reasons)
+        scores = [
+            None if reasons[i] is not None
+            else sum(weights[name] * values[i] for name, values in components.items())  # type: ignore[operator]
+            for i in range(len(prompt_ids))
+        ]
+        return ScoreBatch(scores, components, reasons)
+
+    def _score_text(self, prompts, responses, extras, components, weights, reasons) -> None:
+        for i, rule in enumerate(self._config.rules):
+            name = f"rules[{i}]"
+            outcomes = self._runner.run(rule.function, rule.timeout_s, prompts, responses, extras)
+            components[name] = [o.value for o in outcomes]
+            weights[name] = rule.weight
+            _mark(reasons, name, [o.reason for o in outcomes])
+        if self._remote is not None:
+            try:
+                raw = self._remote.score(prompts, responses, extras)
+                outcomes = [judge("ok", v) for v in raw]
+            except RemoteScorerError:
+                outcomes = [judge("error", None)] * len(prompts)
+            components["remote"] = [o.value for o in outcomes]
+            weights["remote"] = self._config.remote.weight
+            _mark(reasons, "remote", [o.reason for o in outcomes])
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+        if self._remote is not None:
+            self._remote.close()
+
+
+def _mark(reasons: list[str | None], source: str, new: Sequence[str | None]) -> None:
+    """Record the first reason each response became unscorable."""
+    for i, reason in enumerate(new):
+        if reason is not None and reasons[i] is None:
+            reasons[i] = f"{source}:{reason}"
+
+
+def drop_unscorable(
+    batch: ScoreBatch, group_ids: Sequence[int], policy: str, max_failures: int
+) -> list[bool]:
+    """Which responses to keep: every group with an unscorable response is dropped whole
+    (its baseline would be wrong). With policy 'fail', more than `max_failures` unscorable
+    responses raise `UnscorableError` instead."""
+    bad = [i for i, s in enumerate(batch.scores) if s is None]
+    if policy == "fail" and len(bad) > max_failures:
+        raise UnscorableError(
+            f"{len(bad)} unscorable responses in this step exceed reward.max_failures={max_failures} "
+            f"(reward.on_unscorable='fail'); reasons: {batch.unscorable_counts}"
+        )
+    dropped_groups = {group_ids[i] for i in bad}
+    return [g not in dropped_groups for g in group_ids]

@@ -1,0 +1,186 @@
+"""Rule-based rewards: functions named `package.module:function` in the config.
+
+A rule function has the signature
+
+    fn(prompt: str, response: str, extra: Mapping[str, Any]) -> float | None
+
+`extra` holds the example's other fields (e.g. a reference `answer`). Returning None, NaN or
+inf, raising, or running past its timeout marks the response *unscorable* — it is never
+turned into a silent 0. Calls run in separate processes, so a rule that hangs is killed
+without taking the reward service down. This module imports no torch: it is cheap to load
+in those processes.
+
+Built-ins (use as `rlfleet.services.rules:NAME`): `exact_match`, `math_answer`,
+`format_check`, `length_penalty`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import multiprocessing
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+RuleFn = Callable[[str, str, Mapping[str, Any]], "float | None"]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+# ---------------------------------------------------------------- built-in rules
+def final_answer(response: str) -> str:
+    """The answer a response commits to: after the last '####', else the last \\boxed{...},
+    else its last non-empty line."""
+    if "####" in response:
+        return response.rsplit("####", 1)[1].strip()
+    boxed = _BOXED.findall(response)
+    if boxed:
+        return boxed[-1].strip()
+    lines = [line.strip() for line in response.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def exact_match(prompt: str, response: str, extra: Mapping[str, Any]) -> float | None:
+    """1.0 if the final answer equals extra['answer'] (whitespace-trimmed), else 0.0."""
+    if "answer" not in extra:
+        return None
+    return float(final_answer(response) == str(extra["answer"]).strip())
+
+
+def _parse_number(text: str) -> float | None:
+    text = text.replace(",", "")
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_answer(prompt: str, response: str, extra: Mapping[str, Any]) -> float | None:
+    """1.0 if the last number in the final answer equals extra['answer'] numerically
+    (relative tolerance 1e-6; '1,000', '0.5' and '1/2' are understood), else 0.0."""
+    target = _parse_number(str(extra.get("answer", "")))
+    if target is None:
+        return None
+    numbers = _NUMBER.findall(final_answer(response))
+    got = _parse_number(numbers[-1]) if numbers else None
+    return float(got is not None and math.isclose(got, target, rel_tol=1e-6, abs_tol=1e-9))
+
+
+def format_check(prompt: str, response: str, extra: Mapping[str, Any]) -> float | None:
+    """1.0 if the response matches extra['format'] (a regex, full match, DOTALL), by default
+    'ends with #### <answer>', else 0.0."""
+    pattern = extra.get("format", r".*####\s*\S+\s*")
+    return float(re.fullmatch(pattern, response, flags=re.DOTALL) is not None)
+
+
+def length_penalty(prompt: str, response: str, extra: Mapping[str, Any]) -> float | None:
+    """−(characters over extra['target_length'] (default 256)) / target_length, at most 0."""
+    target = int(extra.get("target_length", 256))
+    return -max(0, len(response) - target) / target
+
+
+# ---------------------------------------------------------------- loading and running
+def load_rule(path: str, field: str) -> RuleFn:
+    """Import `module:function` and check that it takes (prompt, response, extra)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is a config error here
+        raise ValueError(f"{field}={path!r}: module {module_name!r} does not import ({type(err).__name__}: {err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{field}={path!r}: {module_name} has no function {attr!r}")
+    try:
+        inspect.signature(fn).bind("prompt", "response", {})
+    except TypeError:
+        raise ValueError(
+            f"{field}={path!r}: a rule must accept (prompt, response, extra); "
+            f"{attr} has signature {inspect.signature(fn)}"
+        ) from None
+    return fn
+
+
+_LOADED: dict[str, RuleFn] = {}
+
+
+def _run_rule(path: str, prompt: str, response: str, extra: Mapping[str, Any]) -> tuple[str, Any]:
+    """Runs in a pool process: ('ok', value) or ('error', description); never raises."""
+    try:
+        fn = _LOADED.get(path) or _LOADED.setdefault(path, load_rule(path, "rule"))
+        return "ok", fn(prompt, response, extra)
+    except Exception as err:  # noqa: BLE001 - a rule's failure is data, not a crash
+        return "error", f"{type(err).__name__}: {err}"
+
+
+@dataclass(frozen=True)
+class RuleOutcome:
+    """One rule's verdict on one response: a finite value, or why there is none."""
+
+    value: float | None
+    reason: str | None = None
+    """None when scorable; else 'raised', 'timeout', 'non_finite', 'none' or 'not_a_number'."""
+
+
+def judge(status: str, value: Any) -> RuleOutcome:
+    """Turn what a rule returned into a value or an unscorable reason."""
+    if status == "error":
+        return RuleOutcome(None, "raised")
+    if value is None:
+        return RuleOutcome(None, "none")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return RuleOutcome(None, "not_a_number")
+    if not math.isfinite(value):
+        return RuleOutcome(None, "non_finite")
+    return RuleOutcome(float(value))
+
+
+class RuleRunner:
+    """Runs rule functions in a pool of spawned processes with a per-call timeout."""
+
+    def __init__(self, processes: int = 2):
+        self._processes = processes
+        self._pool: Any = None
+
+    def _get_pool(self):
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(self._processes)
+        return self._pool
+
+    def run(
+        self,
+        path: str,
+        timeout_s: float,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        extras: Sequence[Mapping[str, Any]],
+    ) -> list[RuleOutcome]:
+        """One outcome per response. A call not done `timeout_s` after its turn came is
+        'timeout'; the pool is then replaced, killing the hung processes."""
+        pool = self._get_pool()
+        calls = [
+            pool.apply_async(_run_rule, (path, p, r, dict(e)))
+            for p, r, e in zip(prompts, responses, extras, strict=True)
+        ]
+        outcomes, hung = [], False
+        for call in calls:
+            try:
+                outcomes.append(judge(*call.get(timeout=timeout_s)))
+            except multiprocessing.TimeoutError:
+                outcomes.append(RuleOutcome(None, "timeout"))
+                hung = True
+        if hung:
+            self.close()
+        return outcomes
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None

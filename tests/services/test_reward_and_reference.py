@@ -1,0 +1,101 @@
+"""Reward-model scores and reference log-probs equal direct transformers calls."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlfleet.common.tiny_models import build_tiny_reward_model
+from rlfleet.learner.algos import logprobs_from_logits
+from rlfleet.services.reference import ReferenceService
+from rlfleet.services.reward_model import RewardModelScorer, ScoreNormalizer
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    return build_tiny_reward_model(tmp_path_factory.mktemp("rm"), seed=3)
+
+
+def mixed_sequences(seed: int, count: int = 11) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 40, (count,), generator=g).tolist()
+    return [torch.randint(4, 100, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_reward_scores_equal_direct_calls(rm_dir, side):
+    scorer = RewardModelScorer(str(rm_dir), micro_batch_size=4, padding_side=side)
+    direct = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    seqs = mixed_sequences(0)
+    scores = scorer.score(seqs)
+    with torch.no_grad():
+        expected = [direct(torch.tensor([s])).logits[0, 0].item() for s in seqs]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert max(scorer.batch_sizes) <= 4 and sum(scorer.batch_sizes) == len(seqs)
+
+
+def test_reward_read_at_true_last_token_even_if_it_is_the_pad_id(rm_dir):
+    scorer = RewardModelScorer(str(rm_dir))
+    direct = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    seq = [10, 11, 12, 0]  # a response that ends in a sampled pad token (id 0)
+    with torch.no_grad():
+        hidden = direct.base_model(torch.tensor([seq])).last_hidden_state
+        expected = direct.score(hidden[0, -1]).item()
+    assert scorer.score([seq, [5, 6]])[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_model_with_two_labels_is_refused(tmp_path, rm_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=2, ignore_mismatched_sizes=True)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"reward.model_path=.*head has 2 labels; a reward model needs exactly 1"):
+        RewardModelScorer(str(tmp_path))
+    with pytest.raises(ValueError, match=r"reward.model_path='/no/such/model': cannot load"):
+        RewardModelScorer("/no/such/model")
+
+
+def test_normalizer_running_fixed_and_clip():
+    norm = ScoreNormalizer("running")
+    seen: list[float] = []
+    for batch in ([1.0, 2.0, 3.0], [10.0], [-4.0, 0.5, 7.0, 2.0]):
+        seen += batch
+        out = norm(batch)
+        mean, std = statistics.mean(seen), statistics.stdev(seen)
+        assert norm.mean == pytest.approx(mean) and norm.std == pytest.approx(std)
+        assert out == pytest.approx([(b - mean) / std for b in batch])
+    fixed = ScoreNormalizer("fixed", mean=1.0, std=2.0, clip=1.0)
+    assert fixed([3.0, 1.0, 100.0, -100.0, math.nan])[:4] == [1.0, 0.0, 1.0, -1.0]
+    restored = ScoreNormalizer("running")
+    restored.load_state_dict(norm.state_dict())
+    assert restored([5.0]) == norm([5.0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_reference_logprobs_equal_direct_forward(tiny_model_dir, temperature):
+    ref = ReferenceService(str(tiny_model_dir), micro_batch_size=3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    seqs = mixed_sequences(1, count=7)
+    prompts = [s[: max(1, len(s) // 3)] for s in seqs]
+    responses = [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
+    got = ref.logprobs(prompts, responses, temperature=temperature)
+    for p, r, lp in zip(prompts, responses, got, strict=True):
+        assert len(lp) == len(r)  # response tokens only
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1] / temperature
+        expected = logprobs_from_logits(logits[None], torch.tensor([r]))[0]
+        torch.testing.assert_close(torch.tensor(lp), expected, rtol=0, atol=1e-5)
+    # Logits were computed for the response columns only (+1), never for whole sequences.
+    assert all(w <= max(len(r) for r in responses) for w in ref.forward_widths)
+
+
+def test_service_info(tiny_model_dir, rm_dir):
+    ref = ReferenceService(str(tiny_model_dir))
+    info = ref.info()
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert (info.parameters, info.device, info.dtype) == (params, "cpu", "float32")
+    assert RewardModelScorer(str(rm_dir)).info().parameters < params  # a 1-label head, no LM head
