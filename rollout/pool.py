@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
 from rlfleet.rollout.weight_sources import WeightSource
@@ -39,6 +39,8 @@ class RolloutPoolError(RuntimeError):
 class _Slot:
     handle: ActorHandle
     in_flight: int = 0
+    suspect: bool = False
+    """It failed and was not yet recovered: recover and re-sync it before it gets work."""
 
 
 @dataclass
@@ -132,6 +134,9 @@ class RolloutPool:
     def generate(self, prompts: Sequence[PromptInput], spec: SamplingSpec) -> RolloutBatch:
         """`spec.n` responses for every prompt, grouped by prompt, in prompt order."""
         start = time.perf_counter()
+        for slot in self._slots:
+            if slot.suspect:
+                self._recover(slot)
         chunks = self._split(list(prompts))
         pending: dict[ray.ObjectRef, tuple[_Chunk, _Slot, float]] = {}
         for chunk in chunks:
@@ -162,11 +167,6 @@ class RolloutPool:
 
     def _dispatch(self, chunk: _Chunk, spec: SamplingSpec, pending: dict, avoid: _Slot | None) -> None:
         chunk.attempts += 1
-        if chunk.attempts > self._max_redispatch + 1:
-            raise RolloutPoolError(
-                f"prompts {chunk.start}..{chunk.start + len(chunk.prompts) - 1} failed "
-                f"{chunk.attempts - 1} times; giving up (rollout.max_redispatch={self._max_redispatch})"
-            )
         if chunk.attempts > 1:
             self.stats.redispatched += 1
         candidates = [s for s in self._slots if s is not avoid] or self._slots
@@ -186,13 +186,21 @@ class RolloutPool:
             slot.in_flight -= 1
             self.stats.timeouts += 1
             logger.warning("rollout call passed its %.0fs deadline; restarting the worker", self._call_timeout_s)
-            ray.cancel(ref, force=True)
+            # Killing the worker ends its running call (Ray cannot force-cancel actor tasks);
+            # Ray then restarts it and `_recover` re-syncs it.
             ray.kill(slot.handle, no_restart=False)
             self._rerun_elsewhere(chunk, slot, spec, pending)
 
     def _rerun_elsewhere(self, chunk: _Chunk, failed: _Slot, spec: SamplingSpec, pending: dict) -> None:
         """Re-send a failed chunk: to another worker at once if there is one (while the failed
-        worker restarts), else to the failed worker once it is back and re-synced."""
+        worker restarts), else to the failed worker once it is back and re-synced. Past the
+        retry budget, raise at once: the failed worker is recovered before the next call."""
+        if chunk.attempts > self._max_redispatch:
+            failed.suspect = True
+            raise RolloutPoolError(
+                f"prompts {chunk.start}..{chunk.start + len(chunk.prompts) - 1} failed {chunk.attempts} "
+                f"time{'s' if chunk.attempts != 1 else ''}; giving up (rollout.max_redispatch={self._max_redispatch})"
+            )
         if any(s is not failed for s in self._slots):
             self._dispatch(chunk, spec, pending, avoid=failed)
             self._recover(failed)
@@ -229,16 +237,36 @@ class RolloutPool:
     # ------------------------------------------------------------------ recovery
     def _recover(self, slot: _Slot) -> None:
         """Make `slot` usable again: wait for Ray's restart or spawn a replacement; re-sync it."""
-        try:
-            ray.get(slot.handle.policy_version.remote(), timeout=self._recover_timeout_s)
+        slot.suspect = False
+        if self._probe(slot.handle):
             self.stats.recovered += 1
-        except WorkerFailure:
+        else:
             logger.warning("rollout worker did not come back; spawning a replacement")
             ray.kill(slot.handle, no_restart=True)
             slot.handle = self._spawn()
             slot.in_flight = 0
             self.stats.replaced += 1
         self._ensure_current(slot)
+
+    def _probe(self, handle: ActorHandle, race_window_s: float = 5.0) -> bool:
+        """Whether the worker answers, after Ray's restart if one is under way. While Ray
+        restarts an actor, calls fail with ActorUnavailableError: wait (up to the recovery
+        timeout). ActorDiedError means gone for good, except right at the moment of a kill:
+        it gets a short window."""
+        start = time.monotonic()
+        while True:
+            try:
+                ray.get(handle.policy_version.remote(), timeout=self._recover_timeout_s)
+                return True
+            except GetTimeoutError:
+                return False
+            except ActorUnavailableError:
+                if time.monotonic() - start > self._recover_timeout_s:
+                    return False
+            except RayActorError:
+                if time.monotonic() - start > race_window_s:
+                    return False
+            time.sleep(0.5)
 
     def _ensure_current(self, slot: _Slot) -> None:
         """A worker that restarted comes back with the initial weights: load the current ones."""

@@ -79,6 +79,10 @@ class VLLMRolloutWorker:
             enable_sleep_mode=config.sleep_between_steps,
         )
         self._tokenizer = self._llm.get_tokenizer()
+        # A new engine's first generate with log-probs pays one-off set-up (8 s for one token on
+        # 2 CPU cores, then 0.013 s): pay it here, through the same path as real calls, so that
+        # a started or restarted worker meets its first deadline like any other call.
+        self.generate([[self._tokenizer.eos_token_id or 0]], SamplingSpec(n=1, max_tokens=1))
 
     def info(self) -> WorkerInfo:
         """Identity, process and the weight version this worker holds."""
