@@ -140,7 +140,8 @@ class RolloutConfig(Section):
     dtype: DType = "float32"
     """Engine dtype."""
     kv_cache_gib: float = Field(1.0, gt=0)
-    """KV cache size per engine in GiB (vLLM CPU: VLLM_CPU_KVCACHE_SPACE)."""
+    """KV cache size per engine in GiB (on CPU it sets VLLM_CPU_KVCACHE_SPACE, which takes whole
+    GiB: rounded, at least 1)."""
     gpu_memory_utilization: float = Field(0.1, gt=0, le=1)
     """Fraction of device memory vLLM may reserve (on CPU: of host memory)."""
     tensor_parallel_size: int = Field(1, ge=1)
