@@ -77,10 +77,7 @@ class RemoteScorer:
                 problem = f"{type(err).__name__}: {err}"
             else:
                 if response.status_code < 400:
-                    scores = response.json()["scores"]
-                    if len(scores) != len(responses):
-                        raise RemoteScorerError(f"{self.url} returned {len(scores)} scores for {len(responses)} responses")
-                    return scores
+                    return self._parse(response, len(responses))
                 if response.status_code < 500:
                     raise RemoteScorerError(f"{self.url} refused the request: {response.status_code} {response.text[:200]}")
                 problem = f"{response.status_code} {response.text[:200]}"
@@ -94,6 +91,16 @@ class RemoteScorer:
             f"{self.url} failed after {self._max_retries + 1} attempts ({self._field}.max_retries="
             f"{self._max_retries}): {problem}"
         )
+
+    def _parse(self, response: httpx.Response, expected: int) -> list[float | None]:
+        try:
+            scores = response.json()["scores"]
+        except (ValueError, KeyError, TypeError):
+            raise RemoteScorerError(f"{self.url} answered without a 'scores' list: {response.text[:200]}") from None
+        if not isinstance(scores, list) or len(scores) != expected:
+            raise RemoteScorerError(f"{self.url} returned {len(scores) if isinstance(scores, list) else scores!r} "
+                                    f"scores for {expected} responses")
+        return scores
 
     def close(self) -> None:
         self._client.close()

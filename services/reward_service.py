@@ -33,6 +33,8 @@ class RewardService:
     """Scores batches of token-id (prompt, response) pairs."""
 
     def __init__(self, config: RewardConfig, tokenizer_path: str):
+        if config.model_path is None and not config.rules and config.remote is None:
+            raise ValueError("reward: no reward source; set reward.model_path, reward.rules or reward.remote")
         self._config = config
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self._model = None

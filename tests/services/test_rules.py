@@ -110,3 +110,8 @@ def test_unscorable_policy_drop_group_and_fail_after_k():
     assert drop_unscorable(batch, groups, "fail", 2) == [False, False, True, True, False, False]
     with pytest.raises(UnscorableError, match=r"2 unscorable responses .* exceed reward.max_failures=1"):
         drop_unscorable(batch, groups, "fail", 1)
+
+
+def test_service_without_any_source_is_refused(tok_dir):
+    with pytest.raises(ValueError, match="reward: no reward source"):
+        RewardService(RewardConfig(), str(tok_dir))
