@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ def rollout_worker_factory(
         max_task_retries=0,
         scheduling_strategy=rollout.placement,
     )
-    counter = iter(range(1_000_000))
+    counter = itertools.count()
 
     def spawn() -> ray.actor.ActorHandle:
         # Each worker gets its own engine seed so that unseeded requests differ across workers.

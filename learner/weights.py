@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -65,9 +64,3 @@ class WeightBroadcaster:
         for bucket in info.buckets:
             group.broadcast(pack_bucket(state_dict, bucket, device), src=0)
         return sum(b.nbytes for b in info.buckets)
-
-
-def num_buckets(state_dict: Mapping[str, torch.Tensor], bucket_bytes: int) -> int:
-    """How many buckets a push of this state dict takes (for logging)."""
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    return max(1, math.ceil(total / bucket_bytes))

@@ -61,3 +61,14 @@ def test_buckets_round_trip_bit_exactly(limit):
         back.update(unpack_bucket(buffer.clone(), bucket))
     for name, t in sd.items():
         assert back[name].dtype == t.dtype and back[name].shape == t.shape and torch.equal(back[name], t)
+
+
+def test_non_finite_weights_are_never_published():
+    from rlfleet.learner.weights import WeightBroadcaster, object_store_chunks
+
+    sd = mixed_state_dict()
+    sd["d.weight"][3, 4] = float("nan")
+    with pytest.raises(ValueError, match="refusing to publish weights: d.weight has non-finite values"):
+        object_store_chunks(sd)
+    with pytest.raises(ValueError, match="d.weight has non-finite values"):
+        WeightBroadcaster().open(sd, world_size=2)

@@ -14,10 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from rlfleet.common.config import RoleResources, RolloutConfig
 from rlfleet.common.records import SamplingSpec
-from rlfleet.common.weights import serialize_state_dict
 from rlfleet.deploy.assembly import rollout_worker_factory, start_rollout_pool
 from rlfleet.deploy.smoke import response_logprobs
-from rlfleet.learner.weights import WeightBroadcaster
+from rlfleet.learner.weights import WeightBroadcaster, object_store_chunks
 from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -53,7 +52,7 @@ def greedy_matches(handle, model) -> bool:
 
 
 def push(pool, model, version: int) -> None:
-    refs = [ray.put(c) for c in serialize_state_dict(model.state_dict(), chunk_bytes=300_000)]
+    refs = [ray.put(c) for c in object_store_chunks(model.state_dict(), chunk_bytes=300_000)]
     assert len(refs) > 1  # several chunks travel
     pool.push_weights(ObjectStoreWeights(version, tuple(refs)))
 
