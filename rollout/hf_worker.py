@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -56,7 +57,7 @@ class HFRolloutWorker:
         start = time.perf_counter()
         rollouts = self._sample([ids[i] for i in keep], spec) if keep else []
         seconds = time.perf_counter() - start
-        rollouts = [_reindex(r, keep[r.prompt_index]) for r in rollouts]
+        rollouts = [replace(r, prompt_index=keep[r.prompt_index]) for r in rollouts]
         num_tokens = sum(len(r.response_ids) for r in rollouts)
         return RolloutBatch(rollouts, self._id, seconds, num_tokens, dropped)
 
@@ -108,15 +109,14 @@ class HFRolloutWorker:
 
     def load_weights(self, version: int, *chunks: bytes) -> int:
         """Load a full state dict (safetensors chunks); returns `version`."""
-        state = {k: v.to(self._device) for k, v in iter_state_dict(chunks)}
-        self._model.load_state_dict(state, strict=True)
-        self._version = version
-        return version
+        return self._load(version, {k: v.to(self._device) for k, v in iter_state_dict(chunks)})
 
     def receive_weights(self, version: int, info: WeightGroupInfo, rank_offset: int) -> int:
         """Receive a broadcast push as rank `rank_offset` of its group; returns `version`."""
         group = BroadcastGroup(rank_offset, info.world_size, info.backend, info.host, info.port)
-        state = dict(receive_buckets(group, info, self._device))
+        return self._load(version, dict(receive_buckets(group, info, self._device)))
+
+    def _load(self, version: int, state: dict[str, torch.Tensor]) -> int:
         self._model.load_state_dict(state, strict=True)
         self._version = version
         return version
@@ -140,7 +140,3 @@ def _response_end(tokens: list[int], stop_ids: set[int], spec: SamplingSpec, tok
         if t in stop_ids:
             return i + 1, "stop"
     return len(tokens), "length"
-
-
-def _reindex(r: Rollout, index: int) -> Rollout:
-    return Rollout(index, r.prompt_ids, r.response_ids, r.logprobs, r.finish_reason, r.policy_version)

@@ -223,7 +223,7 @@ class RolloutPool:
                     raise RolloutPoolError(
                         f"worker {part.worker_id} generated with v{r.policy_version}, expected v{self.version}"
                     )
-                rollouts.append(_shift(r, chunk.start))
+                rollouts.append(replace(r, prompt_index=r.prompt_index + chunk.start))
             self.stats.per_worker_tokens[part.worker_id] = (
                 self.stats.per_worker_tokens.get(part.worker_id, 0) + part.num_tokens
             )
@@ -277,10 +277,6 @@ class RolloutPool:
             raise RolloutPoolError(f"a worker holds v{held} but the pool has no weights for v{self.version}")
         self._source.load_into([slot.handle], self._call_timeout_s)
         self.stats.resynced += 1
-
-
-def _shift(r: Rollout, offset: int) -> Rollout:
-    return Rollout(r.prompt_index + offset, r.prompt_ids, r.response_ids, r.logprobs, r.finish_reason, r.policy_version)
 
 
 def _offset_seed(spec: SamplingSpec, start: int) -> SamplingSpec:

@@ -152,23 +152,21 @@ class VLLMRolloutWorker:
 
     def load_weights(self, version: int, *chunks: bytes) -> int:
         """Load a full state dict (safetensors chunks) into the running engine; returns `version`."""
-        self.wake_up()
-        start = time.perf_counter()
-        self._llm.collective_rpc(_reload_weights, args=(chunks,))
-        self._llm.reset_prefix_cache()
-        self._version = version
-        logger.info("%s: loaded weights v%d in %.2fs", self._id, version, time.perf_counter() - start)
-        return version
+        return self._load(version, _reload_weights, (chunks,))
 
     def receive_weights(self, version: int, info: WeightGroupInfo, rank_offset: int) -> int:
         """Receive a broadcast push (NCCL on GPU, gloo on CPU) as ranks rank_offset.. of its
         group (one per tensor-parallel rank); returns `version`."""
+        return self._load(version, _receive_broadcast, (info, rank_offset))
+
+    def _load(self, version: int, loader, args: tuple) -> int:
+        """Run `loader` in every vLLM worker, drop KV blocks of the old weights, record `version`."""
         self.wake_up()
         start = time.perf_counter()
-        self._llm.collective_rpc(_receive_broadcast, args=(info, rank_offset))
+        self._llm.collective_rpc(loader, args=args)
         self._llm.reset_prefix_cache()
         self._version = version
-        logger.info("%s: received weights v%d in %.2fs", self._id, version, time.perf_counter() - start)
+        logger.info("%s: loaded weights v%d in %.2fs", self._id, version, time.perf_counter() - start)
         return version
 
     def sleep(self) -> None:
