@@ -96,23 +96,31 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where prompts come from."""
 
-    task: str | None = "addition"
-    """Built-in generated task name; ignored when `train_path` is given."""
+    task: Literal["addition", "char_fraction"] | None = "addition"
+    """Built-in generated task (it brings its own reward rule); ignored when `train_path` is given."""
+    task_size: int = Field(1024, ge=1)
+    """Training prompts generated for a built-in task."""
     train_path: str | None = None
-    """JSONL file of training examples (one object per line)."""
+    """Training examples: a .jsonl file (one object per line), a .parquet file, or a folder
+    written by `datasets`' save_to_disk."""
     eval_path: str | None = None
-    """JSONL file of held-out examples."""
+    """Held-out examples, in the same formats; None uses fresh prompts of the built-in task."""
+    eval_size: int = Field(16, ge=1)
+    """Held-out prompts scored at each evaluation (the first ones of the eval data)."""
     prompt_key: str = "prompt"
-    """Key of the prompt text (or chat messages) in each JSONL object."""
+    """Field of the prompt: text, or chat messages rendered with the tokenizer's chat template.
+    The other fields are passed to the reward functions."""
     max_prompt_tokens: int = Field(128, ge=1)
-    """Prompts longer than this many tokens are refused when the data is loaded."""
+    """Longest prompt, in tokens after rendering."""
+    on_long_prompt: Literal["drop", "error"] = "drop"
+    """A longer prompt: drop it when the data is loaded (counted in the log), or fail naming it."""
     shuffle: bool = True
-    """Shuffle the training prompts each epoch (seeded by `RunConfig.seed`)."""
+    """Shuffle the training prompts each epoch (seeded by `RunConfig.seed` and the epoch)."""
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
         if self.task is None and self.train_path is None:
-            raise ValueError("data: set data.task (a built-in task) or data.train_path (a JSONL file)")
+            raise ValueError("data: set data.task (a built-in task) or data.train_path (a data file)")
         return self
 
 
@@ -163,6 +171,9 @@ class RolloutConfig(Section):
     """Times the groups of a failed generate call are re-sent to other workers."""
     placement: Literal["DEFAULT", "SPREAD"] = "SPREAD"
     """Ray scheduling strategy of the workers: spread over nodes, or Ray's default packing."""
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    """How pushed weights travel: safetensors chunks through the Ray object store (CPU, small
+    models), or a bucketed broadcast from the learner (NCCL on GPU, gloo on CPU)."""
 
     @model_validator(mode="after")
     def _lengths(self) -> RolloutConfig:
@@ -236,7 +247,8 @@ class ReferenceConfig(Section):
     enabled: bool = True
     """Compute reference log-probs (needed for any KL term)."""
     colocate_with_learner: bool = False
-    """Host the reference model inside the learner actor instead of its own actor."""
+    """Compute reference log-probs inside the learner instead of a separate actor. With LoRA
+    this is the base model with the adapter disabled (no extra copy of the weights)."""
     micro_batch_size: int = Field(16, ge=1)
     """Sequences per forward pass."""
 
@@ -355,6 +367,12 @@ class LoggingConfig(Section):
     """Log level."""
     eval_every_steps: int = Field(0, ge=0)
     """Evaluate on held-out prompts every N steps; 0 disables it."""
+    progress_bar: bool = True
+    """Show a progress bar with the key numbers on the console."""
+    tensorboard: bool = False
+    """Also write metrics as TensorBoard events under run_dir/tensorboard (needs `tensorboard`)."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (needs `wandb`)."""
 
 
 class RunConfig(Section):
@@ -413,6 +431,8 @@ class RunConfig(Section):
                 f"algorithm.kl_in='{algo.kl_in}' needs reference.enabled=true "
                 "(or set algorithm.kl_in='none')"
             )
+        if self.learner.critic_init == "reward_model" and self.reward.model_path is None:
+            raise ValueError("learner.critic_init='reward_model' needs reward.model_path (or set it to 'policy')")
         if not (self.reward.model_path or self.reward.rules or self.reward.remote or self.data.task):
             raise ValueError(
                 "reward: no reward source; set reward.model_path, reward.rules or reward.remote "

@@ -112,3 +112,43 @@ class ScoreBatch:
             if r is not None:
                 counts[r] = counts.get(r, 0) + 1
         return counts
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the learner computes for a batch before training, with the weights that generated it."""
+
+    old_logprobs: list[list[float]]
+    """log π_old of every response token [B][T_b], at the rollout temperature."""
+    values: list[list[float]] | None
+    """Critic values V_t [B][T_b] (None without a critic)."""
+    ref_logprobs: list[list[float]] | None = None
+    """Reference log-probs, when the reference lives in the learner (else None)."""
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One step's training data: B scored responses with everything the learner needs."""
+
+    rollouts: list[Rollout]
+    """The responses (their prompt, tokens, vLLM log-probs, version and finish reason)."""
+    scores: list[float]
+    """Sequence scores [B] from the reward service."""
+    group_ids: list[int]
+    """Prompt group of each response [B] (responses to one prompt share an id)."""
+    old_logprobs: list[list[float]]
+    """From `Prepared`."""
+    values: list[list[float]] | None
+    """From `Prepared` (None without a critic)."""
+    ref_logprobs: list[list[float]] | None
+    """Reference log-probs [B][T_b]; None when no KL term is used."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one learner step reports."""
+
+    version: int
+    """Policy version of the weights after the step (the next push carries it)."""
+    metrics: dict[str, float | None]
+    """Metric name → value (FORMULAS.md names; None where a metric does not apply)."""

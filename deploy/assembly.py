@@ -8,7 +8,14 @@ from typing import Any
 
 import ray
 
-from rlfleet.common.config import ReferenceConfig, RewardConfig, RoleResources, RolloutConfig
+from rlfleet.common.config import (
+    ReferenceConfig,
+    RewardConfig,
+    RoleResources,
+    RolloutConfig,
+    RunConfig,
+)
+from rlfleet.learner.learner import Learner
 from rlfleet.rollout.hf_worker import HFRolloutWorker
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.vllm_worker import VLLMRolloutWorker
@@ -85,3 +92,9 @@ def start_reference_service(
     """The reference-model actor (frozen initial policy)."""
     cls = ray.remote(ReferenceService).options(**actor_options(resources))
     return cls.remote(model_path, reference.micro_batch_size)
+
+
+def start_learner(cfg: RunConfig, policy_path: str, critic_path: str | None = None) -> ray.actor.ActorHandle:
+    """The learner actor (policy, critic, optimizers)."""
+    cls = ray.remote(Learner).options(**actor_options(cfg.cluster.learner))
+    return cls.remote(cfg, policy_path, critic_path)

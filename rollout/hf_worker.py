@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
+from rlfleet.common.data import render_prompt
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
 from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
-from rlfleet.rollout.prompts import PromptLimits, render_prompt, split_bad_prompts
+from rlfleet.rollout.prompts import PromptLimits, split_bad_prompts
 from rlfleet.rollout.worker_info import WorkerInfo
 
 

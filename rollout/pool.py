@@ -113,6 +113,11 @@ class RolloutPool:
             self._ensure_current(slot)
         logger.info("rollout pool: %d workers", len(self._slots))
 
+    def close(self) -> None:
+        """Stop every worker (the pool is unusable afterwards)."""
+        while self._slots:
+            ray.kill(self._slots.pop().handle, no_restart=True)
+
     def push_weights(self, source: WeightSource) -> None:
         """Load `source`'s version into every worker concurrently, then verify that each one
         reports it. A worker that dies during the push is recovered and re-synced."""

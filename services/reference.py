@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
+from rlfleet.common.collate import pack
 from rlfleet.learner.algos import logprobs_from_logits
 from rlfleet.services.batching import micro_batches
 from rlfleet.services.info import ServiceInfo, model_info
@@ -57,22 +58,15 @@ class ReferenceService:
         return out
 
     def _forward(self, prompts: list[Sequence[int]], responses: list[Sequence[int]], temperature: float) -> list[list[float]]:
-        width_p = max(len(p) for p in prompts)
-        width_r = max(max(len(r) for r in responses), 1)
-        ids = torch.full((len(prompts), width_p + width_r), self._pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            ids[row, width_p - len(p) : width_p] = torch.tensor(list(p), dtype=torch.long)
-            ids[row, width_p : width_p + len(r)] = torch.tensor(list(r), dtype=torch.long)
-            mask[row, width_p - len(p) : width_p + len(r)] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = next(self._model.parameters()).device
+        batch = pack(prompts, responses, self._pad_id).to(device)
+        width_r = batch.response_mask.shape[1]
         logits = self._model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
             logits_to_keep=width_r + 1,
         ).logits[:, :-1]
         self.forward_widths.append(logits.shape[1])
-        logprobs = logprobs_from_logits(logits.float() / temperature, ids[:, width_p:].to(device))
+        logprobs = logprobs_from_logits(logits.float() / temperature, batch.response_ids)
         return [logprobs[row, : len(r)].tolist() for row, r in enumerate(responses)]

@@ -11,7 +11,8 @@ without taking the reward service down. This module imports no torch: it is chea
 in those processes.
 
 Built-ins (use as `rlfleet.services.rules:NAME`): `exact_match`, `math_answer`,
-`format_check`, `length_penalty`.
+`format_check`, `length_penalty`,
+`char_fraction`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def length_penalty(prompt: str, response: str, extra: Mapping[str, Any]) -> floa
     """−(characters over extra['target_length'] (default 256)) / target_length, at most 0."""
     target = int(extra.get("target_length", 256))
     return -max(0, len(response) - target) / target
+
+
+def char_fraction(prompt: str, response: str, extra: Mapping[str, Any]) -> float | None:
+    """The fraction of the response's characters equal to extra['target'] (0 for an empty response)."""
+    target = extra.get("target")
+    if not isinstance(target, str) or len(target) != 1:
+        return None
+    return response.count(target) / len(response) if response else 0.0
 
 
 # ---------------------------------------------------------------- loading and running

@@ -1,0 +1,53 @@
+"""Run checkpoints: `run_dir/checkpoints/step_NNNNNNNN/`, written whole or not at all.
+
+A checkpoint is written into a hidden temporary folder, its `trainer_state.json` last, then
+renamed into place (an atomic rename on one filesystem); only the last `keep_last` complete
+ones are kept. A folder without `trainer_state.json` (a crash mid-write) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.exists():
+            return []
+        found = [p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, write: Callable[[Path], None], state: dict[str, Any]) -> Path:
+        """`write(tmp)` fills the folder; `state` becomes its trainer_state.json; then rename."""
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-step_{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE_FILE).read_text())

@@ -1,0 +1,182 @@
+"""The training loop: one phase per line.
+
+    sample prompts → rollout pool → (reward ∥ reference ∥ learner.prepare) → learner.train_step
+    → push weights (every worker must report the new version) → metrics → checkpoint → eval
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rlfleet.common.config import RunConfig
+from rlfleet.common.data import PromptDataset, PromptSampler
+from rlfleet.common.metrics import MetricsWriter
+from rlfleet.common.records import Experience, Rollout, SamplingSpec
+from rlfleet.deploy.checkpoints import CheckpointManager, read_state
+from rlfleet.rollout.pool import RolloutPool
+from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
+from rlfleet.services.reward_service import drop_unscorable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    """The running actors of a run (Ray handles) and the pool that drives the rollout workers."""
+
+    learner: Any
+    pool: RolloutPool
+    reward: Any
+    reference: Any | None
+    tokenizer_path: str
+
+
+@dataclass
+class PhaseTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/{k}": v for k, v in self.seconds.items()}
+
+
+def sampling_spec(cfg: RunConfig, step: int, greedy: bool = False) -> SamplingSpec:
+    """Step k's sampling: seeded by (seed, step), so a resumed run samples what it would have."""
+    r = cfg.rollout
+    return SamplingSpec(
+        n=1 if greedy else r.samples_per_prompt,
+        max_tokens=r.max_response_tokens,
+        temperature=0.0 if greedy else r.temperature,
+        top_p=1.0 if greedy else r.top_p,
+        top_k=-1 if greedy else r.top_k,
+        stop=tuple(r.stop),
+        seed=(cfg.seed * 1_000_003 + step) * 65_536,
+    )
+
+
+def push_weights(cfg: RunConfig, parts: Parts, version: int) -> None:
+    """Hand the learner's current weights to every rollout worker as `version`."""
+    if cfg.rollout.weight_sync == "broadcast":
+        source = BroadcastWeights(version, parts.learner, cfg.rollout.tensor_parallel_size)
+    else:
+        source = ObjectStoreWeights(version, tuple(parts.learner.publish.remote()))
+    parts.pool.push_weights(source)
+
+
+def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: PromptSampler, step: int) -> dict:
+    timer = PhaseTimer()
+    examples = [data.examples[i] for i in sampler.next_batch(cfg.rollout.prompts_per_step)]
+    with timer("generate"):
+        batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step))
+    rollouts = batch.rollouts
+    with timer("score"):
+        scored, prepared, ref = _score_concurrently(cfg, parts, rollouts, examples)
+    group_ids = [r.prompt_index for r in rollouts]
+    keep = drop_unscorable(scored, group_ids, cfg.reward.on_unscorable, cfg.reward.max_failures)
+    metrics: dict[str, Any] = {
+        "rollout/dropped_prompts": float(len(batch.dropped)),
+        "reward/unscorable": float(len(keep) - sum(keep)),
+        "rollout/tokens_per_s": batch.num_tokens / max(batch.generate_seconds, 1e-9),
+        "rollout/policy_version": float(rollouts[0].policy_version) if rollouts else 0.0,
+    }
+    if not any(keep):
+        logger.warning("step %d: every group was dropped (unscorable); no update", step)
+        return {**metrics, **timer.metrics()}
+    exp = Experience(
+        rollouts=_pick(rollouts, keep),
+        scores=_pick(scored.scores, keep),
+        group_ids=_pick(group_ids, keep),
+        old_logprobs=_pick(prepared.old_logprobs, keep),
+        values=_pick(prepared.values, keep),
+        ref_logprobs=_pick(ref, keep),
+    )
+    with timer("train"):
+        result = ray.get(parts.learner.train_step.remote(exp))
+    with timer("push"):
+        push_weights(cfg, parts, result.version)
+    versions = parts.pool.versions()
+    metrics.update({"rollout/min_version": float(min(versions)), "rollout/max_version": float(max(versions)),
+                    "rollout/num_workers": float(len(versions))})
+    return {**result.metrics, **metrics, **timer.metrics()}
+
+
+def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples):
+    """Reward, reference and old log-probs as three concurrent actor calls."""
+    prompts = [r.prompt_ids for r in rollouts]
+    responses = [r.response_ids for r in rollouts]
+    extras = [examples[r.prompt_index].extra for r in rollouts]
+    score_ref = parts.reward.score.remote(prompts, responses, extras)
+    ref_ref = None
+    if parts.reference is not None:
+        ref_ref = parts.reference.logprobs.remote(prompts, responses, cfg.rollout.temperature)
+    prepared = ray.get(parts.learner.prepare.remote(rollouts))
+    ref = ray.get(ref_ref) if ref_ref is not None else prepared.ref_logprobs
+    return ray.get(score_ref), prepared, ref
+
+
+def _pick(values, keep: list[bool]):
+    return None if values is None else [v for v, k in zip(values, keep, strict=True) if k]
+
+
+def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -> dict[str, float]:
+    """Greedy responses to the first `data.eval_size` held-out prompts, scored."""
+    examples = data.examples[: cfg.data.eval_size]
+    batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step, greedy=True))
+    rollouts = batch.rollouts
+    scored = ray.get(parts.reward.score.remote(
+        [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
+        [examples[r.prompt_index].extra for r in rollouts],
+    ))
+    good = [s for s in scored.scores if s is not None]
+    return {
+        "eval/reward": sum(good) / len(good) if good else float("nan"),
+        "eval/unscorable": float(len(scored.scores) - len(good)),
+        "eval/mean_length": sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1),
+        "eval/num_prompts": float(len(rollouts)),
+    }
+
+
+def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: CheckpointManager,
+           metrics: MetricsWriter) -> int:
+    """Restore the newest complete checkpoint (resume: auto) and push its weights; the step it
+    ended (0 for a fresh run)."""
+    latest = ckpts.latest() if cfg.checkpoint.resume == "auto" else None
+    if latest is None:
+        metrics.truncate_after(0)
+        return 0
+    state = read_state(latest)
+    version = ray.get(parts.learner.load.remote(str(latest / "learner")))
+    sampler.load_state_dict(state["data"])
+    metrics.truncate_after(state["step"])
+    push_weights(cfg, parts, version)
+    logger.info("resumed from %s (step %d, policy version %d)", latest, state["step"], version)
+    return state["step"]
+
+
+def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, sampler: PromptSampler,
+                    step: int) -> Path:
+    def write(folder: Path) -> None:
+        ray.get(parts.learner.save.remote(str(folder / "learner")))
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(parts.tokenizer_path).save_pretrained(folder / "learner" / "policy")
+
+    return ckpts.save(step, write, {"data": sampler.state_dict()})
+
+
+def checkpoint_due(cfg: RunConfig, step: int) -> bool:
+    every = cfg.checkpoint.every_steps
+    return step == cfg.total_steps or (every > 0 and step % every == 0)

@@ -1,0 +1,189 @@
+"""The Python API: `Trainer(config).fit()`.
+
+    from rlfleet.common.config_io import load_config
+    from rlfleet.deploy import Trainer
+    summary = Trainer(load_config("examples/grpo_rule.yaml")).fit()
+
+`fit` connects to Ray (or starts a local cluster), builds the tiny model when no model path is
+given, loads the prompts, starts the actors, resumes from the newest complete checkpoint
+(`checkpoint.resume: auto`), runs the loop in `driver.py`, and stops every actor it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from transformers import AutoTokenizer
+
+from rlfleet.common.config import RewardConfig, RuleRewardConfig, RunConfig
+from rlfleet.common.data import PromptDataset, PromptSampler, build_dataset, read_rows
+from rlfleet.common.metrics import MetricsWriter
+from rlfleet.common.tasks import build_task
+from rlfleet.common.tiny_models import build_tiny_causal_lm
+from rlfleet.deploy import driver
+from rlfleet.deploy.assembly import (
+    start_learner,
+    start_reference_service,
+    start_reward_service,
+    start_rollout_pool,
+)
+from rlfleet.deploy.checkpoints import CheckpointManager
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunData:
+    train: PromptDataset
+    eval: PromptDataset
+
+
+def policy_path(cfg: RunConfig, run_dir: Path) -> str:
+    """The initial policy: `model.path`, or the tiny model built (once) into the run folder."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    out = run_dir / "models" / "policy"
+    if not (out / "config.json").exists():
+        build_tiny_causal_lm(out, seed=cfg.seed, shape=cfg.model.tiny)
+    return str(out)
+
+
+def reward_config(cfg: RunConfig) -> RewardConfig:
+    """The reward sources; a built-in task with no other source brings its own rule."""
+    r = cfg.reward
+    if r.model_path or r.rules or r.remote or cfg.data.train_path is not None:
+        return r
+    rule = build_task(cfg.data.task, cfg.seed, 1).rule
+    return r.model_copy(update={"rules": [RuleRewardConfig(function=rule)]})
+
+
+def load_data(cfg: RunConfig, tokenizer) -> RunData:
+    d = cfg.data
+
+    def dataset(path: str | None, task_seed: int, size: int) -> PromptDataset:
+        rows = read_rows(path) if path is not None else [
+            (f"task {d.task} #{i}", row) for i, row in enumerate(build_task(d.task, task_seed, size).rows)
+        ]
+        data = build_dataset(rows, tokenizer, d.prompt_key, d.max_prompt_tokens, d.on_long_prompt,
+                             source=path or f"task {d.task}")
+        if data.dropped_too_long:
+            logger.warning("%s: dropped %d prompts longer than data.max_prompt_tokens=%d",
+                           data.source, data.dropped_too_long, d.max_prompt_tokens)
+        return data
+
+    train = dataset(d.train_path, cfg.seed, d.task_size)
+    if d.eval_path is not None or d.train_path is None:
+        evaluation = dataset(d.eval_path, cfg.seed + 1, d.eval_size)
+    else:
+        evaluation = train
+    return RunData(train, evaluation)
+
+
+class Trainer:
+    """Runs one training job described by a `RunConfig`."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.run_dir = Path(config.logging.run_dir)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `total_steps`; returns a summary (steps, last metrics, checkpoint, seconds)."""
+        cfg = self.config
+        started = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        own_ray = connect_ray(cfg)
+        parts = None
+        try:
+            model = policy_path(cfg, self.run_dir)
+            tokenizer_path = cfg.model.tokenizer_path or model
+            data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))
+            parts = start_parts(cfg, model, tokenizer_path)
+            summary = self._loop(parts, data)
+        finally:
+            if parts is not None:
+                stop_parts(parts)
+            if own_ray:
+                ray.shutdown()
+        summary["seconds"] = time.perf_counter() - started
+        return summary
+
+    def _loop(self, parts: driver.Parts, data: RunData) -> dict[str, Any]:
+        cfg = self.config
+        ckpts = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
+        sampler = PromptSampler(len(data.train), cfg.seed, cfg.data.shuffle)
+        metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
+                                cfg.model_dump(mode="json"))
+        first = driver.resume(cfg, parts, sampler, ckpts, metrics) + 1
+        progress = _progress(cfg, first - 1)
+        last: dict[str, Any] = {}
+        checkpoint = ckpts.latest()
+        try:
+            for step in range(first, cfg.total_steps + 1):
+                last = driver.train_step(cfg, parts, data.train, sampler, step)
+                if cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0:
+                    last.update(driver.evaluate(cfg, parts, data.eval, step))
+                metrics.write(step, last)
+                if driver.checkpoint_due(cfg, step):
+                    checkpoint = driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
+                _report(progress, step, last)
+        finally:
+            metrics.close()
+            if progress is not None:
+                progress.close()
+        return {"steps": cfg.total_steps, "first_step": first, "metrics": last,
+                "checkpoint": str(checkpoint) if checkpoint else None, "run_dir": str(self.run_dir)}
+
+
+def connect_ray(cfg: RunConfig) -> bool:
+    """Join the running Ray (or `cluster.address`), else start a local one; True if we started it."""
+    if ray.is_initialized():
+        return False
+    if cfg.cluster.address is not None:
+        ray.init(address=cfg.cluster.address)
+        return False
+    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts:
+    """Start learner, rollout pool, reward and reference actors (the reference only when a KL
+    term needs it and it does not live in the learner)."""
+    critic_path = cfg.reward.model_path if cfg.learner.critic_init == "reward_model" else None
+    learner = start_learner(cfg, model, critic_path)
+    reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward)
+    reference = None
+    if cfg.reference.enabled and not cfg.reference.colocate_with_learner and cfg.algorithm.kl_in != "none":
+        reference = start_reference_service(model, cfg.reference, cfg.cluster.reference)
+    pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
+    ray.get([learner.policy_version.remote(), reward.health.remote()]
+            + ([reference.health.remote()] if reference is not None else []))
+    return driver.Parts(learner, pool, reward, reference, tokenizer_path)
+
+
+def stop_parts(parts: driver.Parts) -> None:
+    parts.pool.close()
+    for handle in (parts.learner, parts.reward, parts.reference):
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+
+
+def _progress(cfg: RunConfig, done: int):
+    if not cfg.logging.progress_bar:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.total_steps, initial=done, desc="rlfleet", unit="step")
+
+
+def _report(progress, step: int, m: dict[str, Any]) -> None:
+    keys = {"reward": "reward", "objective/kl": "kl", "rollout/logprob_diff": "lp_diff", "timing/generate": "gen_s"}
+    shown = {short: f"{m[k]:.3g}" for k, short in keys.items() if m.get(k) is not None}
+    if progress is not None:
+        progress.set_postfix(shown, refresh=False)
+        progress.update(1)
+    logger.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in shown.items()))
