@@ -1,6 +1,9 @@
 """The `rlfleet` command line.
 
     rlfleet demo [CONFIG] [key.path=value ...]     the built-in end-to-end job
+    rlfleet train CONFIG [key.path=value ...]      train; resumes from the newest checkpoint
+    rlfleet eval CONFIG --checkpoint DIR [key.path=value ...]
+                                                   score a checkpoint's greedy answers
     rlfleet config check CONFIG [key.path=value ...]   validate; print the resolved YAML
     rlfleet config schema                          the JSON schema of the config
     rlfleet tiny-model OUT [--reward] [--seed N]   build a tiny model folder
@@ -26,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the built-in end-to-end job on the tiny model")
     _config_args(demo, required=False)
     demo.add_argument("--out", default=None, help="folder for the demo's files (default: a temp dir)")
+
+    train = sub.add_parser("train", help="train (resumes from the run folder's newest checkpoint)")
+    _config_args(train, required=True)
+
+    evaluate = sub.add_parser("eval", help="score a checkpoint's greedy answers on the eval prompts")
+    _config_args(evaluate, required=True)
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a checkpoint folder (run_dir/checkpoints/step_N) or an HF model folder")
 
     config = sub.add_parser("config", help="check a config or print its schema")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -68,9 +79,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         sys.stdout.write(dump_config(cfg))
         return 0
+    if args.command in ("train", "eval"):
+        return _run(args, cfg)
     from rlfleet.deploy import smoke
 
     return smoke.main(cfg, args.out)
+
+
+def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
+    import logging
+
+    from rlfleet.deploy.trainer import Trainer, evaluate_checkpoint
+
+    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "train":
+        summary = Trainer(cfg).fit()
+    else:
+        summary = evaluate_checkpoint(cfg, args.checkpoint)
+    sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
+    return 0
 
 
 def _tiny_model(args: argparse.Namespace) -> int:

@@ -139,6 +139,30 @@ class Trainer:
                 "checkpoint": str(checkpoint) if checkpoint else None, "run_dir": str(self.run_dir)}
 
 
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
+    """Greedy answers of a saved policy to the eval prompts, scored by the run's reward sources."""
+    folder = Path(checkpoint)
+    model = folder / "learner" / "policy" if (folder / "learner" / "policy").is_dir() else folder
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a checkpoint folder nor an HF model folder")
+    tokenizer_path = str(model)
+    own_ray = connect_ray(cfg)
+    pool = reward = None
+    try:
+        data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))
+        reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward)
+        pool = start_rollout_pool(str(model), cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
+        metrics = driver.evaluate(cfg, driver.Parts(None, pool, reward, None, tokenizer_path), data.eval)
+    finally:
+        if pool is not None:
+            pool.close()
+        if reward is not None:
+            ray.kill(reward, no_restart=True)
+        if own_ray:
+            ray.shutdown()
+    return {"checkpoint": str(folder), "policy": str(model), **metrics}
+
+
 def connect_ray(cfg: RunConfig) -> bool:
     """Join the running Ray (or `cluster.address`), else start a local one; True if we started it."""
     if ray.is_initialized():

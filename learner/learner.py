@@ -250,6 +250,7 @@ class Learner:
         if self.critic_optimizer is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
         policy_total = value_total = 0.0
+        finite = True
         for micro in self._micro_batches(rollouts, idx):
             batch = self._pack([rollouts[i] for i in micro])
             t = tensors.rows(micro, batch.response_mask.shape[1])
@@ -266,6 +267,7 @@ class Learner:
             if algo.entropy_coef > 0:
                 loss = loss - algo.entropy_coef * agg_loss(entropy, t.mask, algo.loss_agg, **norms)
             loss.backward()
+            finite = finite and bool(torch.isfinite(loss))
             policy_total += pg.item()
             tokens = t.mask.sum().item()
             update.add_micro(tokens, {"policy/approxkl_avg": pm["approxkl"], "policy/clipfrac_avg": pm["clipfrac"],
@@ -278,16 +280,17 @@ class Learner:
                 (algo.value_loss_coef * vl).backward()
                 value_total += vl.item()
                 update.add_micro(tokens, {"val/clipfrac_avg": vm["vf_clipfrac"]})
-        grad_norm = self._optimizer_step(self.policy, self.optimizer, self.scheduler)
+        grad_norm = self._optimizer_step(self.policy, self.optimizer, self.scheduler, finite)
         update.add_minibatch("loss/policy_avg", policy_total)
         update.add_minibatch("learner/grad_norm", grad_norm)
         if self.critic is not None:
-            self._optimizer_step(self.critic, self.critic_optimizer, self.critic_scheduler)
+            self._optimizer_step(self.critic, self.critic_optimizer, self.critic_scheduler, math.isfinite(value_total))
             update.add_minibatch("loss/value_avg", value_total)
 
-    def _optimizer_step(self, model, optimizer, scheduler) -> float:
+    def _optimizer_step(self, model, optimizer, scheduler, finite_loss: bool = True) -> float:
+        """Clip and step; a non-finite gradient norm (or loss) skips the step and counts it."""
         norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), self._cfg.learner.max_grad_norm)
-        if not torch.isfinite(norm):
+        if not (finite_loss and torch.isfinite(norm)):
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             return float("nan")
