@@ -315,7 +315,7 @@ class Learner:
         each chunk becomes its own object, fetched once per node by the rollout workers)."""
         # A plain loop, not `yield from`: Ray drives the generator with send(), which a list
         # iterator does not have.
-        for chunk in object_store_chunks(self.publish_state()):
+        for chunk in object_store_chunks(self.publish_state()):  # noqa: UP028
             yield chunk
 
     def open_weight_group(self, world_size: int) -> WeightGroupInfo:
