@@ -64,7 +64,14 @@ def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow an option (`eval CONFIG --checkpoint DIR k=v`).
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "config" and args.config_command == "schema":
             sys.stdout.write(json.dumps(RunConfig.model_json_schema(), indent=2) + "\n")
