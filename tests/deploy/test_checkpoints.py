@@ -1,0 +1,52 @@
+"""Checkpoint folders are complete or ignored; old ones are pruned; metrics follow a resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlfleet.common.metrics import MetricsWriter, read_metrics
+from rlfleet.deploy.checkpoints import CheckpointManager, read_state
+
+pytestmark = pytest.mark.unit
+
+
+def fill(folder) -> None:
+    (folder / "weights.txt").write_text("w")
+
+
+def test_only_complete_checkpoints_count_and_the_last_k_are_kept(tmp_path):
+    ckpts = CheckpointManager(tmp_path, keep_last=2)
+    assert ckpts.latest() is None
+    for step in (1, 2, 3):
+        ckpts.save(step, fill, {"data": {"epoch": 0, "index": step}})
+    assert [p.name for p in ckpts.complete()] == ["step_00000002", "step_00000003"]
+    assert read_state(ckpts.latest()) == {"step": 3, "data": {"epoch": 0, "index": 3}}
+    # A crash while writing step 4 leaves a temporary folder, and a folder without its state
+    # file is not complete either: resuming picks step 3.
+    (ckpts.root / ".tmp-step_00000004").mkdir()
+    (ckpts.root / "step_00000005").mkdir()
+    assert ckpts.latest().name == "step_00000003"
+
+
+def test_a_failing_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    ckpts = CheckpointManager(tmp_path, keep_last=1)
+    ckpts.save(1, fill, {})
+
+    def broken(folder):
+        fill(folder)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpts.save(2, broken, {})
+    assert ckpts.latest().name == "step_00000001"
+    assert (ckpts.latest() / "weights.txt").read_text() == "w"
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    for step in (1, 2, 3):
+        writer.write(step, {"reward": step / 10, "loss/value_avg": None, "bad": float("nan")})
+    assert read_metrics(tmp_path)[1] == {"step": 2, "reward": 0.2, "loss/value_avg": None, "bad": None}
+    writer.truncate_after(2)
+    writer.write(3, {"reward": 0.5})
+    assert [(r["step"], r["reward"]) for r in read_metrics(tmp_path)] == [(1, 0.1), (2, 0.2), (3, 0.5)]
