@@ -137,11 +137,16 @@ def test_ppo_with_critic_learns_the_same_rule_reward(ray_cluster, tmp_path):
 
 
 def test_lora_run_pushes_merged_weights_and_uses_the_base_as_reference(ray_cluster, tmp_path):
+    """LoRA with the reference as the base model (adapter disabled, no reference actor); the
+    merged weights travel by broadcast (gloo here); an evaluation runs at step 3."""
     cfg = grpo_config(tmp_path, model={"lora": {"enabled": True, "rank": 8, "alpha": 16}},
-                      learner={"lr": 2e-2}, reference={"colocate_with_learner": True})
+                      learner={"lr": 2e-2}, reference={"colocate_with_learner": True},
+                      rollout={"weight_sync": "broadcast"}, logging={"eval_every_steps": 3})
     Trainer(cfg).fit()
     rows = read_metrics(tmp_path)
     check_steps(rows, 3, critic=False)
+    assert "eval/reward" not in rows[1] and rows[2]["eval/num_prompts"] == 16.0
+    assert 0.0 <= rows[2]["eval/reward"] <= 1.0
     # The adapted policy is measurably away from the base, so a worker that kept generating
     # with the base weights would show a log-prob mismatch far above 1e-3.
     assert rows[-1]["objective/kl"] > 0.05

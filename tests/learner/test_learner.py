@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import ray
@@ -219,3 +220,47 @@ def test_saved_and_loaded_learner_continues_exactly(tiny_model_dir, tmp_path, es
             assert step2[1].metrics[key] == pytest.approx(value, abs=1e-6), key
     assert resumed.kl_controller.value == first.kl_controller.value
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))  # no pickles
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    runs = []
+    for checkpointing in (False, True):
+        cfg = make_config("gae", minibatch_size=6, ppo_epochs=1)
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})})
+        learner = Learner(cfg, str(tiny_model_dir))
+        assert learner.policy.is_gradient_checkpointing == learner.critic.is_gradient_checkpointing == checkpointing
+        grads = record_gradients(learner)
+        learner.train_step(experience(learner, make_rollouts()))
+        runs.append(grads)
+    for plain, recomputed in zip(*runs, strict=True):
+        for name in plain:
+            torch.testing.assert_close(recomputed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_truncated_importance_sampling_scales_the_policy_gradient(tiny_model_dir):
+    """vLLM's log-probs log 2 above the learner's: every token's weight is min(exp(-log 2), C) = ½."""
+    grads = []
+    for cap in (None, 4.0):
+        cfg = make_config("grpo", minibatch_size=6, ppo_epochs=1)
+        algo = cfg.algorithm.model_copy(update={"tis_cap": cap, "kl_coef": 0.0, "entropy_coef": 0.0})
+        learner = Learner(cfg.model_copy(update={"algorithm": algo}), str(tiny_model_dir))
+        exp = experience(learner, make_rollouts())
+        shifted = [Rollout(r.prompt_index, r.prompt_ids, r.response_ids, [x + math.log(2) for x in old],
+                           r.finish_reason, r.policy_version) for r, old in zip(exp.rollouts, exp.old_logprobs, strict=True)]
+        grads.append(record_gradients(learner))
+        learner.train_step(Experience(shifted, exp.scores, exp.group_ids, exp.old_logprobs, None, exp.ref_logprobs))
+    plain, weighted = grads[0][0], grads[1][0]
+    for name in plain:
+        torch.testing.assert_close(weighted[name], 0.5 * plain[name], atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_warmup_then_cosine_learning_rate(tiny_model_dir):
+    cfg = make_config("grpo", minibatch_size=6, ppo_epochs=1, warmup_steps=2, schedule="cosine")
+    cfg = cfg.model_copy(update={"total_steps": 6})  # 6 optimizer steps in all
+    learner = Learner(cfg, str(tiny_model_dir))
+    lrs = []
+    for step in range(6):
+        lrs.append(learner.scheduler.get_last_lr()[0])
+        learner.train_step(experience(learner, make_rollouts(seed=step, version=learner.version)))
+    expected = [1e-3 / 3, 2e-3 / 3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
