@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlfleet.common.config import RunConfig
-from rlfleet.common.config_io import config_from_dict
+from rlfleet.common.config_io import config_from_dict, load_config
 from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.deploy import Trainer, cli
@@ -114,8 +114,11 @@ def test_ppo_with_critic_reward_model_and_kl_reward_via_cli(ray_cluster, tmp_pat
 
 
 def test_grpo_learns_a_rule_reward(ray_cluster, tmp_path):
-    """GRPO, k3 KL in the loss: the fraction of 'a' in the response goes from ~1% to >= 0.9."""
-    summary = Trainer(grpo_config(tmp_path, total_steps=25)).fit()
+    """examples/grpo_rule.yaml (GRPO, k3 KL in the loss): the fraction of 'a' in the response goes
+    from ~1% to >= 0.9."""
+    overrides = [f"logging.run_dir={tmp_path}", "total_steps=25", "logging.progress_bar=false",
+                 "logging.eval_every_steps=0", "checkpoint.every_steps=0"]
+    summary = Trainer(load_config(ROOT / "examples" / "grpo_rule.yaml", overrides)).fit()
     rows = read_metrics(tmp_path)
     check_steps(rows, 25, critic=False)
     assert rows[0]["reward"] < 0.1
