@@ -138,7 +138,7 @@ def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -
     rollouts = batch.rollouts
     scored = ray.get(parts.reward.score.remote(
         [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
-        [examples[r.prompt_index].extra for r in rollouts],
+        [examples[r.prompt_index].extra for r in rollouts], update_stats=False,
     ))
     good = [s for s in scored.scores if s is not None]
     return {
@@ -160,6 +160,7 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
     state = read_state(latest)
     version = ray.get(parts.learner.load.remote(str(latest / "learner")))
     sampler.load_state_dict(state["data"])
+    ray.get(parts.reward.load_state_dict.remote(state.get("reward", {})))
     metrics.truncate_after(state["step"])
     push_weights(cfg, parts, version)
     logger.info("resumed from %s (step %d, policy version %d)", latest, state["step"], version)
@@ -174,7 +175,8 @@ def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, samp
 
         AutoTokenizer.from_pretrained(parts.tokenizer_path).save_pretrained(folder / "learner" / "policy")
 
-    return ckpts.save(step, write, {"data": sampler.state_dict()})
+    reward_state = ray.get(parts.reward.state_dict.remote())
+    return ckpts.save(step, write, {"data": sampler.state_dict(), "reward": reward_state})
 
 
 def checkpoint_due(cfg: RunConfig, step: int) -> bool:

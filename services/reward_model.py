@@ -79,10 +79,10 @@ class ScoreNormalizer:
         if mode == "running":
             self.mean, self.std = 0.0, 1.0
 
-    def __call__(self, scores: Sequence[float]) -> list[float]:
-        """Normalise (after folding this batch into the running statistics) and clip."""
+    def __call__(self, scores: Sequence[float], update: bool = True) -> list[float]:
+        """Normalise (after folding this batch into the running statistics, if `update`) and clip."""
         finite = [s for s in scores if math.isfinite(s)]
-        if self.mode == "running" and finite:
+        if self.mode == "running" and finite and update:
             self._update(finite)
         out = list(scores)
         if self.mode != "none":

@@ -61,15 +61,18 @@ class RewardService:
         prompt_ids: Sequence[Sequence[int]],
         response_ids: Sequence[Sequence[int]],
         extras: Sequence[Mapping[str, Any]] | None = None,
+        update_stats: bool = True,
     ) -> ScoreBatch:
-        """Score B responses; `extras` are the examples' other fields (e.g. a reference answer)."""
+        """Score B responses; `extras` are the examples' other fields (e.g. a reference answer).
+
+        `update_stats=False` (evaluation) leaves the running reward normalisation unchanged."""
         extras = extras if extras is not None else [{}] * len(prompt_ids)
         components: dict[str, list[float | None]] = {}
         reasons: list[str | None] = [None] * len(prompt_ids)
         weights: dict[str, float] = {}
         if self._model is not None:
             raw = self._model.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
-            values = self._normalize(raw)
+            values = self._normalize(raw, update=update_stats)
             components["model"] = [v if math.isfinite(v) else None for v in values]
             weights["model"] = self._config.model_weight
             _mark(reasons, "model", ["non_finite" if v is None else None for v in components["model"]])
@@ -100,6 +103,14 @@ class RewardService:
             components["remote"] = [o.value for o in outcomes]
             weights["remote"] = self._config.remote.weight
             _mark(reasons, "remote", [o.reason for o in outcomes])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running normalisation statistics (part of a run's checkpoint)."""
+        return {"normalizer": self._normalize.state_dict()} if self._model is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self._model is not None and "normalizer" in state:
+            self._normalize.load_state_dict(state["normalizer"])
 
     def close(self) -> None:
         if self._runner is not None:

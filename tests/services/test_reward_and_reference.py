@@ -99,3 +99,24 @@ def test_service_info(tiny_model_dir, rm_dir):
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert (info.parameters, info.device, info.dtype) == (params, "cpu", "float32")
     assert RewardModelScorer(str(rm_dir)).info().parameters < params  # a 1-label head, no LM head
+
+
+def test_running_normalisation_is_checkpointed_and_untouched_by_evaluation(rm_dir):
+    from rlfleet.common.config import RewardConfig
+    from rlfleet.services.reward_service import RewardService
+
+    config = RewardConfig(model_path=str(rm_dir), normalize="running")
+    seqs = mixed_sequences(5)
+    prompts, responses = [s[:3] for s in seqs], [s[3:] for s in seqs]
+    service = RewardService(config, str(rm_dir))
+    service.score(prompts[:6], responses[:6])
+    state = service.state_dict()
+    assert state["normalizer"]["count"] == 6
+    evaluated = service.score(prompts[6:], responses[6:], update_stats=False)
+    assert service.state_dict() == state  # evaluation does not move the statistics
+    restored = RewardService(config, str(rm_dir))
+    restored.load_state_dict(state)
+    again = restored.score(prompts[6:], responses[6:], update_stats=False)
+    assert again.scores == pytest.approx(evaluated.scores, abs=1e-6)
+    assert restored.score(prompts[6:], responses[6:]).scores == pytest.approx(
+        service.score(prompts[6:], responses[6:]).scores, abs=1e-6)
