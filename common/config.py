@@ -96,7 +96,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """Where prompts come from."""
 
-    task: Literal["addition", "char_fraction"] | None = "addition"
+    task: Literal["addition", "char_fraction", "reverse"] | None = "addition"
     """Built-in generated task (it brings its own reward rule); ignored when `train_path` is given."""
     task_size: int = Field(1024, ge=1)
     """Training prompts generated for a built-in task."""
@@ -375,6 +375,32 @@ class LoggingConfig(Section):
     """Also log metrics to this Weights & Biases project (needs `wandb`)."""
 
 
+class StageConfig(Section):
+    """A supervised stage (`rlfleet sft | rm | dpo`): SFT, reward-model training or DPO."""
+
+    init_from: str | None = None
+    """HF folder the stage starts from; None: `model.path` (or the tiny model)."""
+    output_dir: str | None = None
+    """Where the trained model is saved; None: `logging.run_dir`/models/<stage>."""
+    data_path: str | None = None
+    """JSONL of {prompt, response} (sft) or {prompt, chosen, rejected} (rm, dpo); None derives
+    them from the built-in `data.task` (correct answers; wrong ones as rejected)."""
+    steps: int = Field(200, ge=1)
+    """Optimizer steps."""
+    lr: float = Field(3e-3, gt=0)
+    """AdamW learning rate."""
+    batch_size: int = Field(32, ge=1)
+    """Examples (or pairs) per step."""
+    eval_size: int = Field(100, ge=1)
+    """Held-out examples (or pairs) evaluated before and after."""
+    eval_every: int = Field(0, ge=0)
+    """Also evaluate every N steps; 0: only before and after."""
+    beta: float = Field(0.1, gt=0)
+    """DPO's β (dpo only)."""
+    lora_rank: int | None = Field(None, ge=1)
+    """Train LoRA adapters of this rank, merged when saved (rm only); None trains everything."""
+
+
 class RunConfig(Section):
     """A whole rlfleet run."""
 
@@ -402,6 +428,12 @@ class RunConfig(Section):
     """Checkpoints."""
     logging: LoggingConfig = LoggingConfig()
     """Logging."""
+    sft: StageConfig = StageConfig()
+    """Supervised fine-tuning stage (`rlfleet sft`)."""
+    rm: StageConfig = StageConfig()
+    """Reward-model stage (`rlfleet rm`)."""
+    dpo: StageConfig = StageConfig(lr=1e-4)
+    """DPO stage (`rlfleet dpo`)."""
 
     @model_validator(mode="after")
     def _batch_shapes(self) -> RunConfig:

@@ -9,6 +9,7 @@ violated cross-field rule — raises `ConfigError`, whose message lists every pr
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import types
@@ -32,14 +33,19 @@ class ConfigError(ValueError):
     exit_code = 2
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read `path` (YAML mapping; None means all defaults), apply `key.path=value` overrides, validate."""
-    tree: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read `path` (YAML mapping; None means all defaults), apply `key.path=value` overrides, validate.
+
+    `base` (e.g. the demo's defaults) sits under the file: the file's keys replace its keys."""
+    tree: dict[str, Any] = copy.deepcopy(base) if base else {}
     lines: dict[Loc, int] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        tree, lines = _read_yaml(Path(path))
+        read, lines = _read_yaml(Path(path))
+        _merge(tree, read)
     overridden: dict[Loc, str] = {}
     for item in overrides:
         loc = _apply_override(tree, item)
@@ -48,6 +54,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source, lines, overridden)) from None
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:

@@ -1,9 +1,13 @@
 """The `rlfleet` command line.
 
-    rlfleet demo [CONFIG] [key.path=value ...]     the built-in end-to-end job
+    rlfleet demo [CONFIG] [key.path=value ...] [--rlhf] [--out DIR]
+                                                   the built-in job: SFT → GRPO (→ RM → PPO), report
+    rlfleet smoke [CONFIG] [key.path=value ...]    check the install: vLLM vs transformers log-probs
     rlfleet train CONFIG [key.path=value ...]      train; resumes from the newest checkpoint
     rlfleet eval CONFIG --checkpoint DIR [key.path=value ...]
                                                    score a checkpoint's greedy answers
+    rlfleet sft | rm | dpo CONFIG [key.path=value ...]
+                                                   a supervised stage (config sections sft/rm/dpo)
     rlfleet config check CONFIG [key.path=value ...]   validate; print the resolved YAML
     rlfleet config schema                          the JSON schema of the config
     rlfleet tiny-model OUT [--reward] [--seed N]   build a tiny model folder
@@ -26,9 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlfleet", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the built-in end-to-end job on the tiny model")
+    demo = sub.add_parser("demo", help="the built-in job: SFT then GRPO on the tiny model, with a report")
     _config_args(demo, required=False)
-    demo.add_argument("--out", default=None, help="folder for the demo's files (default: a temp dir)")
+    demo.add_argument("--rlhf", action="store_true", help="also train a reward model and run PPO against it")
+    demo.add_argument("--out", default=None, help="run folder (default runs/demo; same as logging.run_dir=...)")
+
+    smoke = sub.add_parser("smoke", help="check the install: vLLM in a Ray actor agrees with transformers")
+    _config_args(smoke, required=False)
 
     train = sub.add_parser("train", help="train (resumes from the run folder's newest checkpoint)")
     _config_args(train, required=True)
@@ -37,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(evaluate, required=True)
     evaluate.add_argument("--checkpoint", required=True,
                           help="a checkpoint folder (run_dir/checkpoints/step_N) or an HF model folder")
+
+    for stage, text in (("sft", "supervised fine-tuning on prompt → response pairs"),
+                        ("rm", "train a reward model on (prompt, chosen, rejected) pairs"),
+                        ("dpo", "DPO on (prompt, chosen, rejected) pairs")):
+        _config_args(sub.add_parser(stage, help=text), required=True)
 
     config = sub.add_parser("config", help="check a config or print its schema")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -79,18 +92,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tiny-model":
             return _tiny_model(args)
         path, overrides = _split_config_arg(args)
-        cfg = load_config(path, overrides)
+        if args.command == "demo":
+            from rlfleet.deploy.demo import DEMO_DEFAULTS
+
+            out = [f"logging.run_dir={args.out}"] if args.out else []
+            cfg = load_config(path, [*overrides, *out], base=DEMO_DEFAULTS)
+        else:
+            cfg = load_config(path, overrides)
     except ConfigError as err:
         sys.stderr.write(f"rlfleet: {err}\n")
         return ConfigError.exit_code
     if args.command == "config":
         sys.stdout.write(dump_config(cfg))
         return 0
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "sft", "rm", "dpo", "demo"):
         return _run(args, cfg)
     from rlfleet.deploy import smoke
 
-    return smoke.main(cfg, args.out)
+    return smoke.main(cfg)
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -99,8 +118,17 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     from rlfleet.deploy.trainer import Trainer, evaluate_checkpoint
 
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "demo":
+        from rlfleet.deploy.demo import print_summary, run_demo
+
+        print_summary(run_demo(cfg, rlhf=args.rlhf))
+        return 0
     if args.command == "train":
         summary = Trainer(cfg).fit()
+    elif args.command in ("sft", "rm", "dpo"):
+        from rlfleet.deploy.stages import run_stage
+
+        summary = run_stage(cfg, args.command)
     else:
         summary = evaluate_checkpoint(cfg, args.checkpoint)
     sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")

@@ -155,7 +155,7 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
     ended (0 for a fresh run)."""
     latest = ckpts.latest() if cfg.checkpoint.resume == "auto" else None
     if latest is None:
-        metrics.truncate_after(0)
+        metrics.truncate_after(-1)  # a fresh run starts a fresh file
         return 0
     state = read_state(latest)
     version = ray.get(parts.learner.load.remote(str(latest / "learner")))

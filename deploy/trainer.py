@@ -12,6 +12,8 @@ given, loads the prompts, starts the actors, resumes from the newest complete ch
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +67,9 @@ def reward_config(cfg: RunConfig) -> RewardConfig:
 def load_data(cfg: RunConfig, tokenizer) -> RunData:
     d = cfg.data
 
-    def dataset(path: str | None, task_seed: int, size: int) -> PromptDataset:
+    def dataset(path: str | None, split: str, size: int) -> PromptDataset:
         rows = read_rows(path) if path is not None else [
-            (f"task {d.task} #{i}", row) for i, row in enumerate(build_task(d.task, task_seed, size).rows)
+            (f"task {d.task} {split} #{i}", row) for i, row in enumerate(build_task(d.task, cfg.seed, size, split).rows)
         ]
         data = build_dataset(rows, tokenizer, d.prompt_key, d.max_prompt_tokens, d.on_long_prompt,
                              source=path or f"task {d.task}")
@@ -76,9 +78,9 @@ def load_data(cfg: RunConfig, tokenizer) -> RunData:
                            data.source, data.dropped_too_long, d.max_prompt_tokens)
         return data
 
-    train = dataset(d.train_path, cfg.seed, d.task_size)
+    train = dataset(d.train_path, "train", d.task_size)
     if d.eval_path is not None or d.train_path is None:
-        evaluation = dataset(d.eval_path, cfg.seed + 1, d.eval_size)
+        evaluation = dataset(d.eval_path, "test", d.eval_size)
     else:
         evaluation = train
     return RunData(train, evaluation)
@@ -121,8 +123,12 @@ class Trainer:
         first = driver.resume(cfg, parts, sampler, ckpts, metrics) + 1
         progress = _progress(cfg, first - 1)
         last: dict[str, Any] = {}
+        before: dict[str, Any] = {}
         checkpoint = ckpts.latest()
         try:
+            if first == 1 and cfg.logging.eval_every_steps:
+                before = driver.evaluate(cfg, parts, data.eval, 0)  # the starting policy, as step 0
+                metrics.write(0, before)
             for step in range(first, cfg.total_steps + 1):
                 last = driver.train_step(cfg, parts, data.train, sampler, step)
                 if cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0:
@@ -135,7 +141,7 @@ class Trainer:
             metrics.close()
             if progress is not None:
                 progress.close()
-        return {"steps": cfg.total_steps, "first_step": first, "metrics": last,
+        return {"steps": cfg.total_steps, "first_step": first, "metrics": last, "eval_before": before,
                 "checkpoint": str(checkpoint) if checkpoint else None, "run_dir": str(self.run_dir)}
 
 
@@ -163,25 +169,53 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
     return {"checkpoint": str(folder), "policy": str(model), **metrics}
 
 
+def needs_reference_actor(cfg: RunConfig) -> bool:
+    return cfg.reference.enabled and not cfg.reference.colocate_with_learner and cfg.algorithm.kl_in != "none"
+
+
+def required_cpus(cfg: RunConfig) -> float:
+    """Logical CPUs the run's actors ask Ray for."""
+    c = cfg.cluster
+    total = c.learner.num_cpus + c.reward.num_cpus + cfg.rollout.num_workers * c.rollout.num_cpus
+    return total + (c.reference.num_cpus if needs_reference_actor(cfg) else 0.0)
+
+
 def connect_ray(cfg: RunConfig) -> bool:
-    """Join the running Ray (or `cluster.address`), else start a local one; True if we started it."""
+    """Join the running Ray (or `cluster.address`), else start a local one; True if we started it.
+
+    A local cluster gets at least as many logical CPUs as the actors ask for (on a 2-core
+    laptop the four roles share the cores; Ray's CPU count is a scheduling label)."""
     if ray.is_initialized():
         return False
     if cfg.cluster.address is not None:
         ray.init(address=cfg.cluster.address)
         return False
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+    num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
+
+
+def check_capacity(cfg: RunConfig) -> None:
+    """Fail with the numbers instead of waiting forever for actors Ray cannot place."""
+    have = ray.cluster_resources().get("CPU", 0.0)
+    need = required_cpus(cfg)
+    if have < need:
+        raise RuntimeError(
+            f"the Ray cluster has {have:g} CPUs; this run's actors ask for {need:g} (learner, reward, "
+            "reference and rollout.num_workers × cluster.rollout.num_cpus): lower cluster.*.num_cpus, "
+            "raise cluster.num_cpus, or add nodes"
+        )
 
 
 def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts:
     """Start learner, rollout pool, reward and reference actors (the reference only when a KL
     term needs it and it does not live in the learner)."""
+    check_capacity(cfg)
     critic_path = cfg.reward.model_path if cfg.learner.critic_init == "reward_model" else None
     learner = start_learner(cfg, model, critic_path)
     reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward)
     reference = None
-    if cfg.reference.enabled and not cfg.reference.colocate_with_learner and cfg.algorithm.kl_in != "none":
+    if needs_reference_actor(cfg):
         reference = start_reference_service(model, cfg.reference, cfg.cluster.reference)
     pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
     ray.get([learner.policy_version.remote(), reward.health.remote()]

@@ -58,6 +58,7 @@ def grpo_config(run_dir: Path, **sections) -> RunConfig:
 
 def check_steps(rows: list[dict], steps: int, critic: bool) -> None:
     """Every step: all metric names, workers at the learner's version, small logprob mismatch."""
+    rows = [r for r in rows if r["step"] > 0]  # step 0: the evaluation before training
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for row in rows:
         for name in METRIC_NAMES + TIMINGS:
@@ -148,8 +149,9 @@ def test_lora_run_pushes_merged_weights_and_uses_the_base_as_reference(ray_clust
     Trainer(cfg).fit()
     rows = read_metrics(tmp_path)
     check_steps(rows, 3, critic=False)
-    assert "eval/reward" not in rows[1] and rows[2]["eval/num_prompts"] == 16.0
-    assert 0.0 <= rows[2]["eval/reward"] <= 1.0
+    assert rows[0]["step"] == 0 and rows[0]["eval/num_prompts"] == 16.0  # before training
+    assert "eval/reward" not in rows[2] and rows[3]["eval/num_prompts"] == 16.0
+    assert 0.0 <= rows[3]["eval/reward"] <= 1.0
     # The adapted policy is measurably away from the base, so a worker that kept generating
     # with the base weights would show a log-prob mismatch far above 1e-3.
     assert rows[-1]["objective/kl"] > 0.05

@@ -1,0 +1,61 @@
+"""A PNG report of a run's `metrics.jsonl`: reward, KL, entropy, response length and held-out
+score over steps (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from rlfleet.common.metrics import read_metrics  # noqa: E402
+
+PANELS = (
+    ("reward", "mean reward (train samples)"),
+    ("objective/kl", "KL to the reference (per response)"),
+    ("objective/entropy", "entropy (nats per response)"),
+    ("completions/mean_length", "response length (tokens)"),
+    ("eval/reward", "held-out score (greedy)"),
+)
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def write_report(runs: Mapping[str, str | Path], out: str | Path, title: str = "rlfleet run") -> Path:
+    """One row of panels per run (label → run folder), one panel per metric; noisy per-step
+    curves get a 5-step running mean on top."""
+    data = {label: read_metrics(folder) for label, folder in runs.items()}
+    fig, axes = plt.subplots(len(data), len(PANELS), figsize=(4.0 * len(PANELS), 3.2 * len(data)), squeeze=False)
+    for row, (run, rows) in zip(axes, data.items(), strict=True):
+        for ax, (key, label) in zip(row, PANELS, strict=True):
+            steps, values = _series(rows, key)
+            if key.startswith("eval/"):
+                ax.plot(steps, values, marker="o", markersize=4, color="tab:green")
+            elif steps:
+                ax.plot(steps, values, alpha=0.35, color="tab:blue")
+                ax.plot(steps, _smooth(values), color="tab:blue")
+            ax.set_title(f"{run}\n{label}", fontsize=9)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,109 @@
+"""`rlfleet sft | rm | dpo`: the supervised stages, from a config's `sft` / `rm` / `dpo` section.
+
+Data is a JSONL file (`<stage>.data_path`: {prompt, response} rows for SFT, {prompt, chosen,
+rejected} rows for the reward model and DPO; the last `eval_size` rows are held out), or is
+derived from the built-in `data.task`: its correct answers are the demonstrations and the
+chosen responses, a corrupted answer is the rejected one, and its fixed test split is held out.
+Per-step numbers go to `run_dir/<stage>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import AutoTokenizer
+
+from rlfleet.common.config import RunConfig, StageConfig
+from rlfleet.common.data import DataError, read_rows, render_prompt
+from rlfleet.common.metrics import MetricsWriter
+from rlfleet.common.tasks import build_task, wrong_answer
+from rlfleet.deploy.trainer import policy_path
+from rlfleet.learner.supervised import (
+    Demonstration,
+    PreferencePair,
+    StageSettings,
+    dpo,
+    sft,
+    train_reward_model,
+)
+
+Stage = Literal["sft", "rm", "dpo"]
+
+
+def _rows(cfg: RunConfig, stage: Stage, sc: StageConfig) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """(train, held-out) rows with text fields prompt / response / chosen / rejected."""
+    if sc.data_path is not None:
+        rows = read_rows(sc.data_path)
+        if len(rows) <= sc.eval_size:
+            raise DataError(f"{sc.data_path}: {len(rows)} rows leave none to train on after "
+                            f"{stage}.eval_size={sc.eval_size} held-out rows")
+        return rows[: -sc.eval_size], rows[-sc.eval_size :]
+    task = cfg.data.task
+    train = build_task(task, cfg.seed, cfg.data.task_size, "train").rows
+    test = build_task(task, cfg.seed, sc.eval_size, "test").rows
+    if "answer" not in train[0]:
+        raise DataError(f"data.task={task!r} has no reference answers to imitate or rank; "
+                        f"set {stage}.data_path to a JSONL file")
+    rng = random.Random(cfg.seed)
+
+    def derive(rows: list[dict], split: str) -> list[tuple[str, dict]]:
+        out = []
+        for i, r in enumerate(rows):
+            answer = str(r["answer"])
+            out.append((f"task {task} {split} #{i}",
+                        {"prompt": r["prompt"], "response": answer, "chosen": answer,
+                         "rejected": wrong_answer(answer, rng)}))
+        return out
+
+    return derive(train, "train"), derive(test, "test")
+
+
+def _field(where: str, row: dict, key: str) -> Any:
+    if key not in row:
+        raise DataError(f"{where}: no '{key}' field; fields: {sorted(row)}")
+    return row[key]
+
+
+def _examples(rows, stage: Stage, tokenizer) -> list[Demonstration] | list[PreferencePair]:
+    eos = [tokenizer.eos_token_id]
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(str(text), add_special_tokens=False)) + eos
+
+    out = []
+    for where, row in rows:
+        prompt = render_prompt(_field(where, row, "prompt"), tokenizer)
+        if stage == "sft":
+            out.append(Demonstration(prompt, encode(_field(where, row, "response"))))
+        else:
+            out.append(PreferencePair(prompt, encode(_field(where, row, "chosen")),
+                                      encode(_field(where, row, "rejected"))))
+    return out
+
+
+def run_stage(cfg: RunConfig, stage: Stage) -> dict[str, Any]:
+    """Train one stage; returns the output folder and the held-out numbers before and after."""
+    sc: StageConfig = getattr(cfg, stage)
+    run_dir = Path(cfg.logging.run_dir)
+    start = sc.init_from or policy_path(cfg, run_dir)
+    out = Path(sc.output_dir) if sc.output_dir else run_dir / "models" / stage
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or start)
+    train_rows, test_rows = _rows(cfg, stage, sc)
+    train, test = _examples(train_rows, stage, tokenizer), _examples(test_rows, stage, tokenizer)
+    settings = StageSettings(sc.steps, sc.lr, sc.batch_size, cfg.seed, eval_every=sc.eval_every)
+    metrics = MetricsWriter(run_dir / stage)
+    metrics.truncate_after(0)
+    log = lambda row: metrics.write(row["step"], {k: v for k, v in row.items() if k != "step"})  # noqa: E731
+    began = time.perf_counter()
+    if stage == "sft":
+        result = sft(start, out, train, test, settings, log)
+    elif stage == "rm":
+        result = train_reward_model(start, out, train, test, settings, log, lora_rank=sc.lora_rank)
+    else:
+        result = dpo(start, out, train, test, settings, sc.beta, log)
+    metrics.close()
+    return {"stage": stage, "output": str(out), "init_from": start, "train_examples": len(train),
+            "eval_examples": len(test), "seconds": time.perf_counter() - began, **result}

@@ -1,0 +1,214 @@
+"""The stages before (or instead of) RL: SFT, reward-model training and DPO.
+
+- SFT: cross-entropy on response tokens only (prompt tokens are context, not targets).
+- Reward model: Bradley–Terry, −log σ(r_chosen − r_rejected), the score read at the last
+  token of each (prompt, response) (Ouyang et al. 2022; FORMULAS.md).
+- DPO: Rafailov et al. (2023), sequence log-probs summed over response tokens, against a
+  frozen copy of the starting policy.
+
+Each stage trains in the calling process (they are small next to RL's rollouts), reports
+held-out numbers before and after, and saves an HF folder the next stage loads.
+
+Notation: B sequences, T response length.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlfleet.common.collate import pack
+from rlfleet.learner.algos import dpo_loss, masked_mean, masked_sum, reward_model_loss
+from rlfleet.learner.models import response_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """A prompt and the response to imitate (token ids; the response ends with EOS)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt with a preferred and a dispreferred response (token ids)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How long and how fast a stage trains."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    """Held-out evaluation every N steps (0: only before and after)."""
+
+
+def minibatches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """`steps` batches of indices: seeded permutations of range(n), epoch after epoch."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        yield order[:batch_size]
+        del order[:batch_size]
+
+
+def _pad_id(model: torch.nn.Module) -> int:
+    return model.config.pad_token_id or 0
+
+
+def _sequence_logprobs(model, prompts: Sequence[list[int]], responses: Sequence[list[int]]) -> torch.Tensor:
+    """Σ_t log π(response token t) [B]."""
+    batch = pack(prompts, responses, _pad_id(model)).to(next(model.parameters()).device)
+    logprobs, _ = response_logprobs(model, batch, 1.0)
+    return masked_sum(logprobs, batch.response_mask, dim=-1)
+
+
+def _train(model, settings: StageSettings, n: int, loss_fn: Callable[[list[int]], tuple[torch.Tensor, dict]],
+           evaluate: Callable[[], dict[str, float]], log: Callable[[dict], None] | None) -> dict[str, float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr)
+    before = evaluate()
+    for step, idx in enumerate(minibatches(n, settings.batch_size, settings.steps, settings.seed), start=1):
+        model.train()
+        loss, metrics = loss_fn(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        if torch.isfinite(norm):
+            optimizer.step()
+        row = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
+        if settings.eval_every and step % settings.eval_every == 0 and step < settings.steps:
+            row.update({f"eval/{k}": v for k, v in evaluate().items()})
+        if log is not None:
+            log(row)
+    after = evaluate()
+    return {**{f"before/{k}": v for k, v in before.items()}, **{f"after/{k}": v for k, v in after.items()}}
+
+
+def _save(model, tokenizer_path: str, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out)
+    return out
+
+
+def sft(model_path: str, out_dir: str | Path, train: Sequence[Demonstration], test: Sequence[Demonstration],
+        settings: StageSettings, log: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """Supervised fine-tuning; returns held-out response-token loss and accuracy before/after."""
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+    def token_stats(rows: Sequence[Demonstration]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = pack([r.prompt_ids for r in rows], [r.response_ids for r in rows], _pad_id(model))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits[:, batch.prompt_width - 1 : -1].float()
+        logprobs = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[..., None])[..., 0]
+        correct = (logits.argmax(-1) == batch.response_ids).float()
+        return -masked_mean(logprobs, batch.response_mask), masked_mean(correct, batch.response_mask)
+
+    def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict]:
+        loss, accuracy = token_stats([train[i] for i in idx])
+        return loss, {"token_accuracy": accuracy.item()}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        loss, accuracy = token_stats(list(test))
+        return {"loss": loss.item(), "token_accuracy": accuracy.item()}
+
+    result = _train(model, settings, len(train), loss_fn, evaluate, log)
+    model.generation_config.do_sample = True
+    _save(model, model_path, out_dir)
+    return result
+
+
+def train_reward_model(model_path: str, out_dir: str | Path, train: Sequence[PreferencePair],
+                       test: Sequence[PreferencePair], settings: StageSettings,
+                       log: Callable[[dict], None] | None = None, lora_rank: int | None = None) -> dict[str, float]:
+    """Bradley–Terry training of a one-label sequence classifier started from `model_path`;
+    returns held-out pairwise accuracy before/after. With `lora_rank`, only LoRA adapters (and
+    the head) train; the saved model has them merged, so the reward service loads a plain folder."""
+    torch.manual_seed(settings.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+    if lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, task_type="SEQ_CLS",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+    def scores(rows: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = [r.prompt_ids for r in rows] * 2
+        responses = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
+        batch = pack(prompts, responses, _pad_id(model))
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids).logits[:, 0].float()
+        return out[: len(rows)], out[len(rows) :]
+
+    def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict]:
+        loss, metrics = reward_model_loss(*scores([train[i] for i in idx]))
+        return loss, {k: v.item() for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        loss, metrics = reward_model_loss(*scores(list(test)))
+        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+
+    result = _train(model, settings, len(train), loss_fn, evaluate, log)
+    if lora_rank is not None:
+        model = model.merge_and_unload()
+    _save(model, model_path, out_dir)
+    return result
+
+
+def dpo(model_path: str, out_dir: str | Path, train: Sequence[PreferencePair], test: Sequence[PreferencePair],
+        settings: StageSettings, beta: float, log: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """DPO against a frozen copy of the starting policy; returns the held-out margin
+    β·[(logπ_w − logπ_ref,w) − (logπ_l − logπ_ref,l)] and accuracy before/after."""
+    torch.manual_seed(settings.seed)
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval().requires_grad_(False)
+
+    def logps(model, rows: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = [r.prompt_ids for r in rows] * 2
+        seq = _sequence_logprobs(model, prompts, [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows])
+        return seq[: len(rows)], seq[len(rows) :]
+
+    def loss_on(rows: Sequence[PreferencePair]) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            ref_w, ref_l = logps(reference, rows)
+        pol_w, pol_l = logps(policy, rows)
+        loss, metrics = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta)
+        margin = metrics["chosen_reward"] - metrics["rejected_reward"]
+        return loss, {"margin": margin.item(), "accuracy": metrics["accuracy"].item()}
+
+    def evaluate() -> dict[str, float]:
+        policy.eval()
+        with torch.no_grad():
+            loss, metrics = loss_on(list(test))
+        return {"loss": loss.item(), **metrics}
+
+    result = _train(policy, settings, len(train), lambda idx: loss_on([train[i] for i in idx]), evaluate, log)
+    _save(policy, model_path, out_dir)
+    return result
