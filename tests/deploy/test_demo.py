@@ -1,0 +1,33 @@
+"""The built-in demo, shortened: SFT → GRPO, and with --rlhf a reward model → PPO; the report."""
+
+from __future__ import annotations
+
+import matplotlib.image
+import pytest
+
+from rlfleet.common.config_io import load_config
+from rlfleet.common.metrics import read_metrics
+from rlfleet.deploy.demo import DEMO_DEFAULTS, print_summary, run_demo
+
+pytestmark = [pytest.mark.ray, pytest.mark.vllm]
+
+
+def test_short_demo_with_rlhf_writes_runs_and_a_report(ray_cluster, tmp_path, capsys):
+    overrides = [f"logging.run_dir={tmp_path}", "total_steps=3", "logging.eval_every_steps=3",
+                 "data.task_size=128", "data.eval_size=20", "sft.steps=30", "rm.steps=20",
+                 "rollout.prompts_per_step=8", "learner.minibatch_size=32"]
+    summary = run_demo(load_config(None, overrides, base=DEMO_DEFAULTS), rlhf=True)
+    print_summary(summary)
+    out = capsys.readouterr().out
+    assert "held-out exact-answer accuracy" in out and "reward model" in out and "report.png" in out
+    assert summary["sft"]["after/token_accuracy"] > summary["sft"]["before/token_accuracy"]
+    for run in ("grpo", "ppo"):
+        rows = read_metrics(tmp_path / run)
+        assert [r["step"] for r in rows] == [0, 1, 2, 3]
+        assert {"eval/reward", "reward", "objective/kl"} <= set(rows[3])
+    accuracy = summary["grpo"]["accuracy_before"], summary["grpo"]["accuracy_after"]
+    assert all(0.0 <= a <= 1.0 for a in accuracy)  # exact-answer accuracy on 20 held-out strings
+    assert summary["rm"]["after/accuracy"] > summary["rm"]["before/accuracy"]
+    image = matplotlib.image.imread(summary["report"])
+    assert image.shape[0] > 400 and image.shape[1] > 1500  # two rows of five panels
+    assert (tmp_path / "config.yaml").read_text().count("task: reverse") == 1
