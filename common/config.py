@@ -465,9 +465,10 @@ class RunConfig(Section):
             )
         if self.learner.critic_init == "reward_model" and self.reward.model_path is None:
             raise ValueError("learner.critic_init='reward_model' needs reward.model_path (or set it to 'policy')")
-        if not (self.reward.model_path or self.reward.rules or self.reward.remote or self.data.task):
+        task_checker = self.data.task is not None and self.data.train_path is None
+        if not (self.reward.model_path or self.reward.rules or self.reward.remote or task_checker):
             raise ValueError(
                 "reward: no reward source; set reward.model_path, reward.rules or reward.remote "
-                "(or use a built-in data.task, which brings its own checker)"
+                "(or use a built-in data.task without data.train_path: the task brings its own checker)"
             )
         return self

@@ -115,9 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     import logging
 
-    from rlfleet.deploy.trainer import Trainer, evaluate_checkpoint
+    from rlfleet.common.data import DataError
 
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args, cfg)
+    except (DataError, FileNotFoundError) as err:  # bad input: named, exit 2, nothing saved is touched
+        sys.stderr.write(f"rlfleet: {err}\n")
+        return ConfigError.exit_code
+
+
+def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from rlfleet.deploy.trainer import Trainer, evaluate_checkpoint
+
     if args.command == "demo":
         from rlfleet.deploy.demo import print_summary, run_demo
 

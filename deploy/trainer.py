@@ -98,12 +98,12 @@ class Trainer:
         cfg = self.config
         started = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        model = policy_path(cfg, self.run_dir)
+        tokenizer_path = cfg.model.tokenizer_path or model
+        data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))  # bad data fails before Ray starts
         own_ray = connect_ray(cfg)
         parts = None
         try:
-            model = policy_path(cfg, self.run_dir)
-            tokenizer_path = cfg.model.tokenizer_path or model
-            data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))
             parts = start_parts(cfg, model, tokenizer_path)
             summary = self._loop(parts, data)
         finally:

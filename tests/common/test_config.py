@@ -157,3 +157,14 @@ def test_config_error_is_value_error():
     with pytest.raises(ConfigError) as info:
         config_from_dict({"learner": {"lr": "fast"}})
     assert "learner.lr" in str(info.value)
+
+
+def test_a_data_file_needs_a_reward_source_of_its_own():
+    """A built-in task's checker scores only that task's prompts; prompts from a file need a source."""
+    with pytest.raises(ConfigError, match=r"reward: no reward source.*without data.train_path"):
+        config_from_dict({"data": {"train_path": "train.jsonl"}})
+    cfg = config_from_dict({"data": {"train_path": "train.jsonl"},
+                            "reward": {"rules": [{"function": "rlfleet.services.rules:exact_match"}]}})
+    assert cfg.reward.rules[0].function.endswith(":exact_match")
+    with pytest.raises(ConfigError, match=r"learner.critic_init='reward_model' needs reward.model_path"):
+        config_from_dict({"learner": {"critic_init": "reward_model"}, "algorithm": {"advantage_estimator": "gae"}})

@@ -50,3 +50,19 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
     writer.truncate_after(2)
     writer.write(3, {"reward": 0.5})
     assert [(r["step"], r["reward"]) for r in read_metrics(tmp_path)] == [(1, 0.1), (2, 0.2), (3, 0.5)]
+
+
+def test_bad_training_data_exits_2_naming_the_line_and_keeps_checkpoints(tmp_path, capsys):
+    from rlfleet.deploy import cli
+
+    ckpts = CheckpointManager(tmp_path / "run", keep_last=2)
+    ckpts.save(4, fill, {"data": {"epoch": 0, "index": 4, "size": 2}})
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "ok"}\n{"prompt": "missing brace"\n')
+    args = ["train", f"data.train_path={data}", f"logging.run_dir={tmp_path / 'run'}",
+            "reward.rules=[{function: 'rlfleet.services.rules:exact_match'}]"]
+    assert cli.main(args) == 2
+    assert f"{data}:2: not valid JSON" in capsys.readouterr().err
+    assert ckpts.latest().name == "step_00000004" and (ckpts.latest() / "weights.txt").read_text() == "w"
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope"), f"logging.run_dir={tmp_path}"]) == 2
+    assert "neither a checkpoint folder nor an HF model folder" in capsys.readouterr().err
