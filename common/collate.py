@@ -68,3 +68,17 @@ def pad_rows(rows: Sequence[Sequence[float]], width: int, value: float = 0.0) ->
             raise ValueError(f"row {i} has {len(row)} values; the batch is {width} wide")
         out[i, : len(row)] = torch.tensor(list(row), dtype=torch.float32)
     return out
+
+
+def balanced_shards(lengths: Sequence[int], k: int) -> list[list[int]]:
+    """Split indices 0..n−1 into k shards of near-equal total length (longest first, each to the
+    lightest shard; ties to the lower shard), every shard in increasing index order.
+
+    Deterministic, so every data-parallel rank computes the same assignment."""
+    shards: list[list[int]] = [[] for _ in range(k)]
+    loads = [0] * k
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        target = min(range(k), key=lambda s: (loads[s], s))
+        shards[target].append(i)
+        loads[target] += lengths[i]
+    return [sorted(s) for s in shards]

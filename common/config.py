@@ -275,7 +275,9 @@ class LearnerConfig(Section):
     micro_batch_tokens: int = Field(4096, ge=1)
     """Token budget of one forward/backward pass (gradient accumulation inside a minibatch)."""
     num_workers: int = Field(1, ge=1)
-    """Data-parallel learner actors."""
+    """Data-parallel learner actors: one torch.distributed group (gloo on CPU, NCCL on GPU),
+    DDP; each trains a token-balanced share of every minibatch and the update equals one
+    learner's on the whole batch."""
     critic_init: Literal["policy", "reward_model"] = "policy"
     """Backbone the critic starts from."""
 

@@ -13,9 +13,7 @@ from rlfleet.common.config import (
     RewardConfig,
     RoleResources,
     RolloutConfig,
-    RunConfig,
 )
-from rlfleet.learner.learner import Learner
 from rlfleet.rollout.hf_worker import HFRolloutWorker
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.vllm_worker import VLLMRolloutWorker
@@ -93,8 +91,3 @@ def start_reference_service(
     cls = ray.remote(ReferenceService).options(**actor_options(resources))
     return cls.remote(model_path, reference.micro_batch_size)
 
-
-def start_learner(cfg: RunConfig, policy_path: str, critic_path: str | None = None) -> ray.actor.ActorHandle:
-    """The learner actor (policy, critic, optimizers)."""
-    cls = ray.remote(Learner).options(**actor_options(cfg.cluster.learner))
-    return cls.remote(cfg, policy_path, critic_path)

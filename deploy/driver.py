@@ -21,6 +21,7 @@ from rlfleet.common.data import PromptDataset, PromptSampler
 from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.records import Experience, Rollout, SamplingSpec
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
+from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
 from rlfleet.services.reward_service import drop_unscorable
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 class Parts:
     """The running actors of a run (Ray handles) and the pool that drives the rollout workers."""
 
-    learner: Any
+    learner: LearnerGroup
     pool: RolloutPool
     reward: Any
     reference: Any | None
@@ -70,9 +71,9 @@ def sampling_spec(cfg: RunConfig, step: int, greedy: bool = False) -> SamplingSp
 def push_weights(cfg: RunConfig, parts: Parts, version: int) -> None:
     """Hand the learner's current weights to every rollout worker as `version`."""
     if cfg.rollout.weight_sync == "broadcast":
-        source = BroadcastWeights(version, parts.learner, cfg.rollout.tensor_parallel_size)
+        source = BroadcastWeights(version, parts.learner.lead, cfg.rollout.tensor_parallel_size)
     else:
-        source = ObjectStoreWeights(version, tuple(parts.learner.publish.remote()))
+        source = ObjectStoreWeights(version, parts.learner.publish_refs())
     parts.pool.push_weights(source)
 
 
@@ -104,7 +105,7 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
         ref_logprobs=_pick(ref, keep),
     )
     with timer("train"):
-        result = ray.get(parts.learner.train_step.remote(exp))
+        result = parts.learner.train_step(exp)
     with timer("push"):
         push_weights(cfg, parts, result.version)
     versions = parts.pool.versions()
@@ -122,7 +123,7 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     ref_ref = None
     if parts.reference is not None:
         ref_ref = parts.reference.logprobs.remote(prompts, responses, cfg.rollout.temperature)
-    prepared = ray.get(parts.learner.prepare.remote(rollouts))
+    prepared = parts.learner.prepare(rollouts)
     ref = ray.get(ref_ref) if ref_ref is not None else prepared.ref_logprobs
     return ray.get(score_ref), prepared, ref
 
@@ -158,7 +159,7 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
         metrics.truncate_after(-1)  # a fresh run starts a fresh file
         return 0
     state = read_state(latest)
-    version = ray.get(parts.learner.load.remote(str(latest / "learner")))
+    version = parts.learner.load(str(latest / "learner"))
     sampler.load_state_dict(state["data"])
     ray.get(parts.reward.load_state_dict.remote(state.get("reward", {})))
     metrics.truncate_after(state["step"])
@@ -170,7 +171,7 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
 def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, sampler: PromptSampler,
                     step: int) -> Path:
     def write(folder: Path) -> None:
-        ray.get(parts.learner.save.remote(str(folder / "learner")))
+        parts.learner.save(str(folder / "learner"))
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(parts.tokenizer_path).save_pretrained(folder / "learner" / "policy")

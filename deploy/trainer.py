@@ -29,12 +29,12 @@ from rlfleet.common.tasks import build_task
 from rlfleet.common.tiny_models import build_tiny_causal_lm
 from rlfleet.deploy import driver
 from rlfleet.deploy.assembly import (
-    start_learner,
     start_reference_service,
     start_reward_service,
     start_rollout_pool,
 )
 from rlfleet.deploy.checkpoints import CheckpointManager
+from rlfleet.deploy.learner_group import LearnerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def needs_reference_actor(cfg: RunConfig) -> bool:
 def required_cpus(cfg: RunConfig) -> float:
     """Logical CPUs the run's actors ask Ray for."""
     c = cfg.cluster
-    total = c.learner.num_cpus + c.reward.num_cpus + cfg.rollout.num_workers * c.rollout.num_cpus
+    total = cfg.learner.num_workers * c.learner.num_cpus + c.reward.num_cpus + cfg.rollout.num_workers * c.rollout.num_cpus
     return total + (c.reference.num_cpus if needs_reference_actor(cfg) else 0.0)
 
 
@@ -212,20 +212,21 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts
     term needs it and it does not live in the learner)."""
     check_capacity(cfg)
     critic_path = cfg.reward.model_path if cfg.learner.critic_init == "reward_model" else None
-    learner = start_learner(cfg, model, critic_path)
+    learner = LearnerGroup.start(cfg, model, critic_path)
     reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward)
     reference = None
     if needs_reference_actor(cfg):
         reference = start_reference_service(model, cfg.reference, cfg.cluster.reference)
     pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
-    ray.get([learner.policy_version.remote(), reward.health.remote()]
-            + ([reference.health.remote()] if reference is not None else []))
+    ray.get([reward.health.remote()] + ([reference.health.remote()] if reference is not None else []))
+    learner.version()  # the learners are built
     return driver.Parts(learner, pool, reward, reference, tokenizer_path)
 
 
 def stop_parts(parts: driver.Parts) -> None:
     parts.pool.close()
-    for handle in (parts.learner, parts.reward, parts.reference):
+    parts.learner.kill()
+    for handle in (parts.reward, parts.reference):
         if handle is not None:
             ray.kill(handle, no_restart=True)
 

@@ -52,6 +52,7 @@ from rlfleet.learner.models import (
     response_values,
     trainable_parameters,
 )
+from rlfleet.learner.parallel import DataParallel
 from rlfleet.learner.state_io import (
     load_optimizer,
     load_rng,
@@ -136,6 +137,7 @@ class Learner:
         self.step = 0
         self.skipped_steps = 0
         self._broadcaster = WeightBroadcaster()
+        self._dp = DataParallel()
 
     def _colocated_reference(self, policy_path: str):
         if not (self._cfg.reference.enabled and self._cfg.reference.colocate_with_learner):
@@ -225,7 +227,7 @@ class Learner:
                 self._minibatch(rollouts, order[start : start + cfg.learner.minibatch_size], tensors, beta, update)
         metrics: dict[str, float | None] = {
             **batch_metrics(rollouts, scores, group_ids, mask, old, vllm_lp, kl, reward_beta),
-            **update.result(),
+            **UpdateMetrics.merged(self._dp.gather(update)).result(),
             "learner/kl_coef": beta,
             "learner/lr": self.scheduler.get_last_lr()[0],
             "learner/skipped_steps": float(self.skipped_steps),
@@ -239,7 +241,7 @@ class Learner:
         return StepResult(self.version, metrics)
 
     def _minibatch(self, rollouts, idx: list[int], tensors: _StepTensors, beta: float, update: UpdateMetrics) -> None:
-        algo = self._cfg.algorithm
+        algo, dp = self._cfg.algorithm, self._dp
         sub = tensors.rows(idx, tensors.mask.shape[1])
         norms = {
             "num_global_tokens": sub.mask.sum(),
@@ -249,24 +251,37 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic_optimizer is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
+        mine = dp.share(idx, [len(r.prompt_ids) + len(r.response_ids) for r in rollouts])
+        weight = float(dp.world_size) if mine else 0.0  # DDP averages over ranks; an empty share adds 0
+        micros = list(self._micro_batches(rollouts, mine or idx[:1]))
+        models = [m for m in (self.policy, self.critic) if m is not None]
         policy_total = value_total = 0.0
         finite = True
-        for micro in self._micro_batches(rollouts, idx):
+        for n, micro in enumerate(micros):
             batch = self._pack([rollouts[i] for i in micro])
             t = tensors.rows(micro, batch.response_mask.shape[1])
-            with autocast(self.device, self._cfg.model.dtype):
-                logp, entropy = response_logprobs(self.policy, batch, self._cfg.rollout.temperature, with_entropy=True)
-            pg, pm = POLICY_LOSSES[algo.policy_loss](
-                logp, t.old_logprobs, t.advantages, t.mask, algo.clip_low, algo.clip_high, algo.dual_clip,
-                algo.loss_agg, token_weights=t.is_weights, **norms,
-            )
-            loss = pg
-            if algo.kl_in == "loss":
-                loss = loss + beta * agg_loss(kl_penalty(logp, t.ref_logprobs, algo.kl_estimator), t.mask,
-                                              algo.loss_agg, **norms)
-            if algo.entropy_coef > 0:
-                loss = loss - algo.entropy_coef * agg_loss(entropy, t.mask, algo.loss_agg, **norms)
-            loss.backward()
+            with dp.no_sync(n < len(micros) - 1, models):
+                with autocast(self.device, self._cfg.model.dtype):
+                    logp, entropy = response_logprobs(dp.module(self.policy), batch, self._cfg.rollout.temperature,
+                                                      with_entropy=True)
+                pg, pm = POLICY_LOSSES[algo.policy_loss](
+                    logp, t.old_logprobs, t.advantages, t.mask, algo.clip_low, algo.clip_high, algo.dual_clip,
+                    algo.loss_agg, token_weights=t.is_weights, **norms,
+                )
+                loss = pg
+                if algo.kl_in == "loss":
+                    loss = loss + beta * agg_loss(kl_penalty(logp, t.ref_logprobs, algo.kl_estimator), t.mask,
+                                                  algo.loss_agg, **norms)
+                if algo.entropy_coef > 0:
+                    loss = loss - algo.entropy_coef * agg_loss(entropy, t.mask, algo.loss_agg, **norms)
+                (weight * loss).backward()
+                if self.critic is not None:
+                    with autocast(self.device, self._cfg.model.dtype):
+                        v = response_values(dp.module(self.critic), batch)
+                    vl, vm = value_loss(v, t.values, t.returns, t.mask, algo.value_clip, algo.loss_agg, **norms)
+                    (weight * algo.value_loss_coef * vl).backward()
+            if not mine:
+                continue
             finite = finite and bool(torch.isfinite(loss))
             policy_total += pg.item()
             tokens = t.mask.sum().item()
@@ -274,17 +289,14 @@ class Learner:
                                       "policy/entropy_avg": _token_mean(entropy, t.mask)})
             update.add_ratios(torch.exp((logp - t.old_logprobs).clamp(-20, 20)), t.mask)
             if self.critic is not None:
-                with autocast(self.device, self._cfg.model.dtype):
-                    v = response_values(self.critic, batch)
-                vl, vm = value_loss(v, t.values, t.returns, t.mask, algo.value_clip, algo.loss_agg, **norms)
-                (algo.value_loss_coef * vl).backward()
                 value_total += vl.item()
                 update.add_micro(tokens, {"val/clipfrac_avg": vm["vf_clipfrac"]})
-        grad_norm = self._optimizer_step(self.policy, self.optimizer, self.scheduler, finite)
+        grad_norm = self._optimizer_step(self.policy, self.optimizer, self.scheduler, dp.all_true(finite))
         update.add_minibatch("loss/policy_avg", policy_total)
         update.add_minibatch("learner/grad_norm", grad_norm)
         if self.critic is not None:
-            self._optimizer_step(self.critic, self.critic_optimizer, self.critic_scheduler, math.isfinite(value_total))
+            value_ok = dp.all_true(math.isfinite(value_total))
+            self._optimizer_step(self.critic, self.critic_optimizer, self.critic_scheduler, value_ok)
             update.add_minibatch("loss/value_avg", value_total)
 
     def _optimizer_step(self, model, optimizer, scheduler, finite_loss: bool = True) -> float:
@@ -324,6 +336,16 @@ class Learner:
 
     def broadcast_weights(self) -> int:
         return self._broadcaster.send(self.publish_state())
+
+    # ------------------------------------------------------------------ data parallelism
+    def open_dp_group(self, world_size: int) -> tuple[str, int]:
+        """Rank 0 of a data-parallel group: serve its rendezvous; returns (host, port)."""
+        return self._dp.open(world_size)
+
+    def join_dp_group(self, rank: int, world_size: int, host: str, port: int) -> None:
+        """Join the group as `rank` (every rank calls this at once, rank 0 included)."""
+        models = [self.policy] + ([self.critic] if self.critic is not None else [])
+        self._dp.join(rank, world_size, host, port, self.device, models)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str) -> None:

@@ -66,6 +66,24 @@ class UpdateMetrics:
     def add_minibatch(self, name: str, value: float) -> None:
         self._per_minibatch[name].append(value)
 
+    @classmethod
+    def merged(cls, ranks: list[UpdateMetrics]) -> UpdateMetrics:
+        """One rank's view of the whole update: token-weighted numbers pooled over the ranks,
+        the per-minibatch losses summed (each rank's is its share of the global normaliser),
+        the rest (e.g. the gradient norm, equal on every rank after the all-reduce) from rank 0."""
+        if len(ranks) == 1:
+            return ranks[0]
+        out = cls()
+        for part in ranks:
+            for name, pairs in part._token_weighted.items():
+                out._token_weighted[name].extend(pairs)
+            out._ratios.extend(part._ratios)
+        for name, values in ranks[0]._per_minibatch.items():
+            if name.startswith("loss/"):
+                values = [sum(col) for col in zip(*(p._per_minibatch[name] for p in ranks), strict=True)]
+            out._per_minibatch[name] = list(values)
+        return out
+
     def result(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
         for name, pairs in self._token_weighted.items():

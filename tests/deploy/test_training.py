@@ -131,7 +131,8 @@ def test_grpo_learns_a_rule_reward(ray_cluster, tmp_path):
 
 
 def test_ppo_with_critic_learns_the_same_rule_reward(ray_cluster, tmp_path):
-    cfg = grpo_config(tmp_path, total_steps=30, algorithm={
+    """PPO with a critic, trained by a data-parallel group of 2 learner actors (gloo, DDP)."""
+    cfg = grpo_config(tmp_path, total_steps=30, learner={"num_workers": 2}, algorithm={
         "advantage_estimator": "gae", "kl_in": "reward", "kl_estimator": "k1", "kl_coef": 0.01})
     Trainer(cfg).fit()
     rows = read_metrics(tmp_path)

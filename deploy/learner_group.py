@@ -1,0 +1,97 @@
+"""D learner actors as one learner: a Ray placement group, one torch.distributed group.
+
+The driver talks to the group as to a single learner. `prepare` shards the rollouts over the
+ranks by token count and gathers the results in order; `train_step` gives every rank the whole
+batch (each trains its balanced share of every minibatch, see `learner/parallel.py`) and
+returns rank 0's result; rank 0 publishes and saves (the ranks hold identical replicas); every
+rank loads, so a checkpoint written with any D resumes with any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlfleet.common.collate import balanced_shards
+from rlfleet.common.config import RunConfig
+from rlfleet.common.records import Experience, Prepared, Rollout, StepResult
+from rlfleet.learner.learner import Learner
+
+
+class LearnerGroup:
+    def __init__(self, handles: Sequence[Any], group: Any = None):
+        self.handles = list(handles)
+        self.lead = self.handles[0]
+        self._group = group
+
+    @classmethod
+    def start(cls, cfg: RunConfig, policy_path: str, critic_path: str | None = None,
+              timeout_s: float = 600.0) -> LearnerGroup:
+        """`learner.num_workers` actors, placed by one placement group, joined in one process group."""
+        d = cfg.learner.num_workers
+        res = cfg.cluster.learner
+        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.resources}
+        group = placement_group([dict(bundle) for _ in range(d)], strategy="PACK")
+        ray.get(group.ready(), timeout=timeout_s)
+        actor = ray.remote(Learner)
+        handles = [
+            actor.options(
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+                resources=dict(res.resources) or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+            ).remote(cfg, policy_path, critic_path)
+            for rank in range(d)
+        ]
+        learners = cls(handles, group)
+        if d > 1:
+            host, port = ray.get(learners.lead.open_dp_group.remote(d), timeout=timeout_s)
+            ray.get([h.join_dp_group.remote(rank, d, host, port) for rank, h in enumerate(handles)],
+                    timeout=timeout_s)
+        return learners
+
+    def version(self) -> int:
+        return ray.get(self.lead.policy_version.remote())
+
+    def prepare(self, rollouts: Sequence[Rollout]) -> Prepared:
+        """Old log-probs (and values, colocated reference) of every rollout, computed by all ranks."""
+        shards = balanced_shards([len(r.prompt_ids) + len(r.response_ids) for r in rollouts], len(self.handles))
+        parts = ray.get([h.prepare.remote([rollouts[i] for i in shard])
+                         for h, shard in zip(self.handles, shards, strict=True) if shard])
+        used = [s for s in shards if s]
+        fields = {}
+        for name in ("old_logprobs", "values", "ref_logprobs"):
+            if getattr(parts[0], name) is None:
+                fields[name] = None
+                continue
+            merged: list[list[float]] = [[] for _ in rollouts]
+            for shard, part in zip(used, parts, strict=True):
+                for i, row in zip(shard, getattr(part, name), strict=True):
+                    merged[i] = row
+            fields[name] = merged
+        return Prepared(**fields)
+
+    def train_step(self, exp: Experience) -> StepResult:
+        results = ray.get([h.train_step.remote(exp) for h in self.handles])
+        return results[0]
+
+    def publish_refs(self) -> tuple[ray.ObjectRef, ...]:
+        """The current weights as safetensors chunks in the object store (from rank 0)."""
+        return tuple(self.lead.publish.remote())
+
+    def save(self, folder: str) -> None:
+        ray.get(self.lead.save.remote(folder))
+
+    def load(self, folder: str) -> int:
+        versions = ray.get([h.load.remote(folder) for h in self.handles])
+        return versions[0]
+
+    def kill(self) -> None:
+        for h in self.handles:
+            ray.kill(h, no_restart=True)
+        if self._group is not None:
+            ray.util.remove_placement_group(self._group)
