@@ -16,6 +16,7 @@ from tests.learner.test_learner import experience, make_config, make_rollouts
 LR = 1e-4
 
 
+@pytest.mark.unit
 def test_balanced_shards_split_by_length():
     lengths = [10, 1, 7, 3, 3, 6]
     shards = balanced_shards(lengths, 2)
