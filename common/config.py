@@ -445,11 +445,6 @@ class RunConfig(Section):
                 f"learner.minibatch_size={self.learner.minibatch_size} must divide "
                 f"rollout.prompts_per_step × rollout.samples_per_prompt = {batch}"
             )
-        if batch % self.learner.num_workers:
-            raise ValueError(
-                f"learner.num_workers={self.learner.num_workers} must divide the step's "
-                f"{batch} responses"
-            )
         return self
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from typing import Any
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.config_io import dump_config
+from rlfleet.common.metrics import read_metrics
 from rlfleet.deploy.report import write_report
 from rlfleet.deploy.stages import run_stage
 from rlfleet.deploy.trainer import Trainer
@@ -62,13 +63,14 @@ def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
                 sft["before/token_accuracy"], sft["after/token_accuracy"])
     grpo_cfg = _stage_config(cfg, root / "grpo", model={"path": sft["output"]})
     grpo = Trainer(grpo_cfg).fit()
+    grpo_reward = _window_means(root / "grpo", "reward")
     summary: dict[str, Any] = {
         "run_dir": str(root),
         "sft": sft,
         "grpo": {"accuracy_before": grpo["eval_before"].get("eval/reward"),
                  "accuracy_after": grpo["metrics"].get("eval/reward"),
-                 "reward_first_steps": _window_means(root / "grpo", "reward")[0],
-                 "reward_last_steps": _window_means(root / "grpo", "reward")[1],
+                 "reward_first_steps": grpo_reward[0],
+                 "reward_last_steps": grpo_reward[1],
                  "checkpoint": grpo["checkpoint"]},
     }
     runs = {"GRPO (rule reward)": root / "grpo"}
@@ -80,7 +82,7 @@ def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
         ppo = Trainer(ppo_cfg).fit()
         summary["rm"] = rm
         first, last = _window_means(root / "ppo", "reward")
-        kl_first, kl_last = _window_means(root / "ppo", "objective/kl")
+        _, kl_last = _window_means(root / "ppo", "objective/kl")
         summary["ppo"] = {"rm_score_first_steps": first, "rm_score_last_steps": last,
                           "kl_last_steps": kl_last, "kl_max": _max(root / "ppo", "objective/kl"),
                           "checkpoint": ppo["checkpoint"]}
@@ -92,16 +94,12 @@ def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
 
 def _window_means(run_dir: Path, key: str, window: int = 10) -> tuple[float, float]:
     """Mean of `key` over the first and the last `window` training steps (per-step values are noisy)."""
-    from rlfleet.common.metrics import read_metrics
-
     values = [r[key] for r in read_metrics(run_dir) if r["step"] > 0 and r.get(key) is not None]
     head, tail = values[:window], values[-window:]
     return sum(head) / len(head), sum(tail) / len(tail)
 
 
 def _max(run_dir: Path, key: str) -> float | None:
-    from rlfleet.common.metrics import read_metrics
-
     values = [r[key] for r in read_metrics(run_dir) if r.get(key) is not None]
     return max(values) if values else None
 

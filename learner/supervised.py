@@ -24,7 +24,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlfleet.common.collate import pack
-from rlfleet.learner.algos import dpo_loss, masked_mean, masked_sum, reward_model_loss
+from rlfleet.learner.algos import (
+    dpo_loss,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    reward_model_loss,
+)
 from rlfleet.learner.models import response_logprobs
 
 logger = logging.getLogger(__name__)
@@ -123,7 +129,7 @@ def sft(model_path: str, out_dir: str | Path, train: Sequence[Demonstration], te
         batch = pack([r.prompt_ids for r in rows], [r.response_ids for r in rows], _pad_id(model))
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids).logits[:, batch.prompt_width - 1 : -1].float()
-        logprobs = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[..., None])[..., 0]
+        logprobs = logprobs_from_logits(logits, batch.response_ids)
         correct = (logits.argmax(-1) == batch.response_ids).float()
         return -masked_mean(logprobs, batch.response_mask), masked_mean(correct, batch.response_mask)
 
