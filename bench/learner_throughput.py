@@ -1,4 +1,5 @@
-"""Learner throughput with D = 1 and D = 2 data-parallel learner actors (gloo, DDP) on CPU.
+"""Learner throughput with D = 1 and D = 2 data-parallel learner actors on CPU (gloo): DDP,
+and FSDP2 (which also reports the parameters each rank holds).
 
 The same batch (B responses of mixed length, one step = `ppo_epochs` × minibatches of the
 policy and critic updates) is trained by a group of D learners, each a Ray actor with one
@@ -58,10 +59,11 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model = str(build_tiny_causal_lm(Path(tmp) / "policy", seed=0, shape=shape))
-            for d in (1, 2):
+            for d, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
                 cfg = RunConfig.model_validate({
                     "rollout": {"prompts_per_step": args.responses // 4, "samples_per_prompt": 4},
-                    "learner": {"num_workers": d, "minibatch_size": args.responses // 2, "lr": 1e-5},
+                    "learner": {"num_workers": d, "strategy": strategy, "minibatch_size": args.responses // 2,
+                                "lr": 1e-5},
                     "algorithm": {"advantage_estimator": "gae", "kl_in": "none"},
                 })
                 prepared = Learner(cfg.model_copy(update={"learner": cfg.learner.model_copy(
@@ -70,6 +72,7 @@ def main() -> None:
                                  [r.prompt_index for r in rollouts], prepared.old_logprobs, prepared.values, None)
                 group = LearnerGroup.start(cfg, model)
                 try:
+                    held = max(ray.get([h.local_numel.remote() for h in group.handles]))
                     group.train_step(exp)  # warm-up
                     times = []
                     for _ in range(args.steps):
@@ -79,12 +82,18 @@ def main() -> None:
                 finally:
                     group.kill()
                 median = statistics.median(times)
-                result[f"D={d}"] = {"step_seconds": median, "tokens_per_s": tokens * cfg.learner.ppo_epochs / median}
-                print(f"D={d}: {median:.2f} s/step, {result[f'D={d}']['tokens_per_s']:.0f} tokens/s")  # noqa: T201
+                name = "D=1" if d == 1 else f"D=2 {strategy}"
+                result[name] = {"step_seconds": median, "tokens_per_s": tokens * cfg.learner.ppo_epochs / median,
+                                "parameters_per_rank": held}
+                print(f"{name}: {median:.2f} s/step, {result[name]['tokens_per_s']:.0f} tokens/s, "  # noqa: T201
+                      f"{held} parameters per rank")
     finally:
         ray.shutdown()
-    result["speedup_D2_over_D1"] = result["D=2"]["tokens_per_s"] / result["D=1"]["tokens_per_s"]
-    print(f"D=2 / D=1: {result['speedup_D2_over_D1']:.2f}x")  # noqa: T201
+    for strategy in ("ddp", "fsdp"):
+        ratio = result[f"D=2 {strategy}"]["tokens_per_s"] / result["D=1"]["tokens_per_s"]
+        held = result[f"D=2 {strategy}"]["parameters_per_rank"] / result["D=1"]["parameters_per_rank"]
+        result[f"speedup_D2_{strategy}_over_D1"], result[f"parameters_per_rank_D2_{strategy}_over_D1"] = ratio, held
+        print(f"D=2 {strategy} / D=1: {ratio:.2f}x tokens/s, {held:.2f}x parameters per rank")  # noqa: T201
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

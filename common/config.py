@@ -275,9 +275,13 @@ class LearnerConfig(Section):
     micro_batch_tokens: int = Field(4096, ge=1)
     """Token budget of one forward/backward pass (gradient accumulation inside a minibatch)."""
     num_workers: int = Field(1, ge=1)
-    """Data-parallel learner actors: one torch.distributed group (gloo on CPU, NCCL on GPU),
-    DDP; each trains a token-balanced share of every minibatch and the update equals one
+    """Data-parallel learner actors: one torch.distributed group (gloo on CPU, NCCL on GPU);
+    each trains a token-balanced share of every minibatch and the update equals one
     learner's on the whole batch."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How a group of `num_workers` > 1 holds the models: `ddp` (a full replica per rank) or
+    `fsdp` (FSDP2 `fully_shard` per transformer block: parameters, gradients and optimizer
+    state split over the ranks; the choice for models that do not fit one GPU)."""
     critic_init: Literal["policy", "reward_model"] = "policy"
     """Backbone the critic starts from."""
 

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,15 +21,20 @@ def serialize_state_dict(
     state_dict: Mapping[str, torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> list[bytes]:
     """Safetensors blobs of at most ~`chunk_bytes` each (a tensor larger than that gets its own)."""
-    chunks: list[bytes] = []
+    return list(iter_chunks(state_dict.items(), chunk_bytes))
+
+
+def iter_chunks(tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """`serialize_state_dict` over a stream of (name, tensor): each chunk is yielded as soon as
+    it is full, so only one chunk's tensors are held at a time."""
     current: dict[str, torch.Tensor] = {}
     size = 0
     seen: set[int] = set()
-    for name, tensor in state_dict.items():
+    for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > chunk_bytes:
-            chunks.append(save(current))
-            current, size = {}, 0
+            yield save(current)
+            current, size, seen = {}, 0, set()
         flat = tensor.detach().contiguous().cpu()
         if flat.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
             flat = flat.clone()
@@ -37,8 +42,7 @@ def serialize_state_dict(
         current[name] = flat
         size += nbytes
     if current:
-        chunks.append(save(current))
-    return chunks
+        yield save(current)
 
 
 def iter_state_dict(chunks: Sequence[bytes]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -71,7 +71,8 @@ def sampling_spec(cfg: RunConfig, step: int, greedy: bool = False) -> SamplingSp
 def push_weights(cfg: RunConfig, parts: Parts, version: int) -> None:
     """Hand the learner's current weights to every rollout worker as `version`."""
     if cfg.rollout.weight_sync == "broadcast":
-        source = BroadcastWeights(version, parts.learner.lead, cfg.rollout.tensor_parallel_size)
+        source = BroadcastWeights(version, parts.learner.lead, cfg.rollout.tensor_parallel_size,
+                                  parts.learner.helpers)
     else:
         source = ObjectStoreWeights(version, parts.learner.publish_refs())
     parts.pool.push_weights(source)

@@ -3,8 +3,10 @@
 The driver talks to the group as to a single learner. `prepare` shards the rollouts over the
 ranks by token count and gathers the results in order; `train_step` gives every rank the whole
 batch (each trains its balanced share of every minibatch, see `learner/parallel.py`) and
-returns rank 0's result; rank 0 publishes and saves (the ranks hold identical replicas); every
-rank loads, so a checkpoint written with any D resumes with any other.
+returns rank 0's result. Rank 0 publishes and writes checkpoints; with `learner.strategy: fsdp`
+the other ranks take part (they hold shards of the weights, gathered tensor by tensor), with
+DDP they hold identical replicas and stay out of it. Every rank loads, so a checkpoint written
+with any D resumes with any other.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from rlfleet.learner.learner import Learner
 
 
 class LearnerGroup:
-    def __init__(self, handles: Sequence[Any], group: Any = None):
+    def __init__(self, handles: Sequence[Any], group: Any = None, sharded: bool = False):
         self.handles = list(handles)
         self.lead = self.handles[0]
         self._group = group
+        self.helpers = tuple(self.handles[1:]) if sharded else ()
+        """The ranks besides the lead that take part in gathering the weights (publish, save)."""
 
     @classmethod
     def start(cls, cfg: RunConfig, policy_path: str, critic_path: str | None = None,
@@ -47,7 +51,7 @@ class LearnerGroup:
             ).remote(cfg, policy_path, critic_path)
             for rank in range(d)
         ]
-        learners = cls(handles, group)
+        learners = cls(handles, group, sharded=d > 1 and cfg.learner.strategy == "fsdp")
         if d > 1:
             host, port = ray.get(learners.lead.open_dp_group.remote(d), timeout=timeout_s)
             ray.get([h.join_dp_group.remote(rank, d, host, port) for rank, h in enumerate(handles)],
@@ -60,9 +64,10 @@ class LearnerGroup:
     def prepare(self, rollouts: Sequence[Rollout]) -> Prepared:
         """Old log-probs (and values, colocated reference) of every rollout, computed by all ranks."""
         shards = balanced_shards([len(r.prompt_ids) + len(r.response_ids) for r in rollouts], len(self.handles))
-        parts = ray.get([h.prepare.remote([rollouts[i] for i in shard])
-                         for h, shard in zip(self.handles, shards, strict=True) if shard])
-        used = [s for s in shards if s]
+        # Sharded, every rank runs the forward passes together, even with nothing to do.
+        used = [(h, s) for h, s in zip(self.handles, shards, strict=True) if s or self.helpers]
+        parts = ray.get([h.prepare.remote([rollouts[i] for i in shard]) for h, shard in used])
+        used = [s for _, s in used]
         fields = {}
         for name in ("old_logprobs", "values", "ref_logprobs"):
             if getattr(parts[0], name) is None:
@@ -81,10 +86,15 @@ class LearnerGroup:
 
     def publish_refs(self) -> tuple[ray.ObjectRef, ...]:
         """The current weights as safetensors chunks in the object store (from rank 0)."""
-        return tuple(self.lead.publish.remote())
+        helping = [h.publish.remote() for h in self.helpers]  # yield nothing; gather with rank 0
+        refs = tuple(self.lead.publish.remote())
+        for generator in helping:
+            for _ in generator:
+                pass
+        return refs
 
     def save(self, folder: str) -> None:
-        ray.get(self.lead.save.remote(folder))
+        ray.get([h.save.remote(folder) for h in (self.lead, *self.helpers)])
 
     def load(self, folder: str) -> int:
         versions = ray.get([h.load.remote(folder) for h in self.handles])

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from rlfleet.common.collate import pack, pad_rows
 from rlfleet.common.config import RunConfig
@@ -44,18 +45,22 @@ from rlfleet.learner.algos import (
 from rlfleet.learner.models import (
     autocast,
     disabled_adapter,
+    full_tensor,
     is_lora,
+    iter_full_weights,
     load_critic,
     load_policy,
-    merged_state_dict,
     response_logprobs,
     response_values,
     trainable_parameters,
+    weight_layout,
 )
 from rlfleet.learner.parallel import DataParallel
 from rlfleet.learner.state_io import (
+    load_model_state,
     load_optimizer,
     load_rng,
+    optimizer_state,
     read_json,
     save_optimizer,
     save_rng,
@@ -119,15 +124,7 @@ class Learner:
         if config.algorithm.advantage_estimator == "gae":
             self.critic = load_critic(critic_path or policy_path, self.device, ckpt)
         self._reference = self._colocated_reference(policy_path)
-        lc = config.learner
-        batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
-        total = config.total_steps * lc.ppo_epochs * math.ceil(batch / lc.minibatch_size)
-        self.optimizer, self.scheduler = _adamw(trainable_parameters(self.policy), lc.lr, lc, total)
-        self.critic_optimizer = self.critic_scheduler = None
-        if self.critic is not None:
-            self.critic_optimizer, self.critic_scheduler = _adamw(
-                trainable_parameters(self.critic), lc.critic_lr, lc, total
-            )
+        self._build_optimizers()
         algo = config.algorithm
         if algo.kl_target is None:
             self.kl_controller = FixedKLController(algo.kl_coef)
@@ -138,6 +135,19 @@ class Learner:
         self.skipped_steps = 0
         self._broadcaster = WeightBroadcaster()
         self._dp = DataParallel()
+
+    def _build_optimizers(self) -> None:
+        """AdamW and its schedule for the policy (and critic), over the current parameters
+        (rebuilt after FSDP has replaced them by their shards)."""
+        lc = self._cfg.learner
+        batch = self._cfg.rollout.prompts_per_step * self._cfg.rollout.samples_per_prompt
+        total = self._cfg.total_steps * lc.ppo_epochs * math.ceil(batch / lc.minibatch_size)
+        self.optimizer, self.scheduler = _adamw(trainable_parameters(self.policy), lc.lr, lc, total)
+        self.critic_optimizer = self.critic_scheduler = None
+        if self.critic is not None:
+            self.critic_optimizer, self.critic_scheduler = _adamw(
+                trainable_parameters(self.critic), lc.critic_lr, lc, total
+            )
 
     def _colocated_reference(self, policy_path: str):
         if not (self._cfg.reference.enabled and self._cfg.reference.colocate_with_learner):
@@ -156,10 +166,15 @@ class Learner:
 
     def parameter_snapshot(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter (policy and critic) by name, on the CPU: for tests and audits."""
-        out = {f"policy.{n}": p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+        out = {f"policy.{n}": full_tensor(p).cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
         if self.critic is not None:
-            out.update({f"critic.{n}": p.detach().cpu().clone() for n, p in self.critic.named_parameters()})
+            out.update({f"critic.{n}": full_tensor(p).cpu().clone() for n, p in self.critic.named_parameters()})
         return out
+
+    def local_numel(self) -> int:
+        """Parameters this rank holds (its shards under FSDP): policy, critic and reference."""
+        models = [self.policy, self.critic, self._reference]
+        return sum(_local(p).numel() for m in models if isinstance(m, torch.nn.Module) for p in m.parameters())
 
     # ------------------------------------------------------------------ prepare
     @torch.no_grad()
@@ -175,10 +190,14 @@ class Learner:
         old = [[] for _ in rollouts]
         values = [[] for _ in rollouts] if self.critic is not None else None
         ref = [[] for _ in rollouts] if self._reference is not None else None
+        micros = list(self._micro_batches(rollouts, range(len(rollouts))))
+        # Sharded, every rank runs as many forward passes as the busiest (idle ones on a
+        # one-token batch, results dropped); a rank may even have no rollouts at all.
+        micros += [[]] * (self._dp.rounds(len(micros)) - len(micros))
         self.policy.eval()
         try:
-            for micro in self._micro_batches(rollouts, range(len(rollouts))):
-                batch = self._pack([rollouts[i] for i in micro])
+            for micro in micros:
+                batch = self._pack([rollouts[i] for i in micro]) if micro else self._idle_batch()
                 with autocast(self.device, self._cfg.model.dtype):
                     _scatter(old, micro, response_logprobs(self.policy, batch, temp)[0], rollouts)
                     if values is not None:
@@ -252,12 +271,16 @@ class Learner:
         if self.critic_optimizer is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
         mine = dp.share(idx, [len(r.prompt_ids) + len(r.response_ids) for r in rollouts])
-        weight = float(dp.world_size) if mine else 0.0  # DDP averages over ranks; an empty share adds 0
-        micros = list(self._micro_batches(rollouts, mine or idx[:1]))
+        micros: list[list[int] | None] = list(self._micro_batches(rollouts, mine))
+        # Every rank takes part in every gradient collective: a rank with an empty share (or,
+        # sharded, fewer micro-batches than the busiest) runs one sequence at weight 0.
+        micros += [None] * (max(dp.rounds(len(micros)), 1) - len(micros))
         models = [m for m in (self.policy, self.critic) if m is not None]
         policy_total = value_total = 0.0
         finite = True
-        for n, micro in enumerate(micros):
+        for n, real in enumerate(micros):
+            micro = real or idx[:1]
+            weight = float(dp.world_size) if real else 0.0  # the ranks' gradients are averaged
             batch = self._pack([rollouts[i] for i in micro])
             t = tensors.rows(micro, batch.response_mask.shape[1])
             with dp.no_sync(n < len(micros) - 1, models):
@@ -280,7 +303,7 @@ class Learner:
                         v = response_values(dp.module(self.critic), batch)
                     vl, vm = value_loss(v, t.values, t.returns, t.mask, algo.value_clip, algo.loss_agg, **norms)
                     (weight * algo.value_loss_coef * vl).backward()
-            if not mine:
+            if not real:
                 continue
             finite = finite and bool(torch.isfinite(loss))
             policy_total += pg.item()
@@ -301,7 +324,7 @@ class Learner:
 
     def _optimizer_step(self, model, optimizer, scheduler, finite_loss: bool = True) -> float:
         """Clip and step; a non-finite gradient norm (or loss) skips the step and counts it."""
-        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), self._cfg.learner.max_grad_norm)
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable_parameters(model), self._cfg.learner.max_grad_norm))
         if not (finite_loss and torch.isfinite(norm)):
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
@@ -317,25 +340,50 @@ class Learner:
     def _pack(self, rollouts: Sequence[Rollout]):
         return pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], self._pad_id).to(self.device)
 
+    def _idle_batch(self):
+        """A one-token prompt and response: the forward pass of a rank with nothing to do."""
+        return pack([[self._pad_id]], [[self._pad_id]], self._pad_id).to(self.device)
+
     # ------------------------------------------------------------------ publishing
+    # Sharded (FSDP), gathering the full weights is a collective: every rank calls these
+    # methods together and only rank 0 publishes (`LearnerGroup` arranges it).
     def publish_state(self) -> dict[str, torch.Tensor]:
-        """The policy's weights as transformers / vLLM name them (LoRA merged)."""
-        return merged_state_dict(self.policy)
+        """The policy's weights as transformers / vLLM name them (LoRA merged), on rank 0."""
+        return self._gathered(iter_full_weights(self.policy))
 
     def publish(self) -> Iterator[bytes]:
         """The current weights as safetensors chunks (a Ray streaming generator at assembly:
-        each chunk becomes its own object, fetched once per node by the rollout workers)."""
+        each chunk becomes its own object, fetched once per node by the rollout workers).
+        Sharded weights are gathered tensor by tensor as the chunks fill."""
+        weights = iter_full_weights(self.policy)
+        if self._dp.rank != 0:
+            for _ in weights:
+                pass
+            return
         # A plain loop, not `yield from`: Ray drives the generator with send(), which a list
         # iterator does not have.
-        for chunk in object_store_chunks(self.publish_state()):  # noqa: UP028
+        for chunk in object_store_chunks(weights):  # noqa: UP028
             yield chunk
 
     def open_weight_group(self, world_size: int) -> WeightGroupInfo:
-        """Rank 0 of a broadcast push (see `BroadcastWeights`)."""
-        return self._broadcaster.open(self.publish_state(), world_size)
+        """Rank 0 of a broadcast push (see `BroadcastWeights`); plans from shapes alone."""
+        return self._broadcaster.open(weight_layout(self.policy), world_size)
 
     def broadcast_weights(self) -> int:
-        return self._broadcaster.send(self.publish_state())
+        weights = iter_full_weights(self.policy)
+        if self._dp.rank != 0:
+            for _ in weights:
+                pass
+            return 0
+        return self._broadcaster.send(weights)
+
+    def _gathered(self, weights: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Rank 0: the whole state dict; other ranks take part in the gathers and keep nothing."""
+        out = {}
+        for name, tensor in weights:
+            if self._dp.rank == 0:
+                out[name] = tensor
+        return out
 
     # ------------------------------------------------------------------ data parallelism
     def open_dp_group(self, world_size: int) -> tuple[str, int]:
@@ -345,22 +393,34 @@ class Learner:
     def join_dp_group(self, rank: int, world_size: int, host: str, port: int) -> None:
         """Join the group as `rank` (every rank calls this at once, rank 0 included)."""
         models = [self.policy] + ([self.critic] if self.critic is not None else [])
-        self._dp.join(rank, world_size, host, port, self.device, models)
+        frozen = [self._reference] if isinstance(self._reference, torch.nn.Module) else []
+        self._dp.join(rank, world_size, host, port, self.device, models, self._cfg.learner.strategy, frozen)
+        if self._dp.sharded:
+            self._build_optimizers()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str) -> None:
         """Policy (HF format; with LoRA also the adapter in PEFT format), critic, optimizers,
-        schedulers, KL controller, RNG, counters: safetensors and JSON, no pickles."""
+        schedulers, KL controller, RNG, counters: safetensors and JSON, no pickles. Every rank
+        of a group calls it (sharded state is gathered); rank 0 writes."""
         out = Path(folder)
+        policy = self.publish_state()
+        adapter = self._gathered((n, full_tensor(t)) for n, t in self.policy.state_dict().items() if "lora_" in n)
+        critic = self._gathered(iter_full_weights(self.critic)) if self.critic is not None else None
+        optimizers = {"optimizer": optimizer_state(self.policy, self.optimizer)}
+        if self.critic is not None:
+            optimizers["critic_optimizer"] = optimizer_state(self.critic, self.critic_optimizer)
+        if self._dp.rank != 0:
+            return
         out.mkdir(parents=True, exist_ok=True)
         base = self.policy.get_base_model() if is_lora(self.policy) else self.policy
-        base.save_pretrained(out / "policy", state_dict=self.publish_state(), safe_serialization=True)
+        base.save_pretrained(out / "policy", state_dict=policy, safe_serialization=True)
         if is_lora(self.policy):
-            self.policy.save_pretrained(out / "adapter", safe_serialization=True)
-        save_optimizer(self.optimizer, out, "optimizer")
-        if self.critic is not None:
-            self.critic.save_pretrained(out / "critic", safe_serialization=True)
-            save_optimizer(self.critic_optimizer, out, "critic_optimizer")
+            self.policy.save_pretrained(out / "adapter", state_dict=adapter, safe_serialization=True)
+        if critic is not None:
+            self.critic.save_pretrained(out / "critic", state_dict=critic, safe_serialization=True)
+        for name, state in optimizers.items():
+            save_optimizer(state, out, name)
         save_rng(out)
         write_json(out / "learner.json", {
             "step": self.step,
@@ -372,18 +432,20 @@ class Learner:
         })
 
     def load(self, folder: str) -> int:
-        """Restore everything `save` wrote; returns the restored version."""
+        """Restore everything `save` wrote, with any number of ranks; returns the restored version."""
         src = Path(folder)
         if is_lora(self.policy):
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.policy, load_file(str(src / "adapter" / "adapter_model.safetensors")))
+            saved = load_file(str(src / "adapter" / "adapter_model.safetensors"))
+            # peft stores each adapter weight without the adapter's name ("lora_A.weight" for
+            # the model's "lora_A.default.weight").
+            names = {n: n.replace(f".{self.policy.active_adapter}.", ".") for n in self.policy.state_dict() if "lora_" in n}
+            load_model_state(self.policy, {n: saved[key] for n, key in names.items()}, strict=False)
         else:
-            self.policy.load_state_dict(load_file(str(src / "policy" / "model.safetensors")))
-        load_optimizer(self.optimizer, src, "optimizer")
+            load_model_state(self.policy, load_file(str(src / "policy" / "model.safetensors")))
+        load_optimizer(self.policy, self.optimizer, src, "optimizer")
         if self.critic is not None:
-            self.critic.load_state_dict(load_file(str(src / "critic" / "model.safetensors")))
-            load_optimizer(self.critic_optimizer, src, "critic_optimizer")
+            load_model_state(self.critic, load_file(str(src / "critic" / "model.safetensors")))
+            load_optimizer(self.critic, self.critic_optimizer, src, "critic_optimizer")
         state = read_json(src / "learner.json")
         self.scheduler.load_state_dict(state["scheduler"])
         if self.critic_scheduler is not None:
@@ -395,8 +457,14 @@ class Learner:
 
 
 def _scatter(out: list[list[float]], idx: Sequence[int], rows: torch.Tensor, rollouts: Sequence[Rollout]) -> None:
+    if not idx:
+        return
     for row, i in zip(rows.float().cpu(), idx, strict=True):
         out[i] = row[: len(rollouts[i].response_ids)].tolist()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _token_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 from transformers.utils import logging as hf_logging
 
@@ -108,37 +110,65 @@ def disabled_adapter(model: torch.nn.Module):
 
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's weights under the base model's names (what transformers and vLLM load).
+    """The policy's weights under the base model's names (what transformers and vLLM load),
+    LoRA merged. A model sharded by FSDP must use `iter_full_weights` on every rank instead."""
+    return dict(iter_full_weights(model))
 
-    For LoRA each adapted linear weight is W + ΔW (ΔW = scale·B·A, from peft), computed into
-    a new tensor: the live model is never merged and unmerged, so no rounding drift builds up
-    across pushes.
+
+def weight_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What `iter_full_weights` will yield, without gathering anything: name → a tensor of the
+    published shape and dtype (a sharded DTensor reports its full shape)."""
+    return {name: like for name, like, _ in _weight_entries(model)}
+
+
+def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of the model's weights, in a fixed order; for LoRA under the base
+    model's names with each adapted linear weight W + ΔW.
+
+    ΔW = scale·B·A (transposed when the layer stores W as fan_in × fan_out, as peft does). It is
+    computed into a new tensor: the live model is never merged and unmerged, so no rounding
+    drift builds up across pushes. A tensor sharded by FSDP is all-gathered when its turn
+    comes, one at a time (the whole model is never held unsharded): every rank of the group
+    must iterate in step; each gets the full tensors.
     """
+    for name, _, fetch in _weight_entries(model):
+        yield name, fetch()
+
+
+def _weight_entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable[[], torch.Tensor]]]:
     if not is_lora(model):
-        return {name: t.detach() for name, t in model.state_dict().items()}
+        for name, tensor in model.state_dict().items():
+            yield name, tensor, partial(full_tensor, tensor)
+        return
+    from peft.tuners.lora import LoraLayer
+
     base = model.get_base_model()
-    deltas = dict(_lora_deltas(base))
-    out: dict[str, torch.Tensor] = {}
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
     for name, tensor in base.state_dict().items():
         if ".lora_" in name:
             continue
-        clean = name.replace(".base_layer.", ".")
-        if name.endswith(".base_layer.weight"):
-            delta = deltas[name[: -len(".base_layer.weight")]]
-            tensor = tensor + delta.to(tensor.dtype)
-        out[clean] = tensor.detach()
-    return out
+        owner = name[: -len(".base_layer.weight")] if name.endswith(".base_layer.weight") else None
+        fetch = partial(_merged, tensor, layers[owner]) if owner is not None else partial(full_tensor, tensor)
+        yield name.replace(".base_layer.", "."), tensor, fetch
 
 
-def _lora_deltas(base: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    from peft.tuners.lora import LoraLayer
+def _merged(weight: torch.Tensor, layer) -> torch.Tensor:
+    merged = full_tensor(weight)
+    for adapter in layer.active_adapters:
+        a = full_tensor(layer.lora_A[adapter].weight).to(merged.dtype)
+        b = full_tensor(layer.lora_B[adapter].weight).to(merged.dtype)
+        delta = b @ a
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        merged = merged + layer.scaling[adapter] * delta
+    return merged
 
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            delta = torch.zeros_like(module.get_base_layer().weight)
-            for adapter in module.active_adapters:
-                delta = delta + module.get_delta_weight(adapter)
-            yield name, delta.detach()
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, detached: a DTensor shard is all-gathered (a collective)."""
+    if isinstance(tensor, DTensor):
+        return tensor.detach().full_tensor()
+    return tensor.detach()
 
 
 def autocast(device: torch.device, dtype: str):

@@ -8,31 +8,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from rlfleet.common.collective import BroadcastGroup, serve_store
 from rlfleet.common.weights import (
     DEFAULT_CHUNK_BYTES,
     WeightGroupInfo,
+    iter_chunks,
     pack_bucket,
     plan_buckets,
-    serialize_state_dict,
 )
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Refuse to publish non-finite weights: name the first tensor that has a NaN or inf."""
+    """Refuse to publish non-finite weights: name the first tensor that has a NaN or inf
+    (tensors sharded across ranks are checked as they are gathered, in `finite`)."""
     for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"refusing to publish weights: {name} has non-finite values")
+        if not isinstance(tensor, DTensor):
+            _check(name, tensor)
 
 
-def object_store_chunks(state_dict: Mapping[str, torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
-    """Safetensors chunks of the state dict, after a finiteness check."""
-    check_finite(state_dict)
-    return serialize_state_dict(state_dict, chunk_bytes)
+def finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stream, each tensor checked before it passes."""
+    for name, tensor in tensors:
+        _check(name, tensor)
+        yield name, tensor
+
+
+def _check(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"refusing to publish weights: {name} has non-finite values")
+
+
+def object_store_chunks(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """Safetensors chunks of a state dict or a (name, tensor) stream, each tensor checked finite."""
+    tensors = weights.items() if isinstance(weights, Mapping) else weights
+    return iter_chunks(finite(tensors), chunk_bytes)
 
 
 class WeightBroadcaster:
@@ -53,14 +69,17 @@ class WeightBroadcaster:
         self._pending = (store, info, first.device)
         return info
 
-    def send(self, state_dict: Mapping[str, torch.Tensor]) -> int:
-        """Join the group as rank 0 and broadcast every bucket; returns the bytes sent."""
+    def send(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Join the group as rank 0 and broadcast every bucket; returns the bytes sent.
+        `weights` is a state dict or a stream in the planned order (consumed one bucket at a time)."""
         if self._pending is None:
             raise RuntimeError("WeightBroadcaster.send() before open()")
         store, info, device = self._pending
         self._pending = None
         group = BroadcastGroup(0, info.world_size, info.backend, info.host, info.port, store=store,
                                timeout_s=self._timeout_s)
+        stream = finite(weights.items() if isinstance(weights, Mapping) else weights)
         for bucket in info.buckets:
-            group.broadcast(pack_bucket(state_dict, bucket, device), src=0)
+            part = dict(itertools.islice(stream, len(bucket.tensors)))
+            group.broadcast(pack_bucket(part, bucket, device), src=0)
         return sum(b.nbytes for b in info.buckets)

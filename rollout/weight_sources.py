@@ -49,6 +49,9 @@ class BroadcastWeights:
     version: int
     sender: ActorHandle
     procs_per_worker: int = 1
+    helpers: tuple[ActorHandle, ...] = ()
+    """Actors that must call `broadcast_weights` with the sender (the other ranks of a sharded
+    learner group, which take part in gathering the weights)."""
 
     def load_into(self, workers: Sequence[ActorHandle], timeout_s: float) -> list[int]:
         world = 1 + len(workers) * self.procs_per_worker
@@ -57,6 +60,6 @@ class BroadcastWeights:
             w.receive_weights.remote(self.version, info, 1 + i * self.procs_per_worker)
             for i, w in enumerate(workers)
         ]
-        send = self.sender.broadcast_weights.remote()
+        send = [self.sender.broadcast_weights.remote()] + [h.broadcast_weights.remote() for h in self.helpers]
         ray.get(send, timeout=timeout_s)
         return ray.get(receives, timeout=timeout_s)

@@ -87,7 +87,9 @@ def value_loss(
     v = _clean(values, mask)
     v_old = _clean(old_values, mask)
     ret = _clean(returns, mask)
-    v_clipped = v_old + (v - v_old).clamp(-clip, clip)
+    # Inside the clip range V_clip is V itself (not V_old + (V − V_old), which rounds
+    # differently), so "clipped" below counts only real clipping, not rounding noise.
+    v_clipped = torch.where((v - v_old).abs() <= clip, v, v_old + (v - v_old).clamp(-clip, clip))
     err = (v - ret).square()
     err_clipped = (v_clipped - ret).square()
     loss = 0.5 * agg_loss(torch.maximum(err, err_clipped), mask, agg, **agg_kwargs)

@@ -142,10 +142,12 @@ def test_ppo_with_critic_learns_the_same_rule_reward(ray_cluster, tmp_path):
 
 
 def test_lora_run_pushes_merged_weights_and_uses_the_base_as_reference(ray_cluster, tmp_path):
-    """LoRA with the reference as the base model (adapter disabled, no reference actor); the
-    merged weights travel by broadcast (gloo here); an evaluation runs at step 3."""
+    """LoRA with the reference as the base model (adapter disabled, no reference actor), trained
+    by 2 learner ranks sharded by FSDP2; the merged weights, gathered from the shards, travel by
+    broadcast (gloo here); an evaluation runs at step 3."""
     cfg = grpo_config(tmp_path, model={"lora": {"enabled": True, "rank": 8, "alpha": 16}},
-                      learner={"lr": 2e-2}, reference={"colocate_with_learner": True},
+                      learner={"lr": 2e-2, "num_workers": 2, "strategy": "fsdp"},
+                      reference={"colocate_with_learner": True},
                       rollout={"weight_sync": "broadcast"}, logging={"eval_every_steps": 3})
     Trainer(cfg).fit()
     rows = read_metrics(tmp_path)

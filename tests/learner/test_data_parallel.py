@@ -1,4 +1,4 @@
-"""A group of D learner actors (gloo, DDP) updates exactly like one learner on the whole batch."""
+"""A group of D learner actors (gloo; DDP or FSDP2) updates exactly like one learner on the whole batch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import ray
 import torch
 
 from rlfleet.common.collate import balanced_shards
+from rlfleet.common.config import ClusterConfig
+from rlfleet.common.weights import iter_state_dict
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.learner import Learner
 from tests.learner.test_learner import experience, make_config, make_rollouts
@@ -28,8 +30,11 @@ def test_balanced_shards_split_by_length():
     assert balanced_shards(lengths, 2) == shards and balanced_shards([5], 3) == [[0], [], []]
 
 
-def group_config(estimator: str, workers: int):
-    return make_config(estimator, lr=LR, critic_lr=LR, num_workers=workers, minibatch_size=3)
+def group_config(estimator: str, workers: int, strategy: str = "ddp", lora: bool = False):
+    # A 24-token budget gives the ranks' shares different numbers of micro-batches, which
+    # sharded ranks must even out with idle passes.
+    return make_config(estimator, lora=lora, lr=LR, critic_lr=LR, num_workers=workers, minibatch_size=3,
+                       strategy=strategy, micro_batch_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +53,59 @@ def snapshots(group: LearnerGroup) -> list[dict[str, torch.Tensor]]:
     return ray.get([h.parameter_snapshot.remote() for h in group.handles])
 
 
+def published(group: LearnerGroup) -> dict[str, torch.Tensor]:
+    return dict(iter_state_dict(ray.get(list(group.publish_refs()))))
+
+
+CASES = [("gae", "ddp", False), ("grpo", "ddp", False), ("gae", "fsdp", False), ("grpo", "fsdp", True)]
+
+
 @pytest.mark.ray
-@pytest.mark.parametrize("estimator", ["gae", "grpo"])
-def test_two_ranks_update_like_one_and_checkpoints_cross_d(ray_cluster, tiny_model_dir, tmp_path, step_batches, estimator):
-    first, second = step_batches[estimator]
-    groups = {d: LearnerGroup.start(group_config(estimator, d), str(tiny_model_dir)) for d in (1, 2)}
+@pytest.mark.parametrize(("estimator", "strategy", "lora"), CASES)
+def test_two_ranks_update_like_one_and_checkpoints_cross_d(ray_cluster, tiny_model_dir, tmp_path, step_batches,
+                                                           estimator, strategy, lora):
+    configs = {d: group_config(estimator, d, strategy, lora) for d in (1, 2)}
+    check_two_ranks_like_one(configs, str(tiny_model_dir), tmp_path, *step_batches[estimator])
+
+
+@pytest.mark.ray
+@pytest.mark.gpu
+@pytest.mark.parametrize(("estimator", "lora"), [("gae", False), ("grpo", True)])
+def test_fsdp_over_nccl_updates_like_one_gpu(ray_cluster, tiny_model_dir, tmp_path, step_batches, estimator, lora):
+    """The GPU path: FSDP2 shards on two GPUs, NCCL collectives, fp32 (TF32 is off by default)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("two ranks over NCCL need two GPUs (NCCL refuses two ranks on one device)")
+    configs = {d: group_config(estimator, d, "fsdp", lora).model_copy(update={"cluster": GPU_CLUSTER})
+               for d in (1, 2)}
+    check_two_ranks_like_one(configs, str(tiny_model_dir), tmp_path, *step_batches[estimator])
+
+
+GPU_CLUSTER = ClusterConfig.model_validate({"learner": {"num_cpus": 1, "num_gpus": 1}})
+
+
+def check_two_ranks_like_one(configs, model: str, tmp_path, first, second) -> None:
+    """D = 2 and D = 1 groups: equal updates, metrics and published weights; checkpoints cross D."""
+    groups = {d: LearnerGroup.start(cfg, model) for d, cfg in configs.items()}
+    lora = configs[1].model.lora.enabled
     try:
+        if configs[2].learner.strategy == "fsdp":  # each rank holds about half of every model
+            (whole,), halves = (ray.get([h.local_numel.remote() for h in g.handles]) for g in groups.values())
+            assert sum(halves) == whole and max(halves) <= 0.55 * whole
         results = {d: g.train_step(first) for d, g in groups.items()}
         (one,), (rank0, rank1) = snapshots(groups[1]), snapshots(groups[2])
-        assert any(k.startswith("critic.") for k in one) == (estimator == "gae")
+        assert any(k.startswith("critic.") for k in one) == (configs[1].algorithm.advantage_estimator == "gae")
+        assert all("lora_" in k for k in one if k.startswith("policy.")) == lora
         for name in one:
             assert torch.equal(rank0[name], rank1[name]), name  # the replicas stay identical
             torch.testing.assert_close(rank0[name], one[name], atol=1e-5, rtol=0, msg=name)
         for key, value in results[1].metrics.items():
             if value is not None:
                 assert results[2].metrics[key] == pytest.approx(value, abs=1e-5), key
+        # What rank 0 publishes (gathered from the shards under FSDP, LoRA merged) is D = 1's.
+        pub1, pub2 = published(groups[1]), published(groups[2])
+        assert pub1.keys() == pub2.keys() and not any("lora" in k for k in pub1)
+        for name in pub1:
+            torch.testing.assert_close(pub2[name], pub1[name], atol=1e-5, rtol=0, msg=name)
         # A checkpoint written by the D = 2 group resumes in a D = 1 group and the other way
         # round; the next step then agrees again.
         groups[2].save(str(tmp_path / "from2"))
@@ -80,13 +123,17 @@ def test_two_ranks_update_like_one_and_checkpoints_cross_d(ray_cluster, tiny_mod
 
 
 @pytest.mark.ray
-def test_group_prepare_gathers_shards_in_order(ray_cluster, tiny_model_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_group_prepare_gathers_shards_in_order(ray_cluster, tiny_model_dir, strategy):
     rollouts = make_rollouts()
-    plain = Learner(group_config("gae", 1), str(tiny_model_dir)).prepare(rollouts)
-    group = LearnerGroup.start(group_config("gae", 2), str(tiny_model_dir))
+    plain = Learner(group_config("gae", 1), str(tiny_model_dir))
+    group = LearnerGroup.start(group_config("gae", 2, strategy), str(tiny_model_dir))
     try:
-        got = group.prepare(rollouts)
+        # All six (two micro-batches on one rank, one on the other), then one (a rank idle).
+        for part in (rollouts, rollouts[:1]):
+            want, got = plain.prepare(part), group.prepare(part)
+            for a, b in zip(want.old_logprobs + want.values + want.ref_logprobs,
+                            got.old_logprobs + got.values + got.ref_logprobs, strict=True):
+                torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-6, rtol=0)
     finally:
         group.kill()
-    for a, b in zip(plain.old_logprobs + plain.values, got.old_logprobs + got.values, strict=True):
-        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-6, rtol=0)
