@@ -351,6 +351,17 @@ class ClusterConfig(Section):
     """Resources of the reward service."""
     reference: RoleResources = RoleResources()
     """Resources of the reference service."""
+    learner_placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy of the learner group's bundles: PACK keeps the ranks on as
+    few nodes as possible (NVLink/fast intra-node collectives), STRICT_PACK insists on one node."""
+
+    @model_validator(mode="after")
+    def _gpu_shares(self) -> ClusterConfig:
+        for role in ("rollout", "learner", "reward", "reference"):
+            gpus = getattr(self, role).num_gpus
+            if gpus > 1 and gpus != int(gpus):
+                raise ValueError(f"cluster.{role}.num_gpus={gpus:g}: above 1 a share must be a whole number of GPUs")
+        return self
 
 
 class CheckpointConfig(Section):
@@ -448,6 +459,21 @@ class RunConfig(Section):
             raise ValueError(
                 f"learner.minibatch_size={self.learner.minibatch_size} must divide "
                 f"rollout.prompts_per_step × rollout.samples_per_prompt = {batch}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_gpus(self) -> RunConfig:
+        tp, gpus = self.rollout.tensor_parallel_size, self.cluster.rollout.num_gpus
+        if gpus >= 1 and gpus != tp:
+            raise ValueError(
+                f"cluster.rollout.num_gpus={gpus:g} must equal rollout.tensor_parallel_size={tp}: "
+                "each rollout worker is one engine that spans its tensor-parallel GPUs"
+            )
+        if 0 < gpus < 1 and tp > 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={tp} needs whole GPUs; cluster.rollout.num_gpus={gpus:g} "
+                "is a share of one (colocated mode runs one-GPU engines)"
             )
         return self
 

@@ -8,6 +8,10 @@
                                                    score a checkpoint's greedy answers
     rlfleet sft | rm | dpo CONFIG [key.path=value ...]
                                                    a supervised stage (config sections sft/rm/dpo)
+    rlfleet submit CONFIG [key.path=value ...] [--address URL] [--working-dir DIR] [--wait]
+                                                   submit a training run as a Ray job; prints its id
+    rlfleet scale JOB --rollout-workers K [--address ADDRESS]
+                                                   resize a running job's rollout fleet
     rlfleet config check CONFIG [key.path=value ...]   validate; print the resolved YAML
     rlfleet config schema                          the JSON schema of the config
     rlfleet tiny-model OUT [--reward] [--seed N]   build a tiny model folder
@@ -51,6 +55,20 @@ def _parser() -> argparse.ArgumentParser:
                         ("dpo", "DPO on (prompt, chosen, rejected) pairs")):
         _config_args(sub.add_parser(stage, help=text), required=True)
 
+    submit = sub.add_parser("submit", help="submit a training run to a Ray cluster as a job; prints its id")
+    _config_args(submit, required=True)
+    submit.add_argument("--address", default=None,
+                        help="the cluster's dashboard URL (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+    submit.add_argument("--working-dir", default=".",
+                        help="folder uploaded with the job; CONFIG is relative to it (default: .)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
+
+    scale = sub.add_parser("scale", help="change a running job's number of rollout workers (at its next step)")
+    scale.add_argument("job", help="the job's submission id (or a local run's absolute run folder)")
+    scale.add_argument("--rollout-workers", type=int, required=True)
+    scale.add_argument("--address", default=None,
+                       help="the cluster's GCS address, host:port (default: the cluster of this node)")
+
     config = sub.add_parser("config", help="check a config or print its schema")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _config_args(config_sub.add_parser("check", help="validate and print the resolved YAML"), required=True)
@@ -91,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "tiny-model":
             return _tiny_model(args)
+        if args.command == "scale":
+            return _scale(args)
         path, overrides = _split_config_arg(args)
         if args.command == "demo":
             from rlfleet.deploy.demo import DEMO_DEFAULTS
@@ -105,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         sys.stdout.write(dump_config(cfg))
         return 0
+    if args.command == "submit":
+        return _submit(args, path, overrides)
     if args.command in ("train", "eval", "sft", "rm", "dpo", "demo"):
         return _run(args, cfg)
     from rlfleet.deploy import smoke
@@ -142,6 +164,36 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     else:
         summary = evaluate_checkpoint(cfg, args.checkpoint)
     sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
+    return 0
+
+
+def _submit(args: argparse.Namespace, path: str, overrides: list[str]) -> int:
+    from rlfleet.deploy import submit
+
+    job = submit.submit(path, overrides, args.address, args.working_dir)
+    sys.stdout.write(f"{job}\n")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    status = submit.wait(job, args.address)
+    sys.stdout.write(f"{job} {status}\n")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from rlfleet.deploy import submit
+
+    if args.rollout_workers < 1:
+        sys.stderr.write(f"rlfleet: --rollout-workers must be >= 1 (got {args.rollout_workers})\n")
+        return ConfigError.exit_code
+    try:
+        status = submit.scale(args.job, args.rollout_workers, args.address)
+    except (LookupError, ValueError) as err:
+        sys.stderr.write(f"rlfleet: {err}\n")
+        return ConfigError.exit_code
+    sys.stdout.write(json.dumps({"job": args.job, "requested_rollout_workers": args.rollout_workers,
+                                 "last_step": status.step, "rollout_workers": status.rollout_workers,
+                                 "applies": "at the next step boundary"}) + "\n")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from rlfleet.common.config import RunConfig
+from rlfleet.common.config import RoleResources, RunConfig
 from rlfleet.common.data import PromptDataset, PromptSampler
 from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.records import Experience, Rollout, SamplingSpec
@@ -66,6 +66,32 @@ def sampling_spec(cfg: RunConfig, step: int, greedy: bool = False) -> SamplingSp
         stop=tuple(r.stop),
         seed=(cfg.seed * 1_000_003 + step) * 65_536,
     )
+
+
+def apply_control(cfg: RunConfig, parts: Parts, control: Any, done: int) -> None:
+    """Between steps: report progress to the run's control actor and apply a pending request
+    (rollout workers: new ones get the current weights before they generate)."""
+    want = ray.get(control.take.remote(done, parts.pool.num_workers))
+    have = parts.pool.num_workers
+    if want is None or want == have:
+        return
+    missing = missing_resources(cfg.cluster.rollout, want - have)
+    if missing:
+        logger.warning("not scaling the rollout fleet to %d workers: the cluster lacks %s", want, missing)
+        return
+    parts.pool.scale_to(want)
+    logger.info("after step %d: rollout workers %d -> %d", done, have, want)
+
+
+def missing_resources(res: RoleResources, extra: int) -> str:
+    """'' when `extra` more actors of `res` fit in the cluster's free resources, else what lacks."""
+    if extra <= 0:
+        return ""
+    free = ray.available_resources()
+    need = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
+    short = [f"{name} {amount * extra:g} (free {free.get(name, 0.0):g})"
+             for name, amount in need.items() if amount and free.get(name, 0.0) < amount * extra - 1e-9]
+    return ", ".join(short)
 
 
 def push_weights(cfg: RunConfig, parts: Parts, version: int) -> None:

@@ -39,7 +39,7 @@ class LearnerGroup:
         d = cfg.learner.num_workers
         res = cfg.cluster.learner
         bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.resources}
-        group = placement_group([dict(bundle) for _ in range(d)], strategy="PACK")
+        group = placement_group([dict(bundle) for _ in range(d)], strategy=cfg.cluster.learner_placement)
         ray.get(group.ready(), timeout=timeout_s)
         actor = ray.remote(Learner)
         handles = [

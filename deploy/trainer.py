@@ -34,6 +34,7 @@ from rlfleet.deploy.assembly import (
     start_rollout_pool,
 )
 from rlfleet.deploy.checkpoints import CheckpointManager
+from rlfleet.deploy.control import find_control, run_key, start_control
 from rlfleet.deploy.learner_group import LearnerGroup
 
 logger = logging.getLogger(__name__)
@@ -102,19 +103,27 @@ class Trainer:
         tokenizer_path = cfg.model.tokenizer_path or model
         data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))  # bad data fails before Ray starts
         own_ray = connect_ray(cfg)
-        parts = None
+        parts = control = None
         try:
+            control = start_control(run_key(self.run_dir))
             parts = start_parts(cfg, model, tokenizer_path)
-            summary = self._loop(parts, data)
+            summary = self._loop(parts, data, control)
         finally:
             if parts is not None:
                 stop_parts(parts)
+            if control is not None:
+                ray.kill(control, no_restart=True)
             if own_ray:
                 ray.shutdown()
         summary["seconds"] = time.perf_counter() - started
         return summary
 
-    def _loop(self, parts: driver.Parts, data: RunData) -> dict[str, Any]:
+    def scale_rollout(self, k: int) -> None:
+        """Ask the running `fit` (in another thread or process) for `k` rollout workers; applied
+        at the next step boundary (`rlfleet scale` does the same from a shell)."""
+        ray.get(find_control(run_key(self.run_dir)).request_rollout_workers.remote(k))
+
+    def _loop(self, parts: driver.Parts, data: RunData, control: Any) -> dict[str, Any]:
         cfg = self.config
         ckpts = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last)
         sampler = PromptSampler(len(data.train), cfg.seed, cfg.data.shuffle)
@@ -130,6 +139,7 @@ class Trainer:
                 before = driver.evaluate(cfg, parts, data.eval, 0)  # the starting policy, as step 0
                 metrics.write(0, before)
             for step in range(first, cfg.total_steps + 1):
+                driver.apply_control(cfg, parts, control, step - 1)
                 last = driver.train_step(cfg, parts, data.train, sampler, step)
                 if cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0:
                     last.update(driver.evaluate(cfg, parts, data.eval, step))
@@ -181,13 +191,15 @@ def required_cpus(cfg: RunConfig) -> float:
 
 
 def connect_ray(cfg: RunConfig) -> bool:
-    """Join the running Ray (or `cluster.address`), else start a local one; True if we started it.
+    """Join the running Ray (`cluster.address` or RAY_ADDRESS), else start a local one; True if
+    we started it.
 
     A local cluster gets at least as many logical CPUs as the actors ask for (on a 2-core
     laptop the four roles share the cores; Ray's CPU count is a scheduling label)."""
     if ray.is_initialized():
         return False
-    if cfg.cluster.address is not None:
+    if cfg.cluster.address is not None or os.environ.get("RAY_ADDRESS"):
+        # `cluster.address`, else RAY_ADDRESS (set for the driver of a submitted Ray job)
         ray.init(address=cfg.cluster.address)
         return False
     num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)))

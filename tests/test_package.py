@@ -40,4 +40,5 @@ def test_wheel_holds_only_the_rlfleet_namespace(tmp_path: Path) -> None:
     for sub in SUBPACKAGES:
         assert f"rlfleet/{sub}/__init__.py" in names
     assert "rlfleet/learner/algos/__init__.py" in names
+    assert "rlfleet/deploy/cluster/runtime_env.yaml" in names  # what `rlfleet submit` reads
     assert not any(n.startswith("rlfleet/tests") or n.startswith("rlfleet/bench") for n in names)

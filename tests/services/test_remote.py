@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,15 +14,10 @@ import pytest
 from rlfleet.common.tiny_models import build_char_tokenizer, build_tiny_reward_model
 from rlfleet.services.remote import RemoteScorer, RemoteScorerError
 from rlfleet.services.reward_model import RewardModelScorer
+from tests.ports import free_port
 
 pytestmark = pytest.mark.unit
 TOKEN_ENV = "RLFLEET_TEST_REWARD_TOKEN"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

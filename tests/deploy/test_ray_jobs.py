@@ -1,0 +1,153 @@
+"""Cluster use on a real local Ray head with token authentication on 127.0.0.1: the README's
+`ray job submit` line runs a 2-step GRPO job to SUCCEEDED, and `rlfleet scale` grows a
+submitted job's rollout fleet from 1 to 2 workers at the next step boundary."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from rlfleet.common.metrics import read_metrics
+from tests.ports import free_port
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+class Head:
+    def __init__(self, env: dict[str, str], gcs: str, dashboard: str, proc: subprocess.Popen):
+        self.env, self.gcs, self.dashboard, self.proc = env, gcs, dashboard, proc
+
+    def ray(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=env or self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+
+    def status(self, job: str) -> str:
+        """The job's status through Ray's job SDK, in a process that holds the token."""
+        code = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+                "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+        out = subprocess.run([sys.executable, "-c", code, self.dashboard, job], env=self.env, capture_output=True,
+                             text=True, timeout=60)
+        return out.stdout.strip() or f"UNKNOWN: {out.stderr[-500:]}"
+
+    def wait(self, job: str, timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
+        while (status := self.status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+            time.sleep(2)
+        return status
+
+    def logs(self, job: str) -> str:
+        return self.ray("job", "logs", job, "--address", self.dashboard).stdout[-4000:]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` on 127.0.0.1 with RAY_AUTH_MODE=token and a fresh token; every
+    port chosen free (another Ray may run beside it); stopped by terminating the block."""
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}:{env['PATH']}")
+    gcs, dash = free_port(), free_port()
+    ports = {flag: free_port() for flag in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                            "metrics-export-port")}
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=6",
+           f"--temp-dir={temp}", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    head = Head(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", proc)
+    try:
+        deadline = time.monotonic() + 120
+        while head.ray("job", "list", "--address", head.dashboard).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        yield head
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def readme_submit_line() -> str:
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("ray job submit ")]
+    assert len(lines) == 1, "the README shows exactly one `ray job submit` line"
+    return lines[0]
+
+
+def test_readme_ray_job_submit_line_runs_a_grpo_job_with_token_auth(ray_head, tmp_path):
+    # Token auth is really on: a wrong token is refused.
+    wrong = dict(ray_head.env, RAY_AUTH_TOKEN="0" * 32)
+    refused = ray_head.ray("job", "list", "--address", ray_head.dashboard, env=wrong)
+    assert refused.returncode != 0 and "Invalid authentication token" in refused.stderr
+    env = dict(ray_head.env, RAY_ADDRESS=ray_head.dashboard, RLFLEET_RUNS=str(tmp_path))
+    done = subprocess.run(["bash", "-c", readme_submit_line()], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    job = re.search(r"Job '(raysubmit_\w+)' (?:submitted|succeeded)", done.stderr + done.stdout)
+    assert done.returncode == 0 and job, done.stderr[-3000:]
+    assert ray_head.status(job.group(1)) == "SUCCEEDED"
+    run = tmp_path / "grpo-tiny"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["learner/version"] == r["step"] for r in rows)
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert (ckpt / "learner" / "policy" / "model.safetensors").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_rlfleet_scale_grows_the_rollout_fleet_of_a_submitted_job(ray_head, tmp_path):
+    steps = 30
+    submitted = subprocess.run(
+        [str(BIN / "rlfleet"), "submit", "examples/grpo_tiny.yaml", f"total_steps={steps}",
+         "rollout.max_response_tokens=32", f"logging.run_dir={tmp_path}", "--address", ray_head.dashboard],
+        env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job = submitted.stdout.strip().splitlines()[-1]
+    assert job.startswith("raysubmit_")
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.jsonl").is_file():  # the first step has finished
+        assert time.monotonic() < deadline and ray_head.status(job) == "RUNNING", ray_head.logs(job)
+        time.sleep(0.5)
+    scaled = subprocess.run([str(BIN / "rlfleet"), "scale", job, "--rollout-workers", "2", "--address", ray_head.gcs],
+                            env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert scaled.returncode == 0, scaled.stderr[-3000:]
+    reply = json.loads(scaled.stdout)
+    asked_after = reply["last_step"]
+    assert reply["rollout_workers"] == 1 and 1 <= asked_after < steps - 2, reply
+    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)
+    workers = [r["rollout/num_workers"] for r in read_metrics(tmp_path)]
+    assert len(workers) == steps
+    # Applied at a step boundary: the step running when the request came finishes with one
+    # worker, the next starts with two, and the run completes with them.
+    first_two = workers.index(2.0) + 1
+    assert asked_after + 1 <= first_two <= asked_after + 2, (asked_after, workers)
+    assert set(workers[: first_two - 1]) == {1.0} and set(workers[first_two - 1:]) == {2.0}
+    # A job that does not exist is named in a clear error.
+    missing = subprocess.run([str(BIN / "rlfleet"), "scale", "raysubmit_nope", "--rollout-workers", "2",
+                              "--address", ray_head.gcs], env=ray_head.env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and "no running rlfleet job 'raysubmit_nope'" in missing.stderr
+
+
+def test_a_scale_request_the_cluster_cannot_place_is_refused_with_the_numbers(ray_cluster):
+    from rlfleet.common.config import RoleResources
+    from rlfleet.deploy.driver import missing_resources
+
+    assert missing_resources(RoleResources(num_cpus=0), 3) == ""
+    short = missing_resources(RoleResources(num_cpus=1, resources={"rollout": 1}), 2)
+    assert short.startswith("rollout 2 (free 0)")
+    assert "CPU 1000 (free" in missing_resources(RoleResources(num_cpus=1000), 1)
