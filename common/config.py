@@ -268,6 +268,9 @@ class LearnerConfig(Section):
     """Learning-rate schedule after warmup."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
+    max_skips_in_a_row: int = Field(5, ge=1)
+    """Optimizer steps skipped in a row for a non-finite loss or gradient (per model) before the
+    run stops with an error; the last checkpoint is left as it was."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each step's batch."""
     minibatch_size: int = Field(8, ge=1)

@@ -24,12 +24,12 @@ from rlfleet.common.weights import (
 )
 
 
-def check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Refuse to publish non-finite weights: name the first tensor that has a NaN or inf
-    (tensors sharded across ranks are checked as they are gathered, in `finite`)."""
+def check_finite(state_dict: Mapping[str, torch.Tensor], action: str = "publish") -> None:
+    """Refuse to publish (or save) non-finite weights: name the first tensor that has a NaN or
+    inf (tensors sharded across ranks are checked as they are gathered, in `finite`)."""
     for name, tensor in state_dict.items():
         if not isinstance(tensor, DTensor):
-            _check(name, tensor)
+            _check(name, tensor, action)
 
 
 def finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -39,9 +39,9 @@ def finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, t
         yield name, tensor
 
 
-def _check(name: str, tensor: torch.Tensor) -> None:
+def _check(name: str, tensor: torch.Tensor, action: str = "publish") -> None:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"refusing to publish weights: {name} has non-finite values")
+        raise ValueError(f"refusing to {action} weights: {name} has non-finite values")
 
 
 def object_store_chunks(weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience, Rollout, SamplingSpec
 from rlfleet.deploy.smoke import response_logprobs
-from rlfleet.learner.learner import Learner, StaleRolloutError, token_budget_batches
+from rlfleet.learner.learner import Learner, NonFiniteError, StaleRolloutError, token_budget_batches
 from rlfleet.learner.models import merged_state_dict
 from rlfleet.learner.weights import object_store_chunks
 
@@ -141,6 +141,28 @@ def test_non_finite_gradient_or_loss_skips_the_step_and_counts_it(tiny_model_dir
     clean = experience(learner, make_rollouts(version=1))
     assert learner.train_step(clean).metrics["learner/skipped_steps"] == 1.0
     assert not all(torch.equal(before[n], p) for n, p in all_parameters(learner).items())
+
+
+
+def test_skips_in_a_row_stop_the_run_and_non_finite_weights_are_never_saved(tiny_model_dir, tmp_path):
+    learner = Learner(make_config("grpo", minibatch_size=6, ppo_epochs=1, max_skips_in_a_row=2), str(tiny_model_dir))
+
+    def poisoned(version: int) -> Experience:
+        exp = experience(learner, make_rollouts(version=version))
+        return Experience(exp.rollouts, [float("nan")] + list(exp.scores[1:]), exp.group_ids, exp.old_logprobs,
+                          None, exp.ref_logprobs)
+
+    learner.train_step(poisoned(0))  # one skip
+    learner.train_step(experience(learner, make_rollouts(version=1)))  # a clean step resets the run
+    learner.train_step(poisoned(2))
+    with pytest.raises(NonFiniteError, match=r"2 optimizer steps in a row .*\(learner.max_skips_in_a_row=2\)"):
+        learner.train_step(poisoned(3))
+    assert learner.skipped_steps == 3
+    with torch.no_grad():
+        next(learner.policy.parameters())[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"refusing to save weights: model.embed_tokens.weight has non-finite"):
+        learner.save(str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_rollouts_of_another_version_are_refused(tiny_model_dir):
