@@ -354,6 +354,10 @@ class ClusterConfig(Section):
     """Resources of the reward service."""
     reference: RoleResources = RoleResources()
     """Resources of the reference service."""
+    service_restarts: int = Field(3, ge=0)
+    """Times the reward and reference actors are restarted after a crash; the call in flight is
+    retried after each restart (the reward normaliser's state restored first). Past it the run
+    stops with an error and the last checkpoint is left as it was."""
     learner_placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy of the learner group's bundles: PACK keeps the ranks on as
     few nodes as possible (NVLink/fast intra-node collectives), STRICT_PACK insists on one node."""

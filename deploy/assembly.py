@@ -78,16 +78,18 @@ def start_vllm_worker(
 
 
 def start_reward_service(
-    reward: RewardConfig, tokenizer_path: str, resources: RoleResources
+    reward: RewardConfig, tokenizer_path: str, resources: RoleResources, restarts: int = 0
 ) -> ray.actor.ActorHandle:
-    """The reward service actor; its constructor checks every source (bad config fails here)."""
-    return ray.remote(RewardService).options(**actor_options(resources)).remote(reward, tokenizer_path)
+    """The reward service actor; its constructor checks every source (bad config fails here).
+    Ray restarts it up to `restarts` times; the caller retries (`driver.call_service`)."""
+    options = actor_options(resources, max_restarts=restarts, max_task_retries=0)
+    return ray.remote(RewardService).options(**options).remote(reward, tokenizer_path)
 
 
 def start_reference_service(
-    model_path: str, reference: ReferenceConfig, resources: RoleResources
+    model_path: str, reference: ReferenceConfig, resources: RoleResources, restarts: int = 0
 ) -> ray.actor.ActorHandle:
-    """The reference-model actor (frozen initial policy)."""
-    cls = ray.remote(ReferenceService).options(**actor_options(resources))
+    """The reference-model actor (frozen initial policy), restarted up to `restarts` times."""
+    cls = ray.remote(ReferenceService).options(**actor_options(resources, max_restarts=restarts, max_task_retries=0))
     return cls.remote(model_path, reference.micro_batch_size)
 

@@ -38,6 +38,11 @@ class Parts:
     reward: Any
     reference: Any | None
     tokenizer_path: str
+    restarts: int = 0
+    """Retries of a reward or reference call whose actor died (`cluster.service_restarts`)."""
+    reward_state: dict = field(default_factory=dict)
+    """The reward service's state after its last completed call: restored into a restarted actor."""
+    service_retries: int = 0
 
 
 @dataclass
@@ -137,7 +142,8 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
         push_weights(cfg, parts, result.version)
     versions = parts.pool.versions()
     metrics.update({"rollout/min_version": float(min(versions)), "rollout/max_version": float(max(versions)),
-                    "rollout/num_workers": float(len(versions))})
+                    "rollout/num_workers": float(len(versions)),
+                    "services/retries": float(parts.service_retries)})
     return {**result.metrics, **metrics, **timer.metrics()}
 
 
@@ -146,13 +152,66 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     prompts = [r.prompt_ids for r in rollouts]
     responses = [r.response_ids for r in rollouts]
     extras = [examples[r.prompt_index].extra for r in rollouts]
-    score_ref = parts.reward.score.remote(prompts, responses, extras)
-    ref_ref = None
-    if parts.reference is not None:
-        ref_ref = parts.reference.logprobs.remote(prompts, responses, cfg.rollout.temperature)
+
+    def score():
+        return parts.reward.score.remote(prompts, responses, extras)
+
+    def reference():
+        return parts.reference.logprobs.remote(prompts, responses, cfg.rollout.temperature)
+
+    score_ref = score()
+    ref_ref = reference() if parts.reference is not None else None
     prepared = parts.learner.prepare(rollouts)
-    ref = ray.get(ref_ref) if ref_ref is not None else prepared.ref_logprobs
-    return ray.get(score_ref), prepared, ref
+    ref = prepared.ref_logprobs
+    if ref_ref is not None:
+        ref = call_service(parts, "reference", reference, ref_ref)
+    scored = call_service(parts, "reward", score, score_ref)
+    parts.reward_state = ray.get(parts.reward.state_dict.remote())
+    return scored, prepared, ref
+
+
+class ServiceError(RuntimeError):
+    """A reward or reference actor kept dying."""
+
+
+def _wait_until_back(handle: Any, name: str, timeout_s: float = 600.0) -> None:
+    """Block until a restarting service actor answers again (its model loads in its constructor)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(handle.health.remote(), timeout=60)
+            return
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as err:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the {name} actor did not come back within {timeout_s:g} s") from err
+            time.sleep(0.5)
+        except ray.exceptions.ActorDiedError as err:
+            raise ServiceError(f"the {name} actor died and was not restarted: {err}") from err
+
+
+def call_service(parts: Parts, name: str, call, first: ray.ObjectRef | None = None):
+    """The result of `call()` (an actor call of the reward or reference service; `first` is one
+    already in flight). When the actor died, Ray restarts it and the call is made again (the
+    reward normaliser's state restored first), up to `parts.restarts` times; then ServiceError."""
+    pending = first if first is not None else call()
+    deaths = 0
+    while True:
+        try:
+            return ray.get(pending)
+        except ray.exceptions.RayActorError as err:
+            deaths += 1
+            if deaths > parts.restarts:
+                raise ServiceError(
+                    f"the {name} actor died {deaths} time(s) (cluster.service_restarts={parts.restarts}); "
+                    f"stopping, the last checkpoint is untouched: {err}"
+                ) from err
+            parts.service_retries += 1
+            logger.warning("the %s actor died (%s); retrying after Ray restarts it (%d/%d)",
+                           name, type(err).__name__, deaths, parts.restarts)
+            _wait_until_back(getattr(parts, name), name)
+            if name == "reward" and parts.reward_state:
+                ray.get(parts.reward.load_state_dict.remote(parts.reward_state))
+            pending = call()
 
 
 def _pick(values, keep: list[bool]):
@@ -164,7 +223,7 @@ def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -
     examples = data.examples[: cfg.data.eval_size]
     batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step, greedy=True))
     rollouts = batch.rollouts
-    scored = ray.get(parts.reward.score.remote(
+    scored = call_service(parts, "reward", lambda: parts.reward.score.remote(
         [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
         [examples[r.prompt_index].extra for r in rollouts], update_stats=False,
     ))
@@ -188,7 +247,8 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
     state = read_state(latest)
     version = parts.learner.load(str(latest / "learner"))
     sampler.load_state_dict(state["data"])
-    ray.get(parts.reward.load_state_dict.remote(state.get("reward", {})))
+    parts.reward_state = state.get("reward", {})
+    ray.get(parts.reward.load_state_dict.remote(parts.reward_state))
     metrics.truncate_after(state["step"])
     push_weights(cfg, parts, version)
     logger.info("resumed from %s (step %d, policy version %d)", latest, state["step"], version)

@@ -225,14 +225,15 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts
     check_capacity(cfg)
     critic_path = cfg.reward.model_path if cfg.learner.critic_init == "reward_model" else None
     learner = LearnerGroup.start(cfg, model, critic_path)
-    reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward)
+    restarts = cfg.cluster.service_restarts
+    reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, restarts)
     reference = None
     if needs_reference_actor(cfg):
-        reference = start_reference_service(model, cfg.reference, cfg.cluster.reference)
+        reference = start_reference_service(model, cfg.reference, cfg.cluster.reference, restarts)
     pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
     ray.get([reward.health.remote()] + ([reference.health.remote()] if reference is not None else []))
     learner.version()  # the learners are built
-    return driver.Parts(learner, pool, reward, reference, tokenizer_path)
+    return driver.Parts(learner, pool, reward, reference, tokenizer_path, restarts)
 
 
 def stop_parts(parts: driver.Parts) -> None:

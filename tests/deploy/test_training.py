@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,56 @@ def test_resumed_run_repeats_the_uninterrupted_step(ray_cluster, tmp_path):
     assert b_state["kl_controller"]["value"] == pytest.approx(a_state["kl_controller"]["value"], rel=1e-9)
     a_data, b_data = (json.loads((c / "trainer_state.json").read_text())["data"] for c in (a_ckpt, b_ckpt))
     assert a_data == b_data == {"epoch": 1, "index": 4, "size": 12}
+
+
+def fit_with_reward_actor_killed_after_step_1(cfg: RunConfig) -> None:
+    """Run `cfg`; once step 1's metrics are written, arm the rule that SIGKILLs the reward actor."""
+    from tests.services.rule_fixtures import KILL_MARKER
+
+    run_dir = Path(cfg.logging.run_dir)
+    done = threading.Event()
+
+    def arm():
+        while not done.is_set() and not (run_dir / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        KILL_MARKER.touch()
+
+    armer = threading.Thread(target=arm)
+    armer.start()
+    try:
+        Trainer(cfg).fit()
+    finally:
+        done.set()
+        armer.join()
+        KILL_MARKER.unlink(missing_ok=True)
+
+
+def test_a_killed_reward_actor_is_restarted_and_its_call_retried(ray_cluster, tmp_path):
+    """The reward actor is SIGKILLed while it scores (by a fault-injecting rule): Ray restarts
+    it, the driver retries the call and the run completes every step. With no restarts allowed
+    the same fault stops the run with an error naming the actor and the setting, and the
+    step-1 checkpoint stays the newest complete one."""
+    from rlfleet.deploy.checkpoints import CheckpointManager
+    from rlfleet.deploy.driver import ServiceError
+    from tests.services.rule_fixtures import KILL_MARKER
+
+    fired = Path(f"{KILL_MARKER}.fired")
+    fired.unlink(missing_ok=True)
+    rule = {"rules": [{"function": "tests.services.rule_fixtures:kills_its_service_once"}]}
+    for restarts in (1, 0):
+        run = tmp_path / f"restarts{restarts}"
+        cfg = grpo_config(run, total_steps=3, reward=rule, cluster={"service_restarts": restarts},
+                          checkpoint={"every_steps": 1})
+        if restarts:
+            fit_with_reward_actor_killed_after_step_1(cfg)
+            rows = read_metrics(run)
+            assert [r["step"] for r in rows] == [1, 2, 3]
+            assert [r["services/retries"] for r in rows] in ([0.0, 1.0, 1.0], [0.0, 0.0, 1.0])
+        else:
+            with pytest.raises(ServiceError, match=r"the reward actor died 1 time\(s\) \(cluster.service_restarts=0\)"):
+                fit_with_reward_actor_killed_after_step_1(cfg)
+            assert [r["step"] for r in read_metrics(run)] == [1]
+            latest = CheckpointManager(run, keep_last=2).latest()
+            assert latest is not None and latest.name == "step_00000001"
+        assert fired.exists()  # the actor really was killed
+        fired.unlink()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import tempfile
 import time
+from pathlib import Path
 
 
 def by_length(prompt, response, extra):
@@ -25,3 +29,18 @@ def hangs_on_x(prompt, response, extra):
 
 def wrong_signature(response):
     return 1.0
+
+
+KILL_MARKER = Path(tempfile.gettempdir()) / "rlfleet-test-kill-reward-service"
+
+
+def kills_its_service_once(prompt, response, extra):
+    """Fault injection, armed by creating KILL_MARKER: the first call after that SIGKILLs the
+    reward actor (the parent of the pool process this rule runs in); otherwise 1.0 per 'a'."""
+    try:
+        os.rename(KILL_MARKER, f"{KILL_MARKER}.fired")  # atomic: exactly one call fires
+    except FileNotFoundError:
+        return response.count("a") / max(len(response), 1)
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(60)
+    return None
