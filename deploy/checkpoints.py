@@ -29,6 +29,17 @@ class CheckpointManager:
         found = [p for p in self.root.glob("step_*") if (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
+    def remove_partial(self) -> list[Path]:
+        """Delete what a crash mid-write left (temporary folders, folders without their state
+        file); returns what was removed. Complete checkpoints are never touched."""
+        if not self.root.exists():
+            return []
+        partial = [p for p in self.root.iterdir() if p.is_dir() and (
+            p.name.startswith(".tmp-") or (p.name.startswith("step_") and not (p / STATE_FILE).is_file()))]
+        for folder in partial:
+            shutil.rmtree(folder, ignore_errors=True)
+        return partial
+
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1] if done else None
@@ -39,8 +50,12 @@ class CheckpointManager:
         tmp = self.root / f".tmp-step_{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1, sort_keys=True))
+        try:
+            write(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1, sort_keys=True))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

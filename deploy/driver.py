@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,7 +120,17 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
         scored, prepared, ref = _score_concurrently(cfg, parts, rollouts, examples)
     group_ids = [r.prompt_index for r in rollouts]
     keep = drop_unscorable(scored, group_ids, cfg.reward.on_unscorable, cfg.reward.max_failures)
+    per_group = Counter(group_ids)
+    stats = parts.pool.stats
     metrics: dict[str, Any] = {
+        "rollout/num_samples": float(len(rollouts)),
+        "rollout/complete_groups": float(sum(n == cfg.rollout.samples_per_prompt for n in per_group.values())),
+        # the pool's fault counters, cumulative over the run
+        "rollout/redispatched": float(stats.redispatched),
+        "rollout/recovered": float(stats.recovered),
+        "rollout/replaced": float(stats.replaced),
+        "rollout/resynced": float(stats.resynced),
+        "rollout/timeouts": float(stats.timeouts),
         "rollout/dropped_prompts": float(len(batch.dropped)),
         "reward/unscorable": float(len(keep) - sum(keep)),
         "rollout/tokens_per_s": batch.num_tokens / max(batch.generate_seconds, 1e-9),
@@ -240,6 +251,8 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
            metrics: MetricsWriter) -> int:
     """Restore the newest complete checkpoint (resume: auto) and push its weights; the step it
     ended (0 for a fresh run)."""
+    for folder in ckpts.remove_partial():
+        logger.warning("removed %s: a checkpoint left half-written by a crash", folder)
     latest = ckpts.latest() if cfg.checkpoint.resume == "auto" else None
     if latest is None:
         metrics.truncate_after(-1)  # a fresh run starts a fresh file

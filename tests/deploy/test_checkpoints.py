@@ -40,6 +40,15 @@ def test_a_failing_write_leaves_the_previous_checkpoint_intact(tmp_path):
         ckpts.save(2, broken, {})
     assert ckpts.latest().name == "step_00000001"
     assert (ckpts.latest() / "weights.txt").read_text() == "w"
+    assert sorted(p.name for p in ckpts.root.iterdir()) == ["step_00000001"]  # the partial one is gone
+    # What a killed process leaves (a temporary folder, a step folder without its state file)
+    # is ignored by `latest` and removed before a run resumes.
+    (ckpts.root / ".tmp-step_00000003").mkdir()
+    fill(ckpts.root / ".tmp-step_00000003")
+    (ckpts.root / "step_00000004").mkdir()
+    assert ckpts.latest().name == "step_00000001"
+    assert sorted(p.name for p in ckpts.remove_partial()) == [".tmp-step_00000003", "step_00000004"]
+    assert sorted(p.name for p in ckpts.root.iterdir()) == ["step_00000001"]
 
 
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
@@ -66,3 +75,4 @@ def test_bad_training_data_exits_2_naming_the_line_and_keeps_checkpoints(tmp_pat
     assert ckpts.latest().name == "step_00000004" and (ckpts.latest() / "weights.txt").read_text() == "w"
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope"), f"logging.run_dir={tmp_path}"]) == 2
     assert "neither a checkpoint folder nor an HF model folder" in capsys.readouterr().err
+

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -141,6 +143,66 @@ def test_rlfleet_scale_grows_the_rollout_fleet_of_a_submitted_job(ray_head, tmp_
                               "--address", ray_head.gcs], env=ray_head.env, capture_output=True, text=True,
                              timeout=120)
     assert missing.returncode == 2 and "no running rlfleet job 'raysubmit_nope'" in missing.stderr
+
+
+def alive_rollout_pids(head: Head) -> list[int]:
+    """PIDs of this head's rollout workers that are up (not restarting): processes titled
+    `ray::VLLMRolloutWorker` whose environment holds this head's token (the test session's
+    own Ray cluster has rollout workers too)."""
+    token = f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0]
+            if title.startswith(b"ray::VLLMRolloutWorker") and b"__init__" not in title:
+                if token in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_soak_grpo_job_survives_rollout_workers_killed_every_few_steps(ray_head, tmp_path):
+    """A submitted GRPO job with 2 rollout workers; every 4 steps one of them, picked at random,
+    is SIGKILLed. The job ends with every step, every step with all its groups complete (none
+    lost or duplicated) and every worker at the learner's version."""
+    steps, prompts, samples = 18, 8, 4
+    submitted = subprocess.run(
+        [str(BIN / "rlfleet"), "submit", "examples/grpo_tiny.yaml", f"total_steps={steps}", "rollout.num_workers=2",
+         f"rollout.prompts_per_step={prompts}", f"rollout.samples_per_prompt={samples}",
+         "rollout.max_response_tokens=32", f"logging.run_dir={tmp_path}", "--address", ray_head.dashboard],
+        env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job = submitted.stdout.strip().splitlines()[-1]
+    rng = random.Random(0)
+    kills, next_kill = 0, 3
+    deadline = time.monotonic() + 420
+    done = 0
+    while done < steps:  # watch the metrics file (cheap); ask for the job's status only now and then
+        assert time.monotonic() < deadline, ray_head.logs(job)
+        done = len(read_metrics(tmp_path)) if (tmp_path / "metrics.jsonl").is_file() else 0
+        if next_kill <= done < steps - 2:
+            pids = alive_rollout_pids(ray_head)
+            if len(pids) == 2:  # not while a killed one is still restarting
+                try:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                except ProcessLookupError:  # the state API lags a restart by a moment
+                    continue
+                kills += 1
+                next_kill = done + 4
+        elif int(time.monotonic()) % 15 == 0:
+            assert ray_head.status(job) == "RUNNING", ray_head.logs(job)
+        time.sleep(0.2)
+    assert ray_head.wait(job, timeout=120) == "SUCCEEDED", ray_head.logs(job)
+    assert kills >= 3
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for row in rows:
+        assert row["rollout/num_samples"] == prompts * samples and row["rollout/complete_groups"] == prompts
+        assert row["rollout/min_version"] == row["rollout/max_version"] == row["learner/version"] == row["step"]
+        assert row["rollout/num_workers"] == 2.0
+    # Every killed worker came back (restarted by Ray) and was re-synced before it got work.
+    assert rows[-1]["rollout/resynced"] >= kills
 
 
 def test_a_scale_request_the_cluster_cannot_place_is_refused_with_the_numbers(ray_cluster):

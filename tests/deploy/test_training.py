@@ -4,8 +4,12 @@ actors, the learner actor, tiny models. Each test is one (or two) `Trainer.fit` 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +23,7 @@ from rlfleet.common.config_io import config_from_dict, load_config
 from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.deploy import Trainer, cli
+from rlfleet.deploy.checkpoints import CheckpointManager
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -237,7 +242,6 @@ def test_a_killed_reward_actor_is_restarted_and_its_call_retried(ray_cluster, tm
     it, the driver retries the call and the run completes every step. With no restarts allowed
     the same fault stops the run with an error naming the actor and the setting, and the
     step-1 checkpoint stays the newest complete one."""
-    from rlfleet.deploy.checkpoints import CheckpointManager
     from rlfleet.deploy.driver import ServiceError
     from tests.services.rule_fixtures import KILL_MARKER
 
@@ -261,3 +265,33 @@ def test_a_killed_reward_actor_is_restarted_and_its_call_retried(ray_cluster, tm
             assert latest is not None and latest.name == "step_00000001"
         assert fired.exists()  # the actor really was killed
         fired.unlink()
+
+
+def test_a_sigkilled_driver_resumes_from_the_last_complete_checkpoint(tmp_path):
+    """`rlfleet train` (its own local Ray) is SIGKILLed with its whole process group after a
+    checkpoint; the same command continues from the newest complete checkpoint and ends with
+    every step exactly once in the metrics."""
+    root = Path(__file__).resolve().parents[2]
+    command = [str(Path(sys.executable).parent / "rlfleet"), "train", str(root / "examples" / "grpo_tiny.yaml"),
+               "total_steps=8", "checkpoint.every_steps=2", f"logging.run_dir={tmp_path}",
+               "logging.progress_bar=false"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ckpts = CheckpointManager(tmp_path, keep_last=2)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while ckpts.latest() is None:
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    killed_after = int(ckpts.latest().name.split("_")[1])
+    assert killed_after < 8
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["first_step"] == killed_after + 1 and summary["steps"] == 8
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
+    assert ckpts.latest().name == "step_00000008"
