@@ -55,6 +55,7 @@ from rlfleet.learner.models import (
     trainable_parameters,
     weight_layout,
 )
+from rlfleet.learner.optim import adamw_with_schedule, scheduler_state
 from rlfleet.learner.parallel import DataParallel
 from rlfleet.learner.state_io import (
     load_model_state,
@@ -147,10 +148,10 @@ class Learner:
         lc = self._cfg.learner
         batch = self._cfg.rollout.prompts_per_step * self._cfg.rollout.samples_per_prompt
         total = self._cfg.total_steps * lc.ppo_epochs * math.ceil(batch / lc.minibatch_size)
-        self.optimizer, self.scheduler = _adamw(trainable_parameters(self.policy), lc.lr, lc, total)
+        self.optimizer, self.scheduler = adamw_with_schedule(trainable_parameters(self.policy), lc.lr, lc, total)
         self.critic_optimizer = self.critic_scheduler = None
         if self.critic is not None:
-            self.critic_optimizer, self.critic_scheduler = _adamw(
+            self.critic_optimizer, self.critic_scheduler = adamw_with_schedule(
                 trainable_parameters(self.critic), lc.critic_lr, lc, total
             )
 
@@ -441,8 +442,8 @@ class Learner:
             "step": self.step,
             "version": self.version,
             "skipped_steps": self.skipped_steps,
-            "scheduler": _scheduler_state(self.scheduler),
-            "critic_scheduler": _scheduler_state(self.critic_scheduler),
+            "scheduler": scheduler_state(self.scheduler),
+            "critic_scheduler": scheduler_state(self.critic_scheduler),
             "kl_controller": self.kl_controller.state_dict(),
         })
 
@@ -484,26 +485,3 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def _token_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return (x.detach() * mask).sum().item() / max(mask.sum().item(), 1.0)
-
-
-def _adamw(params, lr: float, lc, total_steps: int):
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=lc.weight_decay)
-
-    def factor(step: int) -> float:
-        if step < lc.warmup_steps:
-            return (step + 1) / (lc.warmup_steps + 1)
-        if lc.schedule == "constant":
-            return 1.0
-        progress = min((step - lc.warmup_steps) / max(total_steps - lc.warmup_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _scheduler_state(scheduler) -> dict | None:
-    if scheduler is None:
-        return None
-    state = dict(scheduler.state_dict())
-    state["lr_lambdas"] = [None] * len(state.get("lr_lambdas", []))
-    return state
-
