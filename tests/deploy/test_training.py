@@ -215,26 +215,68 @@ def test_resumed_run_repeats_the_uninterrupted_step(ray_cluster, tmp_path):
     assert a_data == b_data == {"epoch": 1, "index": 4, "size": 12}
 
 
-def fit_with_reward_actor_killed_after_step_1(cfg: RunConfig) -> None:
-    """Run `cfg`; once step 1's metrics are written, arm the rule that SIGKILLs the reward actor."""
-    from tests.services.rule_fixtures import KILL_MARKER
-
+def fit_with_fault_after_step_1(cfg: RunConfig, fault) -> dict:
+    """Run `cfg`; once step 1's metrics are written, call `fault()` (from another thread)."""
     run_dir = Path(cfg.logging.run_dir)
     done = threading.Event()
 
-    def arm():
+    def inject():
         while not done.is_set() and not (run_dir / "metrics.jsonl").exists():
             time.sleep(0.05)
-        KILL_MARKER.touch()
+        if not done.is_set():
+            fault()
 
-    armer = threading.Thread(target=arm)
-    armer.start()
+    injector = threading.Thread(target=inject)
+    injector.start()
     try:
-        Trainer(cfg).fit()
+        return Trainer(cfg).fit()
     finally:
         done.set()
-        armer.join()
+        injector.join()
+
+
+def fit_with_reward_actor_killed_after_step_1(cfg: RunConfig) -> None:
+    """Arm the rule that SIGKILLs the reward actor (the next call it scores) after step 1."""
+    from tests.services.rule_fixtures import KILL_MARKER
+
+    try:
+        fit_with_fault_after_step_1(cfg, KILL_MARKER.touch)
+    finally:
         KILL_MARKER.unlink(missing_ok=True)
+
+
+def processes_titled(prefix: bytes) -> set[int]:
+    """PIDs of the processes whose title (Ray sets `ray::<Class>[.method]`) starts with `prefix`."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc / "cmdline").read_bytes().startswith(prefix):
+                found.add(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_a_killed_reference_actor_is_restarted_and_the_run_completes(ray_cluster, tmp_path):
+    """The reference actor (its own actor: not colocated) is SIGKILLed after step 1; Ray
+    restarts it (`cluster.service_restarts`), a call it was serving is retried, and every step
+    completes with the reference KL in the loss."""
+    before = processes_titled(b"ray::ReferenceService")
+    killed: list[int] = []
+
+    def kill_reference():
+        mine = processes_titled(b"ray::ReferenceService") - before  # this run's actor, not others'
+        assert len(mine) == 1, mine
+        killed.append(mine.pop())
+        os.kill(killed[0], signal.SIGKILL)
+
+    cfg = grpo_config(tmp_path, total_steps=4, reference={"colocate_with_learner": False},
+                      cluster={"service_restarts": 1})
+    fit_with_fault_after_step_1(cfg, kill_reference)
+    assert killed
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["objective/kl"] >= 0 for r in rows) and rows[-1]["objective/kl"] > 0
 
 
 def test_a_killed_reward_actor_is_restarted_and_its_call_retried(ray_cluster, tmp_path):
