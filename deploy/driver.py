@@ -165,7 +165,7 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     extras = [examples[r.prompt_index].extra for r in rollouts]
 
     def score():
-        return parts.reward.score.remote(prompts, responses, extras)
+        return reward_call(parts, prompts, responses, extras)
 
     def reference():
         return parts.reference.logprobs.remote(prompts, responses, cfg.rollout.temperature)
@@ -177,8 +177,28 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     if ref_ref is not None:
         ref = call_service(parts, "reference", reference, ref_ref)
     scored = call_service(parts, "reward", score, score_ref)
-    parts.reward_state = ray.get(parts.reward.state_dict.remote())
+    parts.reward_state = call_service(parts, "reward", parts.reward.state_dict.remote)
     return scored, prepared, ref
+
+
+def reward_call(parts: Parts, *args, **kwargs) -> ray.ObjectRef:
+    """`score` on the reward service, after loading into it the normaliser state the driver
+    last saw (only when there is one: a reward model with running normalisation), so a service
+    that Ray restarted, after a crash mid-call or silently between calls, scores with the
+    statistics it had before dying."""
+    if parts.reward_state:
+        _restore_reward_state(parts)
+    return parts.reward.score.remote(*args, **kwargs)
+
+
+def _restore_reward_state(parts: Parts) -> None:
+    for _ in range(parts.restarts + 1):
+        try:
+            ray.get(parts.reward.load_state_dict.remote(parts.reward_state))
+            return
+        except ray.exceptions.RayActorError:
+            _wait_until_back(parts.reward, "reward")
+    raise ServiceError(f"the reward actor kept dying (cluster.service_restarts={parts.restarts})")
 
 
 class ServiceError(RuntimeError):
@@ -203,7 +223,8 @@ def _wait_until_back(handle: Any, name: str, timeout_s: float = 600.0) -> None:
 def call_service(parts: Parts, name: str, call, first: ray.ObjectRef | None = None):
     """The result of `call()` (an actor call of the reward or reference service; `first` is one
     already in flight). When the actor died, Ray restarts it and the call is made again (the
-    reward normaliser's state restored first), up to `parts.restarts` times; then ServiceError."""
+    reward normaliser's state travels with each call, see `reward_call`), up to
+    `parts.restarts` times; then ServiceError."""
     pending = first if first is not None else call()
     deaths = 0
     while True:
@@ -220,8 +241,6 @@ def call_service(parts: Parts, name: str, call, first: ray.ObjectRef | None = No
             logger.warning("the %s actor died (%s); retrying after Ray restarts it (%d/%d)",
                            name, type(err).__name__, deaths, parts.restarts)
             _wait_until_back(getattr(parts, name), name)
-            if name == "reward" and parts.reward_state:
-                ray.get(parts.reward.load_state_dict.remote(parts.reward_state))
             pending = call()
 
 
@@ -234,7 +253,7 @@ def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -
     examples = data.examples[: cfg.data.eval_size]
     batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step, greedy=True))
     rollouts = batch.rollouts
-    scored = call_service(parts, "reward", lambda: parts.reward.score.remote(
+    scored = call_service(parts, "reward", lambda: reward_call(parts,
         [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
         [examples[r.prompt_index].extra for r in rollouts], update_stats=False,
     ))

@@ -65,3 +65,34 @@ def test_256_responses_are_scored_in_bounded_micro_batches(rm_dir):
     assert len(scores) == 256 and scorer.batch_sizes == [16] * 16
     alone = RewardModelScorer(str(rm_dir), micro_batch_size=1).score(seqs[:8])
     assert scores[:8] == pytest.approx(alone, abs=1e-5)
+
+
+def test_a_restarted_reward_service_scores_with_the_normaliser_state_it_had(ray_cluster, rm_dir, tiny_model_dir):
+    """Running normalisation keeps statistics in the actor. Killed between two calls (Ray
+    restarts it silently) or during one, the driver's next call brings the state it last saw,
+    so the scores equal those of a service that never died."""
+    from rlfleet.deploy.driver import Parts, call_service, reward_call
+
+    cfg = RewardConfig(model_path=str(rm_dir), normalize="running")
+    g = torch.Generator().manual_seed(9)
+    seqs = [[torch.randint(4, 100, (n,), generator=g).tolist() for n in (3, 5, 2, 6)] for _ in range(3)]
+    batches = [(b, [[7, 8]] * len(b), [{}] * len(b)) for b in seqs]
+    steady = start_reward_service(cfg, str(tiny_model_dir), RoleResources(num_cpus=0))
+    want = [ray.get(steady.score.remote(*b)).scores for b in batches]
+    flaky = start_reward_service(cfg, str(tiny_model_dir), RoleResources(num_cpus=0), restarts=2)
+    parts = Parts(None, None, flaky, None, str(tiny_model_dir), restarts=2)
+    got = []
+    for i, batch in enumerate(batches):
+        if i:  # killed after every completed call; the next call meets a restarted actor
+            ray.kill(flaky, no_restart=False)
+        got.append(call_service(parts, "reward", lambda b=batch: reward_call(parts, *b)).scores)
+        parts.reward_state = call_service(parts, "reward", flaky.state_dict.remote)
+    for g_scores, w_scores in zip(got, want, strict=True):
+        assert g_scores == pytest.approx(w_scores, abs=1e-6)
+    # The statistics do matter: a fresh service (what a restart gives without the state)
+    # scores the last batch differently.
+    fresh = start_reward_service(cfg, str(tiny_model_dir), RoleResources(num_cpus=0))
+    assert ray.get(fresh.score.remote(*batches[-1])).scores != pytest.approx(want[-1], abs=1e-3)
+    ray.kill(fresh, no_restart=True)
+    for handle in (steady, flaky):
+        ray.kill(handle, no_restart=True)
