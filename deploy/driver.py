@@ -54,7 +54,10 @@ class PhaseTimer:
     def __call__(self, phase: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+        self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
     def metrics(self) -> dict[str, float]:
         return {f"timing/{k}": v for k, v in self.seconds.items()}
@@ -112,12 +115,13 @@ def push_weights(cfg: RunConfig, parts: Parts, version: int) -> None:
 
 def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: PromptSampler, step: int) -> dict:
     timer = PhaseTimer()
+    began = time.perf_counter()
     examples = [data.examples[i] for i in sampler.next_batch(cfg.rollout.prompts_per_step)]
     with timer("generate"):
         batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step))
     rollouts = batch.rollouts
     with timer("score"):
-        scored, prepared, ref = _score_concurrently(cfg, parts, rollouts, examples)
+        scored, prepared, ref = _score_concurrently(cfg, parts, rollouts, examples, timer)
     group_ids = [r.prompt_index for r in rollouts]
     keep = drop_unscorable(scored, group_ids, cfg.reward.on_unscorable, cfg.reward.max_failures)
     per_group = Counter(group_ids)
@@ -138,7 +142,7 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
     }
     if not any(keep):
         logger.warning("step %d: every group was dropped (unscorable); no update", step)
-        return {**metrics, **timer.metrics()}
+        return {**metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
     exp = Experience(
         rollouts=_pick(rollouts, keep),
         scores=_pick(scored.scores, keep),
@@ -155,11 +159,12 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
     metrics.update({"rollout/min_version": float(min(versions)), "rollout/max_version": float(max(versions)),
                     "rollout/num_workers": float(len(versions)),
                     "services/retries": float(parts.service_retries)})
-    return {**result.metrics, **metrics, **timer.metrics()}
+    return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
 
 
-def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples):
-    """Reward, reference and old log-probs as three concurrent actor calls."""
+def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples, timer: PhaseTimer):
+    """Reward, reference and old log-probs as three concurrent actor calls. `timer` gets the
+    latency of each (`reward`, `reference`, `old_logprobs`: submission to result; they overlap)."""
     prompts = [r.prompt_ids for r in rollouts]
     responses = [r.response_ids for r in rollouts]
     extras = [examples[r.prompt_index].extra for r in rollouts]
@@ -170,15 +175,38 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     def reference():
         return parts.reference.logprobs.remote(prompts, responses, cfg.rollout.temperature)
 
+    submitted = time.perf_counter()
     score_ref = score()
     ref_ref = reference() if parts.reference is not None else None
-    prepared = parts.learner.prepare(rollouts)
+    pending = parts.learner.submit_prepare(rollouts)
+    in_flight = {"reward": [score_ref], "old_logprobs": [r for _, r in pending]}
+    if ref_ref is not None:
+        in_flight["reference"] = [ref_ref]
+    for name, seconds in _latencies(in_flight, submitted).items():
+        timer.add(name, seconds)
+    prepared = parts.learner.collect_prepared(rollouts, pending)
     ref = prepared.ref_logprobs
     if ref_ref is not None:
         ref = call_service(parts, "reference", reference, ref_ref)
     scored = call_service(parts, "reward", score, score_ref)
     parts.reward_state = call_service(parts, "reward", parts.reward.state_dict.remote)
     return scored, prepared, ref
+
+
+def _latencies(in_flight: dict[str, list[ray.ObjectRef]], since: float) -> dict[str, float]:
+    """Seconds from `since` until every object of each named group is ready (a failed call is
+    ready too: its error is raised where the result is fetched)."""
+    waiting = {name: set(refs) for name, refs in in_flight.items()}
+    done: dict[str, float] = {}
+    while waiting:
+        ready, _ = ray.wait([r for refs in waiting.values() for r in refs], num_returns=1)
+        now = time.perf_counter() - since
+        for name in list(waiting):
+            waiting[name] -= set(ready)
+            if not waiting[name]:
+                done[name] = now
+                del waiting[name]
+    return done
 
 
 def reward_call(parts: Parts, *args, **kwargs) -> ray.ObjectRef:

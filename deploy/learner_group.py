@@ -63,11 +63,19 @@ class LearnerGroup:
 
     def prepare(self, rollouts: Sequence[Rollout]) -> Prepared:
         """Old log-probs (and values, colocated reference) of every rollout, computed by all ranks."""
+        return self.collect_prepared(rollouts, self.submit_prepare(rollouts))
+
+    def submit_prepare(self, rollouts: Sequence[Rollout]) -> list[tuple[list[int], ray.ObjectRef]]:
+        """`prepare` in flight: (the rollout indices of a rank's shard, its result) per rank used."""
         shards = balanced_shards([len(r.prompt_ids) + len(r.response_ids) for r in rollouts], len(self.handles))
         # Sharded, every rank runs the forward passes together, even with nothing to do.
-        used = [(h, s) for h, s in zip(self.handles, shards, strict=True) if s or self.helpers]
-        parts = ray.get([h.prepare.remote([rollouts[i] for i in shard]) for h, shard in used])
-        used = [s for _, s in used]
+        return [(s, h.prepare.remote([rollouts[i] for i in s]))
+                for h, s in zip(self.handles, shards, strict=True) if s or self.helpers]
+
+    def collect_prepared(self, rollouts: Sequence[Rollout], pending: list[tuple[list[int], ray.ObjectRef]]) -> Prepared:
+        """The results of `submit_prepare`, merged back into the rollouts' order."""
+        used = [s for s, _ in pending]
+        parts = ray.get([ref for _, ref in pending])
         fields = {}
         for name in ("old_logprobs", "values", "ref_logprobs"):
             if getattr(parts[0], name) is None:
