@@ -1,0 +1,72 @@
+"""The benchmarks' own logic (the benchmarks themselves run with `bench/run_all.py`, not here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from rlfleet.services.rules import exact_match
+
+pytestmark = pytest.mark.unit
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trl_side_scores_with_rlfleets_own_rule():
+    """bench/trl_grpo.py loads services/rules.py from source (TRL's environment has no rlfleet)
+    and wraps it in TRL's reward signature: it must give exactly rlfleet's scores."""
+    trl_side = bench_module("trl_grpo")
+    rule = trl_side.load_rule("exact_match")
+    reward = trl_side.reward_function(rule)
+    answers = ["cba", "jih", "abc", "dcb", "eee"]
+    texts = ["cba", " jih\n", "ab", "x\ndcb", "####eee"]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]  # TRL's conversational form
+    got = reward(prompts=[None] * 5, completions=completions, answer=answers, trainer_state=None)
+    assert got == [exact_match("", t, {"answer": a}) for t, a in zip(texts, answers, strict=True)]
+    assert got == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert reward.__name__ == "exact_match"  # TRL names the reward metric after it
+
+
+def test_step_breakdown_other_is_the_rest_of_each_step():
+    e2e = bench_module("e2e_grpo")
+    timing = {"timing/step": [9.0, 1.0, 1.2], "timing/generate": [5.0, 0.4, 0.5], "timing/score": [1.0, 0.2, 0.2],
+              "timing/train": [2.0, 0.3, 0.3], "timing/push": [0.5, 0.05, 0.1], "timing/reward": [0.1, 0.05, 0.05],
+              "timing/old_logprobs": [0.9, 0.2, 0.1]}
+    got = e2e.breakdown([{"step_seconds": timing["timing/step"], "timing": timing}])
+    # the first step (warm-up) is left out; medians over steps 2 and 3
+    assert got["step"] == pytest.approx(1.1)
+    assert got["other"] == pytest.approx((0.05 + 0.1) / 2)
+    assert "reference" not in got
+    shares = bench_module("run_all").step_shares(got)
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_every_number_in_the_summary_names_the_command_that_measured_it(tmp_path):
+    run_all = bench_module("run_all")
+    e2e = {"rlfleet_seconds_per_step": 0.5, "trl_seconds_per_step": 0.25, "ratio_trl_over_rlfleet_seconds_per_step": 0.5,
+           "rlfleet_startup_seconds": 40.0, "trl_startup_seconds": 7.0, "reward_rlfleet": [0.3] * 6,
+           "reward_trl": [0.3] * 6, "setup": {"rounds": 2},
+           "step_breakdown_seconds": {"step": 0.5, "generate": 0.2, "score": 0.1, "train": 0.15, "push": 0.04,
+                                      "other": 0.01, "reward": 0.02, "reference": 0.1, "old_logprobs": 0.09}}
+    roll = {"setup": {"parameters": 353920}, "vllm_float32": {"tokens_per_s": 9000.0},
+            "hf_float32": {"tokens_per_s": 12000.0}, "ratio_vllm_over_hf_float32": 0.75}
+    table = run_all.table({"e2e_grpo": e2e, "rollout_throughput": roll})
+    rows = [line for line in table.splitlines()[2:] if line.strip()]
+    assert len(rows) == 8 + 3
+    for row in rows:
+        script = re.search(r"`\.venv/bin/python (bench/\w+\.py)[^`]*`", row)
+        assert script and (BENCH.parent / script.group(1)).is_file(), row
+    assert "| GRPO end to end: TRL s/step ÷ rlfleet s/step | 0.5 |" in table
+    assert "generate 40%" in table
+    json.dumps(run_all.BENCHMARKS)  # the plan itself is plain data
