@@ -131,7 +131,12 @@ def run_trl(python: Path, model: str, data: Path, steps: int, tmp: Path) -> dict
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     began = time.perf_counter()
-    subprocess.run([str(python), str(BENCH / "trl_grpo.py"), str(settings), str(out)], check=True, env=env)
+    log = tmp / "trl.log"  # TRL prints every step's logs: kept out of the report, shown on failure
+    with log.open("w") as sink:
+        done = subprocess.run([str(python), str(BENCH / "trl_grpo.py"), str(settings), str(out)], env=env,
+                              stdout=sink, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"the TRL run failed (exit {done.returncode}):\n{log.read_text()[-4000:]}")
     result = json.loads(out.read_text())
     result["total_seconds"] = time.perf_counter() - began  # the interpreter's start and imports included
     result["startup_seconds"] = result["total_seconds"] - sum(result["step_seconds"])

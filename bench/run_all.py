@@ -35,7 +35,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "e2e_grpo": ("e2e_grpo", ["--steps", "30", "--rounds", "2"]),
     "rollout_throughput": ("rollout_throughput", ["--dtypes", "float32", "--rounds", "3"]),
     # a 21M-parameter model, where vLLM's engine pays for itself on CPU (pool: the tiny model's run)
-    "rollout_throughput_21m": ("rollout_throughput", ["--dtypes", "bfloat16", "--rounds", "2", "--no-pool",
+    "rollout_throughput_21m": ("rollout_throughput", ["--dtypes", "float32", "--rounds", "2", "--no-pool",
                                                       "--hidden-size", "512", "--layers", "8", "--heads", "16"]),
     "weight_push": ("weight_push", ["--pushes", "3"]),
     "learner_throughput": ("learner_throughput", ["--steps", "3"]),
@@ -49,15 +49,18 @@ def command(name: str) -> str:
     return " ".join([".venv/bin/python", f"bench/{script}.py", *args, *out])
 
 
-def run(names: list[str]) -> dict[str, float]:
-    seconds = {}
+def run(names: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Wall seconds of each benchmark, and the ones that failed (the others still run)."""
+    seconds, failed = {}, []
     for name in names:
         line = command(name)
         print(f"== {line}", flush=True)  # noqa: T201
+        (RESULTS / f"{name}.json").unlink(missing_ok=True)  # no stale numbers in the table
         began = time.perf_counter()
-        subprocess.run([sys.executable, *line.split()[1:]], check=True, cwd=BENCH.parent)
+        if subprocess.run([sys.executable, *line.split()[1:]], cwd=BENCH.parent).returncode:
+            failed.append(name)
         seconds[name] = time.perf_counter() - began
-    return seconds
+    return seconds, failed
 
 
 def load(name: str) -> dict | None:
@@ -147,6 +150,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    return [_mean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
+
+
 def step_shares(breakdown: dict[str, float]) -> dict[str, float]:
     """The sequential phases of a step as fractions of it (they add up to 1)."""
     phases = {k: breakdown[k] for k in ("generate", "score", "train", "push", "other")}
@@ -183,11 +191,15 @@ def plots(results: dict[str, dict | None]) -> list[Path]:
         written.append(_save(fig, "step_breakdown.png"))
 
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(range(1, len(e2e["reward_rlfleet"]) + 1), e2e["reward_rlfleet"], label="rlfleet")
-        ax.plot(range(1, len(e2e["reward_trl"]) + 1), e2e["reward_trl"], label="TRL GRPOTrainer")
+        for key, label, color in (("reward_rlfleet", "rlfleet", "#4c72b0"), ("reward_trl", "TRL GRPOTrainer", "#dd8452")):
+            curve = e2e[key]
+            steps = range(1, len(curve) + 1)
+            ax.plot(steps, curve, color=color, alpha=0.35, linewidth=1)
+            ax.plot(steps, moving_mean(curve, 5), color=color, linewidth=2, label=f"{label} (mean of 5 steps)")
         ax.set_xlabel("step")
         ax.set_ylabel("mean reward (exact answer)")
-        ax.set_title(f"GRPO on `reverse`, mean of {e2e['setup']['rounds']} runs each")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"GRPO on `reverse` (seeded: each tool's {e2e['setup']['rounds']} runs agree)")
         ax.legend()
         fig.tight_layout()
         written.append(_save(fig, "reward_curves.png"))
@@ -200,6 +212,7 @@ def plots(results: dict[str, dict | None]) -> list[Path]:
                            if k.endswith("_workers") and isinstance(v, dict))
             axes[0].plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o")
             axes[0].set_xticks([p[0] for p in pairs])
+            axes[0].set_ylim(bottom=0)
             axes[0].set_xlabel("vLLM rollout workers")
             axes[0].set_ylabel("tokens/s")
             axes[0].set_title("rollout")
@@ -234,7 +247,7 @@ def main() -> None:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHMARKS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    seconds = {} if args.report else run(names)
+    seconds, failed = ({}, []) if args.report else run(names)
     results = {name: load(name) for name in BENCHMARKS}
     summary = "# rlfleet benchmarks\n\n" + table(results)
     if seconds:
@@ -244,6 +257,8 @@ def main() -> None:
     written = plots(results)
     print(summary)  # noqa: T201
     print("wrote", RESULTS / "summary.md", *written)  # noqa: T201
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (their output is above)")
 
 
 if __name__ == "__main__":

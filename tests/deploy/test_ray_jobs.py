@@ -21,6 +21,7 @@ import pytest
 
 from rlfleet.common.metrics import read_metrics
 from tests.ports import free_port
+from tests.procs import pids_titled
 
 pytestmark = pytest.mark.ray
 
@@ -145,21 +146,12 @@ def test_rlfleet_scale_grows_the_rollout_fleet_of_a_submitted_job(ray_head, tmp_
     assert missing.returncode == 2 and "no running rlfleet job 'raysubmit_nope'" in missing.stderr
 
 
-def alive_rollout_pids(head: Head) -> list[int]:
+def alive_rollout_pids(head: Head) -> set[int]:
     """PIDs of this head's rollout workers that are up (not restarting): processes titled
     `ray::VLLMRolloutWorker` whose environment holds this head's token (the test session's
     own Ray cluster has rollout workers too)."""
     token = f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0]
-            if title.startswith(b"ray::VLLMRolloutWorker") and b"__init__" not in title:
-                if token in (proc / "environ").read_bytes().split(b"\0"):
-                    found.append(int(proc.name))
-        except (OSError, ValueError):
-            continue
-    return found
+    return pids_titled(b"ray::VLLMRolloutWorker", environ_entry=token, unless=b"__init__")
 
 
 def test_soak_grpo_job_survives_rollout_workers_killed_every_few_steps(ray_head, tmp_path):
@@ -185,7 +177,7 @@ def test_soak_grpo_job_survives_rollout_workers_killed_every_few_steps(ray_head,
             pids = alive_rollout_pids(ray_head)
             if len(pids) == 2:  # not while a killed one is still restarting
                 try:
-                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    os.kill(rng.choice(sorted(pids)), signal.SIGKILL)
                 except ProcessLookupError:  # the state API lags a restart by a moment
                     continue
                 kills += 1

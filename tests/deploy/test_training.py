@@ -24,6 +24,7 @@ from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.deploy import Trainer, cli
 from rlfleet.deploy.checkpoints import CheckpointManager
+from tests.procs import pids_titled
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -254,27 +255,15 @@ def fit_with_reward_actor_killed_after_step_1(cfg: RunConfig) -> None:
         KILL_MARKER.unlink(missing_ok=True)
 
 
-def processes_titled(prefix: bytes) -> set[int]:
-    """PIDs of the processes whose title (Ray sets `ray::<Class>[.method]`) starts with `prefix`."""
-    found = set()
-    for proc in Path("/proc").iterdir():
-        try:
-            if (proc / "cmdline").read_bytes().startswith(prefix):
-                found.add(int(proc.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def test_a_killed_reference_actor_is_restarted_and_the_run_completes(ray_cluster, tmp_path):
     """The reference actor (its own actor: not colocated) is SIGKILLed after step 1; Ray
     restarts it (`cluster.service_restarts`), a call it was serving is retried, and every step
     completes with the reference KL in the loss."""
-    before = processes_titled(b"ray::ReferenceService")
+    before = pids_titled(b"ray::ReferenceService")
     killed: list[int] = []
 
     def kill_reference():
-        mine = processes_titled(b"ray::ReferenceService") - before  # this run's actor, not others'
+        mine = pids_titled(b"ray::ReferenceService") - before  # this run's actor, not others'
         assert len(mine) == 1, mine
         killed.append(mine.pop())
         os.kill(killed[0], signal.SIGKILL)
