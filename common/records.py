@@ -118,8 +118,9 @@ class ScoreBatch:
 class Prepared:
     """What the learner computes for a batch before training, with the weights that generated it."""
 
-    old_logprobs: list[list[float]]
-    """log π_old of every response token [B][T_b], at the rollout temperature."""
+    old_logprobs: list[list[float]] | None
+    """log π_old of every response token [B][T_b], at the rollout temperature (None when the
+    update computes them itself: one update per batch)."""
     values: list[list[float]] | None
     """Critic values V_t [B][T_b] (None without a critic)."""
     ref_logprobs: list[list[float]] | None = None
@@ -136,8 +137,8 @@ class Experience:
     """Sequence scores [B] from the reward service."""
     group_ids: list[int]
     """Prompt group of each response [B] (responses to one prompt share an id)."""
-    old_logprobs: list[list[float]]
-    """From `Prepared`."""
+    old_logprobs: list[list[float]] | None
+    """From `Prepared`; None: the update's own log-probs, detached (one update per batch)."""
     values: list[list[float]] | None
     """From `Prepared` (None without a critic)."""
     ref_logprobs: list[list[float]] | None

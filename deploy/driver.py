@@ -20,9 +20,10 @@ import ray
 from rlfleet.common.config import RoleResources, RunConfig
 from rlfleet.common.data import PromptDataset, PromptSampler
 from rlfleet.common.metrics import MetricsWriter
-from rlfleet.common.records import Experience, Rollout, SamplingSpec
+from rlfleet.common.records import Experience, Prepared, Rollout, SamplingSpec
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
 from rlfleet.deploy.learner_group import LearnerGroup
+from rlfleet.learner.learner import reuses_update_logprobs
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
 from rlfleet.services.reward_service import drop_unscorable
@@ -163,8 +164,9 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
 
 
 def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples, timer: PhaseTimer):
-    """Reward, reference and old log-probs as three concurrent actor calls. `timer` gets the
-    latency of each (`reward`, `reference`, `old_logprobs`: submission to result; they overlap)."""
+    """Reward, reference and old log-probs as three concurrent actor calls (no old log-probs
+    when the update makes its own: `reuses_update_logprobs`). `timer` gets the latency of each
+    (`reward`, `reference`, `old_logprobs`: submission to result; they overlap)."""
     prompts = [r.prompt_ids for r in rollouts]
     responses = [r.response_ids for r in rollouts]
     extras = [examples[r.prompt_index].extra for r in rollouts]
@@ -178,13 +180,15 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     submitted = time.perf_counter()
     score_ref = score()
     ref_ref = reference() if parts.reference is not None else None
-    pending = parts.learner.submit_prepare(rollouts)
-    in_flight = {"reward": [score_ref], "old_logprobs": [r for _, r in pending]}
+    pending = [] if reuses_update_logprobs(cfg) else parts.learner.submit_prepare(rollouts)
+    in_flight = {"reward": [score_ref]}
+    if pending:
+        in_flight["old_logprobs"] = [r for _, r in pending]
     if ref_ref is not None:
         in_flight["reference"] = [ref_ref]
     for name, seconds in _latencies(in_flight, submitted).items():
         timer.add(name, seconds)
-    prepared = parts.learner.collect_prepared(rollouts, pending)
+    prepared = parts.learner.collect_prepared(rollouts, pending) if pending else Prepared(None, None, None)
     ref = prepared.ref_logprobs
     if ref_ref is not None:
         ref = call_service(parts, "reference", reference, ref_ref)

@@ -7,6 +7,10 @@ A plain class; `deploy/` makes it a Ray actor. One step:
                       each minibatch accumulated over micro-batches under a token budget
   publish()           the new weights (LoRA merged) as safetensors chunks
 
+With one update per batch (`reuses_update_logprobs`), `prepare` is skipped: the old
+log-probs are the update's own forward pass, detached (the ratio is exactly 1, as a separate
+pass with the same weights would give), saving one forward pass over the batch per step.
+
 Micro-batches pass the minibatch's token and sequence counts to `agg_loss`, so their summed
 gradients equal one pass over the whole minibatch. A non-finite gradient norm skips that
 optimizer step (counted in `learner/skipped_steps`). The minibatch order of every epoch is
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +81,18 @@ class StaleRolloutError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def reuses_update_logprobs(cfg: RunConfig) -> bool:
+    """True when a step makes one update on its whole batch and needs nothing from the old
+    log-probs before it: one epoch, one minibatch, no critic (values), no KL in the token
+    rewards, no colocated reference (computed with them), no truncated IS. The update's own
+    log-probs, detached, are then the old ones, and the driver skips `prepare`."""
+    a, lc = cfg.algorithm, cfg.learner
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    colocated = cfg.reference.enabled and cfg.reference.colocate_with_learner and a.kl_in != "none"
+    return (lc.ppo_epochs == 1 and lc.minibatch_size >= batch and a.advantage_estimator != "gae"
+            and a.kl_in != "reward" and not colocated and a.tis_cap is None)
 
 
 @dataclass(frozen=True)
@@ -186,12 +202,7 @@ class Learner:
     @torch.no_grad()
     def prepare(self, rollouts: Sequence[Rollout]) -> Prepared:
         """Old log-probs and values (and colocated reference log-probs) of every response."""
-        stale = sorted({r.policy_version for r in rollouts} - {self.version})
-        if stale:
-            raise StaleRolloutError(
-                f"rollouts of policy versions {stale} reached a learner at version {self.version}; "
-                "old log-probs must come from the weights that generated them"
-            )
+        self._check_fresh(rollouts)
         temp = self._cfg.rollout.temperature
         old = [[] for _ in rollouts]
         values = [[] for _ in rollouts] if self.critic is not None else None
@@ -214,6 +225,14 @@ class Learner:
             self.policy.train()
         return Prepared(old, values, ref)
 
+    def _check_fresh(self, rollouts: Sequence[Rollout]) -> None:
+        stale = sorted({r.policy_version for r in rollouts} - {self.version})
+        if stale:
+            raise StaleRolloutError(
+                f"rollouts of policy versions {stale} reached a learner at version {self.version}; "
+                "old log-probs must come from the weights that generated them"
+            )
+
     def _reference_logprobs(self, batch, temperature: float) -> torch.Tensor:
         if self._reference == "base":
             with disabled_adapter(self.policy):
@@ -222,18 +241,29 @@ class Learner:
 
     # ------------------------------------------------------------------ train
     def train_step(self, exp: Experience) -> StepResult:
-        """One PPO-family update on a scored batch; returns the new version and the metrics."""
+        """One PPO-family update on a scored batch; returns the new version and the metrics.
+        `exp.old_logprobs` None: the update's own log-probs serve (`reuses_update_logprobs`)."""
         cfg, algo = self._cfg, self._cfg.algorithm
         rollouts = exp.rollouts
         width = max(max(len(r.response_ids) for r in rollouts), 1)
         dev = self.device
         mask = pad_rows([[1.0] * len(r.response_ids) for r in rollouts], width).to(dev)
-        old = pad_rows(exp.old_logprobs, width).to(dev)
+        fill_old = exp.old_logprobs is None
+        if fill_old:
+            self._check_fresh(rollouts)
+            if not reuses_update_logprobs(cfg) or len(rollouts) > cfg.learner.minibatch_size:
+                raise ValueError(
+                    "Experience.old_logprobs is None, but this config needs them before its update (more than "
+                    "one epoch or minibatch, a critic, KL in the rewards, a colocated reference or TIS): "
+                    "call prepare() first"
+                )
+        old = torch.zeros_like(mask) if fill_old else pad_rows(exp.old_logprobs, width).to(dev)
         vllm_lp = pad_rows([r.logprobs for r in rollouts], width).to(dev)
         ref = pad_rows(exp.ref_logprobs, width).to(dev) if exp.ref_logprobs is not None else None
         values = pad_rows(exp.values, width).to(dev) if exp.values is not None else None
         scores = torch.tensor(exp.scores, dtype=torch.float32, device=dev)
         group_ids = torch.tensor(exp.group_ids, device=dev)
+        # (filled by the update, `old` is all zeros here: the KL then only enters the metrics, below)
         kl = kl_penalty(old, ref, algo.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
         beta = self.kl_controller.value
         reward_beta = beta if algo.kl_in == "reward" else 0.0
@@ -249,7 +279,12 @@ class Learner:
         for _ in range(cfg.learner.ppo_epochs):
             order = torch.randperm(len(rollouts), generator=generator).tolist()
             for start in range(0, len(order), cfg.learner.minibatch_size):
-                self._minibatch(rollouts, order[start : start + cfg.learner.minibatch_size], tensors, beta, update)
+                self._minibatch(rollouts, order[start : start + cfg.learner.minibatch_size], tensors, beta, update,
+                                fill_old)
+        if fill_old:
+            old = self._dp.sum(old)  # every row was filled by the one rank that trained it
+            if ref is not None:
+                kl = kl_penalty(old, ref, algo.kl_estimator) * mask
         metrics: dict[str, float | None] = {
             **batch_metrics(rollouts, scores, group_ids, mask, old, vllm_lp, kl, reward_beta),
             **UpdateMetrics.merged(self._dp.gather(update)).result(),
@@ -265,7 +300,8 @@ class Learner:
         metrics["learner/version"] = float(self.version)
         return StepResult(self.version, metrics)
 
-    def _minibatch(self, rollouts, idx: list[int], tensors: _StepTensors, beta: float, update: UpdateMetrics) -> None:
+    def _minibatch(self, rollouts, idx: list[int], tensors: _StepTensors, beta: float, update: UpdateMetrics,
+                   fill_old: bool = False) -> None:
         algo, dp = self._cfg.algorithm, self._dp
         sub = tensors.rows(idx, tensors.mask.shape[1])
         norms = {
@@ -293,6 +329,11 @@ class Learner:
                 with autocast(self.device, self._cfg.model.dtype):
                     logp, entropy = response_logprobs(dp.module(self.policy), batch, self._cfg.rollout.temperature,
                                                       with_entropy=True)
+                if fill_old:
+                    t = replace(t, old_logprobs=logp.detach())
+                    if real:
+                        rows = torch.tensor(real, device=logp.device)
+                        tensors.old_logprobs[rows, : logp.shape[1]] = t.old_logprobs
                 pg, pm = POLICY_LOSSES[algo.policy_loss](
                     logp, t.old_logprobs, t.advantages, t.mask, algo.clip_low, algo.clip_high, algo.dual_clip,
                     algo.loss_agg, token_weights=t.is_weights, **norms,

@@ -110,6 +110,12 @@ class DataParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item() > 0)
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `t` over the ranks (in place)."""
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     def gather(self, obj):
         """Every rank's `obj`, in rank order."""
         if self.world_size == 1:

@@ -24,6 +24,7 @@ from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.deploy import Trainer, cli
 from rlfleet.deploy.checkpoints import CheckpointManager
+from rlfleet.learner.learner import reuses_update_logprobs
 from tests.procs import pids_titled
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -258,7 +259,8 @@ def fit_with_reward_actor_killed_after_step_1(cfg: RunConfig) -> None:
 def test_a_killed_reference_actor_is_restarted_and_the_run_completes(ray_cluster, tmp_path):
     """The reference actor (its own actor: not colocated) is SIGKILLed after step 1; Ray
     restarts it (`cluster.service_restarts`), a call it was serving is retried, and every step
-    completes with the reference KL in the loss."""
+    completes with the reference KL in the loss. One update per step: the learner makes its
+    own old log-probs (no `prepare` call)."""
     before = pids_titled(b"ray::ReferenceService")
     killed: list[int] = []
 
@@ -269,12 +271,17 @@ def test_a_killed_reference_actor_is_restarted_and_the_run_completes(ray_cluster
         os.kill(killed[0], signal.SIGKILL)
 
     cfg = grpo_config(tmp_path, total_steps=4, reference={"colocate_with_learner": False},
-                      cluster={"service_restarts": 1})
+                      learner={"minibatch_size": 32}, cluster={"service_restarts": 1})
+    assert reuses_update_logprobs(cfg)
     fit_with_fault_after_step_1(cfg, kill_reference)
     assert killed
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["objective/kl"] >= 0 for r in rows) and rows[-1]["objective/kl"] > 0
+    # the old log-probs came from the update itself: no prepare call, a ratio of exactly 1, and
+    # they still match vLLM's
+    assert all("timing/old_logprobs" not in r and r["val/ratio"] == pytest.approx(1.0, abs=1e-6) for r in rows)
+    assert all(r["rollout/logprob_diff"] < 1e-3 and r["learner/version"] == r["step"] for r in rows)
 
 
 def test_a_killed_reward_actor_is_restarted_and_its_call_retried(ray_cluster, tmp_path):

@@ -11,7 +11,13 @@ from rlfleet.common.config import ClusterConfig
 from rlfleet.common.weights import iter_state_dict
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.learner import Learner
-from tests.learner.test_learner import experience, make_config, make_rollouts
+from tests.learner.test_learner import (
+    experience,
+    make_config,
+    make_rollouts,
+    single_update_batch,
+    single_update_config,
+)
 
 # lr 1e-4: D = 1 and D = 2 differ only in the order of float sums; Adam's first step turns a
 # rounding-level difference in a near-zero gradient into up to lr, so lr bounds what can differ.
@@ -120,6 +126,31 @@ def check_two_ranks_like_one(configs, model: str, tmp_path, first, second) -> No
     finally:
         for g in groups.values():
             g.kill()
+
+
+@pytest.mark.ray
+def test_sharded_ranks_make_their_own_old_logprobs_like_one_learner(ray_cluster, tiny_model_dir):
+    """One update per batch on 2 FSDP2 ranks without `prepare`: each rank fills the old
+    log-probs of its share, summed over the ranks for the metrics; the update and metrics are
+    those of one learner given them by `prepare`."""
+    plain = Learner(single_update_config(lr=LR, micro_batch_tokens=24), str(tiny_model_dir))
+    prepared, own = single_update_batch(plain, make_rollouts())
+    want = plain.train_step(prepared).metrics
+    cfg = single_update_config(lr=LR, micro_batch_tokens=24, num_workers=2, strategy="fsdp")
+    group = LearnerGroup.start(cfg, str(tiny_model_dir))
+    try:
+        got = group.train_step(own).metrics
+        rank0, rank1 = snapshots(group)
+    finally:
+        group.kill()
+    one = plain.parameter_snapshot()
+    for name in one:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], one[name], atol=1e-5, rtol=0, msg=name)
+    assert got["objective/kl"] > 1e-3
+    for key, value in want.items():
+        if value is not None:
+            assert got[key] == pytest.approx(value, abs=1e-5), key
 
 
 @pytest.mark.ray

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,13 @@ from transformers import AutoModelForCausalLM
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience, Rollout, SamplingSpec
 from rlfleet.deploy.smoke import response_logprobs
-from rlfleet.learner.learner import Learner, NonFiniteError, StaleRolloutError, token_budget_batches
+from rlfleet.learner.learner import (
+    Learner,
+    NonFiniteError,
+    StaleRolloutError,
+    reuses_update_logprobs,
+    token_budget_batches,
+)
 from rlfleet.learner.models import merged_state_dict
 from rlfleet.learner.weights import object_store_chunks
 
@@ -54,6 +61,23 @@ def experience(learner: Learner, rollouts: list[Rollout], scores=(1.0, 0.0, 0.3,
     prepared = learner.prepare(rollouts)
     return Experience(rollouts, list(scores), [r.prompt_index for r in rollouts], prepared.old_logprobs,
                       prepared.values, prepared.ref_logprobs)
+
+
+def single_update_config(**learner) -> RunConfig:
+    """GRPO, one update per batch (one epoch, one minibatch of all 6 responses in several
+    micro-batches), the reference its own actor: the old log-probs come from the update."""
+    cfg = make_config("grpo", **{"minibatch_size": 6, "ppo_epochs": 1, "micro_batch_tokens": 40, **learner})
+    return cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"colocate_with_learner": False})})
+
+
+def single_update_batch(learner: Learner, rollouts: list[Rollout]) -> tuple[Experience, Experience]:
+    """(with old log-probs from `prepare`, without them) and a reference 0.1-ish off the policy."""
+    prepared = learner.prepare(rollouts)
+    g = torch.Generator().manual_seed(1)
+    ref = [(torch.tensor(row) + 0.1 * torch.randn(len(row), generator=g)).tolist() for row in prepared.old_logprobs]
+    scores, groups = [1.0, 0.0, 0.3, 0.9, 0.5, 0.5], [r.prompt_index for r in rollouts]
+    return (Experience(rollouts, scores, groups, prepared.old_logprobs, None, ref),
+            Experience(rollouts, scores, groups, None, None, ref))
 
 
 def all_parameters(learner: Learner) -> dict[str, torch.Tensor]:
@@ -169,6 +193,43 @@ def test_rollouts_of_another_version_are_refused(tiny_model_dir):
     learner = Learner(make_config("grpo"), str(tiny_model_dir))
     with pytest.raises(StaleRolloutError, match=r"versions \[3\] reached a learner at version 0"):
         learner.prepare(make_rollouts(version=3))
+
+
+def test_one_update_per_batch_makes_its_own_old_logprobs_exactly(tiny_model_dir):
+    """Without `prepare`, the update's detached log-probs are the old ones: the same weights,
+    metrics and KL as with a separate no-grad pass."""
+    cfg = single_update_config()
+    assert reuses_update_logprobs(cfg)
+    with_old, without = Learner(cfg, str(tiny_model_dir)), Learner(cfg, str(tiny_model_dir))
+    before = all_parameters(with_old)
+    prepared, own = single_update_batch(with_old, make_rollouts())
+    want, got = with_old.train_step(prepared).metrics, without.train_step(own).metrics
+    after = all_parameters(with_old)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    for name, value in all_parameters(without).items():
+        torch.testing.assert_close(value, after[name], atol=1e-6, rtol=0, msg=name)
+    assert got["objective/kl"] > 1e-3 and got["val/ratio"] == pytest.approx(1.0, abs=1e-7)
+    for key, value in want.items():
+        if value is not None:
+            assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_missing_old_logprobs_are_refused_where_the_update_needs_them(tiny_model_dir):
+    twice = make_config("grpo", minibatch_size=6, ppo_epochs=2)  # two epochs: the second needs the first's
+    assert not reuses_update_logprobs(twice)
+    _, own = single_update_batch(Learner(single_update_config(), str(tiny_model_dir)), make_rollouts())
+    with pytest.raises(ValueError, match=r"old_logprobs is None.*call prepare\(\) first"):
+        Learner(twice, str(tiny_model_dir)).train_step(own)
+    stale = [dataclasses.replace(r, policy_version=3) for r in own.rollouts]
+    with pytest.raises(StaleRolloutError, match="versions \\[3\\] reached a learner at version 0"):
+        Learner(single_update_config(), str(tiny_model_dir)).train_step(dataclasses.replace(own, rollouts=stale))
+    for change in ({"learner": {"minibatch_size": 3}}, {"algorithm": {"advantage_estimator": "gae"}},
+                   {"algorithm": {"kl_in": "reward"}}, {"algorithm": {"tis_cap": 2.0}},
+                   {"reference": {"colocate_with_learner": True}}):
+        data = single_update_config().model_dump()
+        for section, fields in change.items():
+            data[section].update(fields)
+        assert not reuses_update_logprobs(RunConfig.model_validate(data)), change
 
 
 def test_old_logprobs_equal_a_plain_forward(tiny_model_dir, tiny_policy):
