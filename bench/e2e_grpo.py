@@ -5,10 +5,11 @@ Both start from one SFT warm start of the tiny character-level model on the buil
 prompts per step, samples per prompt, response length, learning rate (constant, AdamW),
 clip range, k3 KL in the loss with the same β, token-mean loss, one optimizer step per RL step,
 and the same reward function (rlfleet's `exact_match`, loaded from its source file by the TRL
-side). They differ where the tools differ: rlfleet generates with vLLM in a Ray actor and
-scores, references and trains in other actors, one CPU each; TRL generates with transformers'
-`generate` and does everything in one process with all the cores' threads (TRL's vLLM path
-needs a GPU build of vLLM).
+side). With one update per batch neither makes a separate old-log-prob pass (rlfleet's
+`reuses_update_logprobs`, TRL's single-iteration path). They differ where the tools differ:
+rlfleet generates with vLLM in a Ray actor and scores, references and trains in other actors,
+one CPU each; TRL generates with transformers' `generate` and does everything in one process
+with all the cores' threads (TRL's vLLM path needs a GPU build of vLLM).
 
 TRL runs in its own environment, bench/.trl-env (created on first use, torch and
 transformers at the versions rlfleet runs with; TRL pinned below): it is never a dependency
