@@ -23,7 +23,7 @@ from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.records import Experience, Prepared, Rollout, SamplingSpec
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
 from rlfleet.deploy.learner_group import LearnerGroup
-from rlfleet.learner.learner import reuses_update_logprobs
+from rlfleet.learner.step_data import reuses_update_logprobs
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
 from rlfleet.services.reward_service import drop_unscorable

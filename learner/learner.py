@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,6 +71,12 @@ from rlfleet.learner.state_io import (
     save_rng,
     write_json,
 )
+from rlfleet.learner.step_data import (
+    StepTensors,
+    reuses_update_logprobs,
+    scatter_rows,
+    token_budget_batches,
+)
 from rlfleet.learner.step_metrics import UpdateMetrics, batch_metrics
 from rlfleet.learner.weights import WeightBroadcaster, check_finite, object_store_chunks
 
@@ -81,54 +87,6 @@ class StaleRolloutError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def reuses_update_logprobs(cfg: RunConfig) -> bool:
-    """True when a step makes one update on its whole batch and needs nothing from the old
-    log-probs before it: one epoch, one minibatch, no critic (values), no KL in the token
-    rewards, no colocated reference (computed with them), no truncated IS. The update's own
-    log-probs, detached, are then the old ones, and the driver skips `prepare`."""
-    a, lc = cfg.algorithm, cfg.learner
-    batch = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    colocated = cfg.reference.enabled and cfg.reference.colocate_with_learner and a.kl_in != "none"
-    return (lc.ppo_epochs == 1 and lc.minibatch_size >= batch and a.advantage_estimator != "gae"
-            and a.kl_in != "reward" and not colocated and a.tis_cap is None)
-
-
-@dataclass(frozen=True)
-class _StepTensors:
-    """The step's per-token tensors [B, T] (on the learner's device)."""
-
-    mask: torch.Tensor
-    old_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    ref_logprobs: torch.Tensor | None
-    values: torch.Tensor | None
-    is_weights: torch.Tensor | None
-
-    def rows(self, idx: Sequence[int], width: int) -> _StepTensors:
-        """Rows `idx`, the first `width` columns (responses are right-padded)."""
-        index = torch.tensor(list(idx), device=self.mask.device)
-        pick = {k: None if v is None else v[index, :width] for k, v in vars(self).items()}
-        return _StepTensors(**pick)
-
-
-def token_budget_batches(lengths: Sequence[tuple[int, int]], idx: Sequence[int], budget: int) -> Iterator[list[int]]:
-    """Cut `idx` (in order) into micro-batches whose padded size rows × (P + T) fits `budget`
-    (a single longer sequence still gets its own micro-batch)."""
-    current: list[int] = []
-    width_p = width_r = 0
-    for i in idx:
-        p, r = lengths[i]
-        wp, wr = max(width_p, p), max(width_r, r)
-        if current and (len(current) + 1) * (wp + wr) > budget:
-            yield current
-            current, wp, wr = [], p, r
-        current.append(i)
-        width_p, width_r = wp, wr
-    if current:
-        yield current
 
 
 class Learner:
@@ -216,11 +174,11 @@ class Learner:
             for micro in micros:
                 batch = self._pack([rollouts[i] for i in micro]) if micro else self._idle_batch()
                 with autocast(self.device, self._cfg.model.dtype):
-                    _scatter(old, micro, response_logprobs(self.policy, batch, temp)[0], rollouts)
+                    scatter_rows(old, micro, response_logprobs(self.policy, batch, temp)[0], rollouts)
                     if values is not None:
-                        _scatter(values, micro, response_values(self.critic, batch), rollouts)
+                        scatter_rows(values, micro, response_values(self.critic, batch), rollouts)
                     if ref is not None:
-                        _scatter(ref, micro, self._reference_logprobs(batch, temp), rollouts)
+                        scatter_rows(ref, micro, self._reference_logprobs(batch, temp), rollouts)
         finally:
             self.policy.train()
         return Prepared(old, values, ref)
@@ -273,7 +231,7 @@ class Learner:
         )
         advantages, returns = ADVANTAGE_ESTIMATORS[algo.advantage_estimator](inputs)
         is_weights = truncated_is_weights(old, vllm_lp, algo.tis_cap) if algo.tis_cap else None
-        tensors = _StepTensors(mask, old, advantages, returns, ref, values, is_weights)
+        tensors = StepTensors(mask, old, advantages, returns, ref, values, is_weights)
         update = UpdateMetrics()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         for _ in range(cfg.learner.ppo_epochs):
@@ -300,7 +258,7 @@ class Learner:
         metrics["learner/version"] = float(self.version)
         return StepResult(self.version, metrics)
 
-    def _minibatch(self, rollouts, idx: list[int], tensors: _StepTensors, beta: float, update: UpdateMetrics,
+    def _minibatch(self, rollouts, idx: list[int], tensors: StepTensors, beta: float, update: UpdateMetrics,
                    fill_old: bool = False) -> None:
         algo, dp = self._cfg.algorithm, self._dp
         sub = tensors.rows(idx, tensors.mask.shape[1])
@@ -511,13 +469,6 @@ class Learner:
         self.step, self.version, self.skipped_steps = state["step"], state["version"], state["skipped_steps"]
         load_rng(src)
         return self.version
-
-
-def _scatter(out: list[list[float]], idx: Sequence[int], rows: torch.Tensor, rollouts: Sequence[Rollout]) -> None:
-    if not idx:
-        return
-    for row, i in zip(rows.float().cpu(), idx, strict=True):
-        out[i] = row[: len(rollouts[i].response_ids)].tolist()
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

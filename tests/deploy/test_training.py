@@ -24,7 +24,7 @@ from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.deploy import Trainer, cli
 from rlfleet.deploy.checkpoints import CheckpointManager
-from rlfleet.learner.learner import reuses_update_logprobs
+from rlfleet.learner.step_data import reuses_update_logprobs
 from tests.procs import pids_titled
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]

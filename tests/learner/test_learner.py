@@ -14,14 +14,9 @@ from transformers import AutoModelForCausalLM
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience, Rollout, SamplingSpec
 from rlfleet.deploy.smoke import response_logprobs
-from rlfleet.learner.learner import (
-    Learner,
-    NonFiniteError,
-    StaleRolloutError,
-    reuses_update_logprobs,
-    token_budget_batches,
-)
+from rlfleet.learner.learner import Learner, NonFiniteError, StaleRolloutError
 from rlfleet.learner.models import merged_state_dict
+from rlfleet.learner.step_data import reuses_update_logprobs, token_budget_batches
 from rlfleet.learner.weights import object_store_chunks
 
 pytestmark = pytest.mark.unit
