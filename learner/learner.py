@@ -221,8 +221,8 @@ class Learner:
         values = pad_rows(exp.values, width).to(dev) if exp.values is not None else None
         scores = torch.tensor(exp.scores, dtype=torch.float32, device=dev)
         group_ids = torch.tensor(exp.group_ids, device=dev)
-        # (filled by the update, `old` is all zeros here: the KL then only enters the metrics, below)
-        kl = kl_penalty(old, ref, algo.kl_estimator) * mask if ref is not None else torch.zeros_like(mask)
+        # Without old log-probs yet, the KL (then only in the loss and the metrics) comes after the update.
+        kl = torch.zeros_like(mask) if ref is None or fill_old else kl_penalty(old, ref, algo.kl_estimator) * mask
         beta = self.kl_controller.value
         reward_beta = beta if algo.kl_in == "reward" else 0.0
         inputs = AdvantageInputs(
