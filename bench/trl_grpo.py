@@ -10,7 +10,8 @@ SETTINGS.json: {model, data (JSONL of {prompt: [messages], answer}), steps, prom
 samples_per_prompt, max_response_tokens, lr, kl_coef, temperature, seed}. An RL step is one
 generation of prompts_per_step × samples_per_prompt responses and one optimizer step on them
 (the rlfleet run uses the same: minibatch_size = the whole batch, ppo_epochs 1).
-OUT.json: {startup_seconds, step_seconds: [...], reward: [...], kl: [...], total_seconds}.
+OUT.json: {step_seconds: [...], reward: [...], kl: [...], threads} (the caller times the whole
+process and derives the startup).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-STARTED = time.perf_counter()
 
 RULES = Path(__file__).resolve().parents[1] / "services" / "rules.py"
 
@@ -65,12 +64,9 @@ def main() -> None:
         def __init__(self):
             self.seconds: list[float] = []
             self._began = 0.0
-            self.first_began: float | None = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._began = time.perf_counter()
-            if self.first_began is None:
-                self.first_began = self._began
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._began)
@@ -120,11 +116,9 @@ def main() -> None:
         trainer.train()
     logs = [h for h in trainer.state.log_history if "reward" in h]
     out.write_text(json.dumps({
-        "startup_seconds": clock.first_began - STARTED,
         "step_seconds": clock.seconds,
         "reward": [h["reward"] for h in logs],
         "kl": [h.get("kl") for h in logs],
-        "total_seconds": time.perf_counter() - STARTED,
         "threads": torch.get_num_threads(),
     }, indent=1))
 
