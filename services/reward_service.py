@@ -43,7 +43,7 @@ class RewardService:
             self._normalize = ScoreNormalizer(config.normalize, config.norm_mean, config.norm_std, config.clip)
         for i, rule in enumerate(config.rules):
             load_rule(rule.function, field=f"reward.rules[{i}].function")
-        self._runner = RuleRunner(config.rule_processes) if config.rules else None
+        self._runner = RuleRunner([r.function for r in config.rules], config.rule_processes) if config.rules else None
         self._remote = None
         if config.remote is not None:
             r = config.remote

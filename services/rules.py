@@ -20,11 +20,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-import multiprocessing
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from rlfleet.services.sandbox import ProcessWorkers
 
 RuleFn = Callable[[str, str, Mapping[str, Any]], "float | None"]
 
@@ -116,31 +117,22 @@ def load_rule(path: str, field: str) -> RuleFn:
     return fn
 
 
-_LOADED: dict[str, RuleFn] = {}
-
-
-def _run_rule(path: str, prompt: str, response: str, extra: Mapping[str, Any]) -> tuple[str, Any]:
-    """Runs in a pool process: ('ok', value) or ('error', description); never raises."""
-    try:
-        fn = _LOADED.get(path) or _LOADED.setdefault(path, load_rule(path, "rule"))
-        return "ok", fn(prompt, response, extra)
-    except Exception as err:  # noqa: BLE001 - a rule's failure is data, not a crash
-        return "error", f"{type(err).__name__}: {err}"
-
-
 @dataclass(frozen=True)
 class RuleOutcome:
     """One rule's verdict on one response: a finite value, or why there is none."""
 
     value: float | None
     reason: str | None = None
-    """None when scorable; else 'raised', 'timeout', 'non_finite', 'none' or 'not_a_number'."""
+    """None when scorable; else 'raised', 'timeout', 'crashed', 'non_finite', 'none' or
+    'not_a_number'."""
 
 
 def judge(status: str, value: Any) -> RuleOutcome:
-    """Turn what a rule returned into a value or an unscorable reason."""
+    """Turn a call's reply (`ProcessWorkers.run`) into a value or an unscorable reason."""
     if status == "error":
         return RuleOutcome(None, "raised")
+    if status in ("timeout", "crashed"):
+        return RuleOutcome(None, status)
     if value is None:
         return RuleOutcome(None, "none")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -151,16 +143,11 @@ def judge(status: str, value: Any) -> RuleOutcome:
 
 
 class RuleRunner:
-    """Runs rule functions in a pool of spawned processes with a per-call timeout."""
+    """Runs rule functions in pre-started processes (`ProcessWorkers`), each call under the
+    rule's timeout; a hung or crashed process is replaced without taking the service down."""
 
-    def __init__(self, processes: int = 2):
-        self._processes = processes
-        self._pool: Any = None
-
-    def _get_pool(self):
-        if self._pool is None:
-            self._pool = multiprocessing.get_context("spawn").Pool(self._processes)
-        return self._pool
+    def __init__(self, paths: Sequence[str], processes: int = 2):
+        self._workers = ProcessWorkers(paths, processes, name="reward rule")
 
     def run(
         self,
@@ -170,26 +157,10 @@ class RuleRunner:
         responses: Sequence[str],
         extras: Sequence[Mapping[str, Any]],
     ) -> list[RuleOutcome]:
-        """One outcome per response. A call not done `timeout_s` after its turn came is
-        'timeout'; the pool is then replaced, killing the hung processes."""
-        pool = self._get_pool()
-        calls = [
-            pool.apply_async(_run_rule, (path, p, r, dict(e)))
-            for p, r, e in zip(prompts, responses, extras, strict=True)
-        ]
-        outcomes, hung = [], False
-        for call in calls:
-            try:
-                outcomes.append(judge(*call.get(timeout=timeout_s)))
-            except multiprocessing.TimeoutError:
-                outcomes.append(RuleOutcome(None, "timeout"))
-                hung = True
-        if hung:
-            self.close()
-        return outcomes
+        """One outcome per response; a call's `timeout_s` counts from when a ready process
+        took it."""
+        calls = [(p, r, dict(e)) for p, r, e in zip(prompts, responses, extras, strict=True)]
+        return [judge(*reply) for reply in self._workers.run(path, calls, timeout_s)]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        self._workers.close()

@@ -44,3 +44,31 @@ def kills_its_service_once(prompt, response, extra):
     os.kill(os.getppid(), signal.SIGKILL)
     time.sleep(60)
     return None
+
+
+def exits_on_x(prompt, response, extra):
+    """A rule that takes its process down (as a segfault or the OOM killer would)."""
+    if "x" in response:
+        os._exit(3)
+    return 1.0
+
+
+def allocates_without_bound(*args):
+    """Keeps allocating until something stops it."""
+    hoard = []
+    while True:
+        hoard.append(bytearray(64 * 2**20))
+
+
+HOLD_MARKER = Path(tempfile.gettempdir()) / "rlfleet-test-hold-scoring"
+
+
+def math_answer_while_not_held(prompt, response, extra):
+    """`math_answer`, but each call first waits (up to 10 min) while HOLD_MARKER exists: a test
+    holds a job at its first scoring until it has done what it must do while the job runs."""
+    from rlfleet.services.rules import math_answer
+
+    deadline = time.monotonic() + 600
+    while HOLD_MARKER.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return math_answer(prompt, response, extra)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,7 @@ from rlfleet.common.config import RewardConfig, RuleRewardConfig
 from rlfleet.common.records import ScoreBatch
 from rlfleet.common.tiny_models import build_char_tokenizer
 from rlfleet.services.reward_service import RewardService, UnscorableError, drop_unscorable
+from rlfleet.services.sandbox import ProcessWorkers
 from rlfleet.services.rules import exact_match, format_check, length_penalty, load_rule, math_answer
 
 pytestmark = pytest.mark.unit
@@ -101,6 +106,56 @@ def test_hung_rule_times_out_and_the_service_recovers(tok_dir):
     again = svc.score(encode(["p"]), encode(["ok"]))  # hung processes were replaced
     assert again.scores == [1.0]
     svc.close()
+
+
+def test_a_crashed_rule_process_is_marked_and_replaced(tok_dir):
+    svc = service(tok_dir, (f"{FIX}:exits_on_x", 1.0))
+    batch = svc.score(encode(["p"] * 3), encode(["ok", "x", "fine"]))
+    assert batch.scores == [1.0, None, 1.0]
+    assert batch.reasons == [None, "rules[0]:crashed", None]
+    assert svc.score(encode(["p"]), encode(["ok"])).scores == [1.0]
+    svc.close()
+
+
+FIRST_CALL_SCRIPT = """
+import sys, time
+import torch  # spawned processes re-import this script: seconds of start-up before a call can run
+from rlfleet.common.config import RewardConfig, RuleRewardConfig
+from rlfleet.common.tiny_models import build_char_tokenizer
+from rlfleet.services.reward_service import RewardService
+
+if __name__ == "__main__":
+    tok = build_char_tokenizer()
+    tok.save_pretrained(sys.argv[1])
+    cfg = RewardConfig(rules=[RuleRewardConfig(function="tests.services.rule_fixtures:by_length", timeout_s=0.5)],
+                       rule_processes=2)
+    svc = RewardService(cfg, sys.argv[1])
+    ids = [tok.encode(t, add_special_tokens=False) for t in ("ab", "c", "de", "f")]
+    print(svc.score(ids, ids).scores)
+    svc.close()
+"""
+
+
+def test_a_rules_first_call_does_not_pay_the_process_start_up(tmp_path):
+    """The rule processes start (importing torch with the script) when the service starts, so
+    a 0.5 s timeout covers only the call: every response of the first batch is scored."""
+    script = tmp_path / "first_call.py"
+    script.write_text(FIRST_CALL_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "tok")], capture_output=True, text=True,
+                          timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[2.0, 1.0, 2.0, 1.0]"
+
+
+def test_process_workers_enforce_a_memory_limit_and_survive_it():
+    workers = ProcessWorkers([f"{FIX}:allocates_without_bound", f"{FIX}:by_length"], processes=1, memory_mb=1024)
+    try:
+        (status, detail), = workers.run(f"{FIX}:allocates_without_bound", [()], timeout_s=60)
+        assert (status, detail) == ("error", "MemoryError: ") or status == "crashed", (status, detail)
+        assert workers.run(f"{FIX}:by_length", [("p", "abc", {})], timeout_s=10) == [("ok", 3.0)]
+    finally:
+        workers.close()
 
 
 def test_unscorable_policy_drop_group_and_fail_after_k():
