@@ -10,7 +10,7 @@
                                                    a supervised stage (config sections sft/rm/dpo)
     rlfleet submit CONFIG [key.path=value ...] [--address URL] [--working-dir DIR] [--wait]
                                                    submit a training run as a Ray job; prints its id
-    rlfleet scale JOB --rollout-workers K [--address ADDRESS]
+    rlfleet scale JOB --rollout-workers K [--address ADDRESS] [--wait-s S]
                                                    resize a running job's rollout fleet
     rlfleet config check CONFIG [key.path=value ...]   validate; print the resolved YAML
     rlfleet config schema                          the JSON schema of the config
@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     scale.add_argument("--rollout-workers", type=int, required=True)
     scale.add_argument("--address", default=None,
                        help="the cluster's GCS address, host:port (default: the cluster of this node)")
+    scale.add_argument("--wait-s", type=float, default=60.0,
+                       help="how long to wait for a job that is still starting (default: 60)")
 
     config = sub.add_parser("config", help="check a config or print its schema")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -142,7 +144,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
     try:
         return _dispatch(args, cfg)
-    except (DataError, FileNotFoundError) as err:  # bad input: named, exit 2, nothing saved is touched
+    except (ConfigError, DataError, FileNotFoundError) as err:  # bad input: named, exit 2, nothing saved is touched
         sys.stderr.write(f"rlfleet: {err}\n")
         return ConfigError.exit_code
 
@@ -152,7 +154,9 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     if args.command == "demo":
         from rlfleet.deploy.demo import print_summary, run_demo
+        from rlfleet.deploy.preflight import check_inputs
 
+        check_inputs(cfg)
         print_summary(run_demo(cfg, rlhf=args.rlhf))
         return 0
     if args.command == "train":
@@ -187,7 +191,7 @@ def _scale(args: argparse.Namespace) -> int:
         sys.stderr.write(f"rlfleet: --rollout-workers must be >= 1 (got {args.rollout_workers})\n")
         return ConfigError.exit_code
     try:
-        status = submit.scale(args.job, args.rollout_workers, args.address)
+        status = submit.scale(args.job, args.rollout_workers, args.address, args.wait_s)
     except (LookupError, ValueError) as err:
         sys.stderr.write(f"rlfleet: {err}\n")
         return ConfigError.exit_code

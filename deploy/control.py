@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,21 @@ def start_control(key: str) -> Any:
     return handle
 
 
-def find_control(key: str) -> Any:
-    """The control actor of a running job, with a clear error when there is none."""
-    try:
-        return ray.get_actor(actor_name(key), namespace=NAMESPACE)
-    except ValueError:
-        raise LookupError(
-            f"no running rlfleet job {key!r} on this Ray cluster (its control actor "
-            f"{actor_name(key)!r} is not in namespace {NAMESPACE!r}); give the submission id that "
-            "`rlfleet submit` / `ray job submit` printed, or a local run's absolute run folder"
-        ) from None
+def find_control(key: str, wait_s: float = 0.0) -> Any:
+    """The control actor of a running job. A job that was just submitted may still be starting
+    (installing its runtime env, loading data, joining Ray) before its driver creates the
+    actor: wait up to `wait_s` for it, then fail with a clear error."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get_actor(actor_name(key), namespace=NAMESPACE)
+        except ValueError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+    raise LookupError(
+        f"no running rlfleet job {key!r} on this Ray cluster: its control actor {actor_name(key)!r} "
+        f"did not appear in namespace {NAMESPACE!r} within {wait_s:g} s (a job that has ended has "
+        "none); give the submission id that `rlfleet submit` / `ray job submit` printed, or a local "
+        "run's absolute run folder"
+    )

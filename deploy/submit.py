@@ -60,15 +60,20 @@ def wait(job: str, address: str | None, timeout_s: float = 24 * 3600.0) -> str:
     raise TimeoutError(f"job {job} still running after {timeout_s:g} s")
 
 
-def scale(job: str, rollout_workers: int, address: str | None) -> ControlStatus:
+def scale(job: str, rollout_workers: int, address: str | None, wait_s: float = 60.0) -> ControlStatus:
     """Ask job `job` for `rollout_workers` rollout workers (from any process that can join the
-    cluster: a node of it, or `ray job submit -- rlfleet scale ...`)."""
+    cluster: a node of it, or `ray job submit -- rlfleet scale ...`); a job still starting is
+    waited for up to `wait_s`."""
     import ray
 
     if address is None and os.environ.get("RAY_ADDRESS", "").startswith("http"):
         os.environ.pop("RAY_ADDRESS")  # a dashboard URL, for the jobs API; join the local node instead
     ray.init(address=address or "auto", namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
     try:
-        return ray.get(find_control(job).request_rollout_workers.remote(rollout_workers))
+        control = find_control(job, wait_s)
+        try:
+            return ray.get(control.request_rollout_workers.remote(rollout_workers), timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            raise LookupError(f"job {job!r}: its control actor did not answer the request within 60 s") from None
     finally:
         ray.shutdown()

@@ -22,6 +22,7 @@ import pytest
 from rlfleet.common.metrics import read_metrics
 from tests.ports import free_port
 from tests.procs import pids_titled
+from tests.services.rule_fixtures import HOLD_MARKER
 
 pytestmark = pytest.mark.ray
 
@@ -113,37 +114,41 @@ def test_readme_ray_job_submit_line_runs_a_grpo_job_with_token_auth(ray_head, tm
 
 
 def test_rlfleet_scale_grows_the_rollout_fleet_of_a_submitted_job(ray_head, tmp_path):
-    steps = 30
-    submitted = subprocess.run(
-        [str(BIN / "rlfleet"), "submit", "examples/grpo_tiny.yaml", f"total_steps={steps}",
-         "rollout.max_response_tokens=32", f"logging.run_dir={tmp_path}", "--address", ray_head.dashboard],
-        env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
-    job = submitted.stdout.strip().splitlines()[-1]
-    assert job.startswith("raysubmit_")
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "metrics.jsonl").is_file():  # the first step has finished
-        assert time.monotonic() < deadline and ray_head.status(job) == "RUNNING", ray_head.logs(job)
-        time.sleep(0.5)
-    scaled = subprocess.run([str(BIN / "rlfleet"), "scale", job, "--rollout-workers", "2", "--address", ray_head.gcs],
-                            env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert scaled.returncode == 0, scaled.stderr[-3000:]
+    """`rlfleet scale` right after `rlfleet submit`, while the job is still starting: it waits
+    for the job's control actor. The job's scoring is held (rule_fixtures.HOLD_MARKER) until the
+    request is in, so the job cannot end before it, however loaded the machine is."""
+    steps = 12
+    HOLD_MARKER.touch()
+    try:
+        submitted = subprocess.run(
+            [str(BIN / "rlfleet"), "submit", "examples/grpo_tiny.yaml", f"total_steps={steps}",
+             "rollout.max_response_tokens=32", f"logging.run_dir={tmp_path}", "--address", ray_head.dashboard,
+             "reward.rules=[{function: 'tests.services.rule_fixtures:math_answer_while_not_held', timeout_s: 900}]"],
+            env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+        job = submitted.stdout.strip().splitlines()[-1]
+        assert job.startswith("raysubmit_")
+        scaled = subprocess.run([str(BIN / "rlfleet"), "scale", job, "--rollout-workers", "2", "--address",
+                                 ray_head.gcs, "--wait-s", "300"],
+                                env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert scaled.returncode == 0, scaled.stderr[-3000:] + ray_head.logs(job)
+    finally:
+        HOLD_MARKER.unlink(missing_ok=True)
     reply = json.loads(scaled.stdout)
-    asked_after = reply["last_step"]
-    assert reply["rollout_workers"] == 1 and 1 <= asked_after < steps - 2, reply
+    assert reply["last_step"] == 0 and reply["requested_rollout_workers"] == 2, reply
     assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)
     workers = [r["rollout/num_workers"] for r in read_metrics(tmp_path)]
     assert len(workers) == steps
-    # Applied at a step boundary: the step running when the request came finishes with one
-    # worker, the next starts with two, and the run completes with them.
-    first_two = workers.index(2.0) + 1
-    assert asked_after + 1 <= first_two <= asked_after + 2, (asked_after, workers)
-    assert set(workers[: first_two - 1]) == {1.0} and set(workers[first_two - 1:]) == {2.0}
-    # A job that does not exist is named in a clear error.
+    # Applied at a step boundary: before step 1 when the request came before the driver first
+    # reported (rollout_workers 0 in the reply), else while step 1 was held, so before step 2.
+    first_two = 1 if reply["rollout_workers"] == 0 else 2
+    assert workers == [1.0] * (first_two - 1) + [2.0] * (steps - first_two + 1), (reply, workers)
+    # A job that does not exist (or has ended) is named in a clear error once the wait is over.
     missing = subprocess.run([str(BIN / "rlfleet"), "scale", "raysubmit_nope", "--rollout-workers", "2",
-                              "--address", ray_head.gcs], env=ray_head.env, capture_output=True, text=True,
-                             timeout=120)
+                              "--address", ray_head.gcs, "--wait-s", "1"], env=ray_head.env, capture_output=True,
+                             text=True, timeout=120)
     assert missing.returncode == 2 and "no running rlfleet job 'raysubmit_nope'" in missing.stderr
+    assert "did not appear in namespace 'rlfleet' within 1 s" in missing.stderr
 
 
 def alive_rollout_pids(head: Head) -> set[int]:
