@@ -20,6 +20,7 @@ from rlfleet.common.config import RunConfig, StageConfig
 from rlfleet.common.data import DataError, read_rows, render_prompt
 from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.tasks import build_task, wrong_answer
+from rlfleet.deploy.preflight import check_inputs
 from rlfleet.deploy.trainer import policy_path
 from rlfleet.learner.supervised import (
     Demonstration,
@@ -86,6 +87,7 @@ def _examples(rows, stage: Stage, tokenizer) -> list[Demonstration] | list[Prefe
 
 def run_stage(cfg: RunConfig, stage: Stage) -> dict[str, Any]:
     """Train one stage; returns the output folder and the held-out numbers before and after."""
+    check_inputs(cfg, stage=stage)
     sc: StageConfig = getattr(cfg, stage)
     run_dir = Path(cfg.logging.run_dir)
     start = sc.init_from or policy_path(cfg, run_dir)

@@ -36,6 +36,7 @@ from rlfleet.deploy.assembly import (
 from rlfleet.deploy.checkpoints import CheckpointManager
 from rlfleet.deploy.control import find_control, run_key, start_control
 from rlfleet.deploy.learner_group import LearnerGroup
+from rlfleet.deploy.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Trainer:
         """Train to `total_steps`; returns a summary (steps, last metrics, checkpoint, seconds)."""
         cfg = self.config
         started = time.perf_counter()
+        check_inputs(cfg)  # bad paths and rules fail before anything starts or is written
         self.run_dir.mkdir(parents=True, exist_ok=True)
         model = policy_path(cfg, self.run_dir)
         tokenizer_path = cfg.model.tokenizer_path or model
@@ -157,6 +159,7 @@ class Trainer:
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
     """Greedy answers of a saved policy to the eval prompts, scored by the run's reward sources."""
+    check_inputs(cfg, checkpoint=str(checkpoint))
     folder = Path(checkpoint)
     model = folder / "learner" / "policy" if (folder / "learner" / "policy").is_dir() else folder
     if not (model / "config.json").is_file():

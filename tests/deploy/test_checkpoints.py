@@ -74,5 +74,7 @@ def test_bad_training_data_exits_2_naming_the_line_and_keeps_checkpoints(tmp_pat
     assert f"{data}:2: not valid JSON" in capsys.readouterr().err
     assert ckpts.latest().name == "step_00000004" and (ckpts.latest() / "weights.txt").read_text() == "w"
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "nope"), f"logging.run_dir={tmp_path}"]) == 2
+    assert f"--checkpoint={str(tmp_path / 'nope')!r}: the folder does not exist" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(tmp_path), f"logging.run_dir={tmp_path}"]) == 2
     assert "neither a checkpoint folder nor an HF model folder" in capsys.readouterr().err
 

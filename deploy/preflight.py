@@ -1,0 +1,66 @@
+"""Checks of a run's inputs before anything starts.
+
+Every folder the config names must exist (and hold a model or tokenizer), every data file
+must exist, and every `package.module:function` must import with the right signature. A
+failure raises `ConfigError` (the CLI exits with code 2) naming each field at fault — before
+Ray, vLLM or any model starts, and before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlfleet.common.config import RunConfig
+from rlfleet.common.config_io import ConfigError
+from rlfleet.services.rules import load_rule
+
+STAGES = ("sft", "rm", "dpo")
+
+
+def folder_problem(field: str, path: str | None, marker: str | None = "config.json") -> str | None:
+    """Why `path` (the value of `field`) is not a usable folder; None when it is (or is unset)."""
+    if path is None:
+        return None
+    folder = Path(path)
+    if not folder.exists():
+        return f"{field}={path!r}: the folder does not exist"
+    if not folder.is_dir():
+        return f"{field}={path!r}: not a folder"
+    if marker is not None and not (folder / marker).is_file():
+        return f"{field}={path!r}: not a model folder (no {marker} in it)"
+    return None
+
+
+def check_inputs(cfg: RunConfig, stage: str | None = None, checkpoint: str | None = None) -> None:
+    """Raise `ConfigError` listing every input of this run that cannot be used.
+
+    `stage` (sft, rm, dpo) adds that stage's `init_from` and `data_path`; `checkpoint` is
+    the `--checkpoint` of `rlfleet eval`."""
+    problems = [
+        folder_problem("model.path", cfg.model.path),
+        folder_problem("model.tokenizer_path", cfg.model.tokenizer_path, marker=None),
+        folder_problem("reward.model_path", cfg.reward.model_path),
+        _file_problem("data.train_path", cfg.data.train_path),
+        _file_problem("data.eval_path", cfg.data.eval_path),
+    ]
+    if stage is not None:
+        section = getattr(cfg, stage)
+        problems += [folder_problem(f"{stage}.init_from", section.init_from),
+                     _file_problem(f"{stage}.data_path", section.data_path)]
+    if checkpoint is not None:
+        problems.append(folder_problem("--checkpoint", checkpoint, marker=None))
+    for i, rule in enumerate(cfg.reward.rules):
+        try:
+            load_rule(rule.function, field=f"reward.rules[{i}].function")
+        except ValueError as err:
+            problems.append(str(err))
+    found = [p for p in problems if p is not None]
+    if found:
+        raise ConfigError("; ".join(found) if len(found) == 1 else "\n  " + "\n  ".join(found))
+
+
+def _file_problem(field: str, path: str | None) -> str | None:
+    """A data path: a file, or a `datasets` folder."""
+    if path is None or Path(path).exists():
+        return None
+    return f"{field}={path!r}: no such file or folder"

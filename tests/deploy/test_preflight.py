@@ -1,0 +1,74 @@
+"""Bad paths and reward functions in a config: exit code 2 naming the field, before Ray starts
+and before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlfleet.deploy import cli
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = str(ROOT / "examples" / "grpo_rule.yaml")
+MISSING = "/nonexistent/model"
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = cli.main(args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "field"), [
+    (["train", EXAMPLE], "model.path"),
+    (["train", EXAMPLE], "model.tokenizer_path"),
+    (["train", EXAMPLE], "reward.model_path"),
+    (["sft"], "sft.init_from"),
+    (["rm"], "rm.init_from"),
+    (["dpo"], "dpo.init_from"),
+    (["demo"], "model.path"),
+])
+def test_a_folder_that_does_not_exist_is_named(tmp_path, capsys, command, field):
+    run_dir = tmp_path / "run"
+    code, err = run_cli([*command, f"{field}={MISSING}", f"logging.run_dir={run_dir}"], capsys)
+    assert code == 2
+    assert f"{field}='{MISSING}': the folder does not exist" in err
+    assert "Traceback" not in err and "Repo id" not in err
+    assert not run_dir.exists()  # nothing written
+
+
+def test_a_folder_that_is_not_a_model_and_a_missing_data_file_are_named(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_cli(["train", EXAMPLE, f"model.path={empty}", f"data.train_path={tmp_path / 'no.jsonl'}",
+                         f"logging.run_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    assert f"model.path='{empty}': not a model folder (no config.json in it)" in err
+    assert f"data.train_path='{tmp_path / 'no.jsonl'}': no such file or folder" in err  # every problem at once
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ("no_such_module:f", "module 'no_such_module' does not import"),
+    ("rlfleet.services.rules:no_such_function", "has no function 'no_such_function'"),
+])
+def test_a_reward_rule_that_does_not_import_is_named(tmp_path, capsys, rule, message):
+    code, err = run_cli(["train", EXAMPLE, f"reward.rules=[{{function: '{rule}'}}]",
+                         f"logging.run_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    assert f"reward.rules[0].function={rule!r}: " in err and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_inputs_fail_before_ray_starts(tmp_path):
+    """In a fresh process: exit 2 within seconds, and Ray was never imported."""
+    code = ("import sys; from rlfleet.deploy import cli; rc = cli.main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules or not sys.modules['ray'].is_initialized(); sys.exit(rc)")
+    for bad in (f"model.path={MISSING}", "reward.rules=[{function: 'no_such_module:f'}]"):
+        done = subprocess.run([sys.executable, "-c", code, "train", EXAMPLE, bad,
+                               f"logging.run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.count("\n") <= 3, done.stderr  # a message, not a traceback
