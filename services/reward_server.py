@@ -10,6 +10,7 @@ Speaks the protocol of `rlfleet.services.remote`. Answers 401 without the right 
 from __future__ import annotations
 
 import argparse
+import hmac
 import os
 import threading
 from typing import Any
@@ -35,6 +36,13 @@ class ScoreRequest(BaseModel):
         return self
 
 
+def bearer_matches(authorization: str | None, token: str) -> bool:
+    """Whether an Authorization header carries `token`, compared in constant time (a plain
+    `!=` returns at the first differing byte, which leaks the token's prefix to a timer)."""
+    given = (authorization or "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, f"Bearer {token}".encode("utf-8", "surrogateescape"))
+
+
 def create_app(model_path: str, token: str | None = None, max_inflight: int = 1, micro_batch_size: int = 16) -> FastAPI:
     """The app; the model is loaded before the app is returned."""
     scorer = RewardModelScorer(model_path, micro_batch_size=micro_batch_size, field="--model")
@@ -54,7 +62,7 @@ def create_app(model_path: str, token: str | None = None, max_inflight: int = 1,
 
     @app.post("/score")
     def score(request: ScoreRequest, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        if token is not None and authorization != f"Bearer {token}":
+        if token is not None and not bearer_matches(authorization, token):
             raise HTTPException(status_code=401, detail="missing or wrong bearer token")
         if not slots.acquire(blocking=False):
             app.state.shed += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from rlfleet.common.tiny_models import build_char_tokenizer, build_tiny_reward_model
+from rlfleet.services import reward_server
 from rlfleet.services.remote import RemoteScorer, RemoteScorerError
 from rlfleet.services.reward_model import RewardModelScorer
 from tests.ports import free_port
@@ -73,6 +75,28 @@ def test_missing_or_wrong_token_is_refused_with_401(server, monkeypatch):
     with pytest.raises(RemoteScorerError, match="refused the request: 401"):
         wrong.score(["a"], ["b"], [{}])
     assert no_token.retries == wrong.retries == 0
+
+
+def test_the_token_is_compared_in_constant_time(server, monkeypatch):
+    """The server compares bearer tokens with `hmac.compare_digest`, never `!=`."""
+    from fastapi.testclient import TestClient
+
+    compared, compare = [], hmac.compare_digest
+
+    def recording(a, b):
+        compared.append((a, b))
+        return compare(a, b)
+
+    monkeypatch.setattr(reward_server.hmac, "compare_digest", recording)
+    app = reward_server.create_app(str(server[1]), token="s3cret")
+    with TestClient(app) as client:
+        body = {"prompts": ["a"], "responses": ["b"]}
+        assert client.post("/score", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.post("/score", json=body, headers={"Authorization": "Bearer s3cre"}).status_code == 401
+    assert len(compared) == 2 and all(isinstance(a, bytes) and isinstance(b, bytes) for a, b in compared)
+    assert reward_server.bearer_matches("Bearer s3cret", "s3cret")
+    for wrong in (None, "", "s3cret", "Bearer s3cre", "Bearer s3cretx", "bearer s3cret", "Bearer é"):
+        assert not reward_server.bearer_matches(wrong, "s3cret"), wrong
 
 
 def test_bad_request_400_is_not_retried(server, token):
