@@ -21,6 +21,7 @@ from typing import Any
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.config_io import dump_config
+from rlfleet.common.machine import describe_machine, machine_line
 from rlfleet.common.metrics import read_metrics
 from rlfleet.deploy.report import write_report
 from rlfleet.deploy.stages import run_stage
@@ -66,6 +67,7 @@ def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
     grpo_reward = _window_means(root / "grpo", "reward")
     summary: dict[str, Any] = {
         "run_dir": str(root),
+        "machine": describe_machine(),
         "sft": sft,
         "grpo": {"accuracy_before": grpo["eval_before"].get("eval/reward"),
                  "accuracy_after": grpo["metrics"].get("eval/reward"),
@@ -108,6 +110,8 @@ def print_summary(s: dict[str, Any]) -> None:
     g = s["grpo"]
     out = sys.stdout
     out.write(f"\nrlfleet demo finished in {s['seconds'] / 60:.1f} min; run folder {s['run_dir']}\n")
+    out.write(f"  measured on {machine_line(s['machine'])}: the numbers below depend on the CPU's\n"
+              "  instruction set (its fp32 kernels sum in their own order), not only on the seed\n")
     out.write(f"  SFT warm start: held-out token accuracy {s['sft']['after/token_accuracy']:.0%}\n")
     out.write(f"  held-out exact-answer accuracy: {g['accuracy_before']:.0%} after SFT → "
               f"{g['accuracy_after']:.0%} after GRPO\n")

@@ -20,6 +20,10 @@ def test_short_demo_with_rlhf_writes_runs_and_a_report(ray_cluster, tmp_path, ca
     print_summary(summary)
     out = capsys.readouterr().out
     assert "held-out exact-answer accuracy" in out and "reward model" in out and "report.png" in out
+    # The numbers vary with the CPU's instruction set: the summary names the machine.
+    machine = summary["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["torch"]
+    assert f"measured on {machine['cpu']} ({machine['cpu_features']})" in out
     assert summary["sft"]["after/token_accuracy"] > summary["sft"]["before/token_accuracy"]
     for run in ("grpo", "ppo"):
         rows = read_metrics(tmp_path / run)
