@@ -14,8 +14,6 @@ from rlfleet.common.config import RunConfig
 from rlfleet.common.config_io import ConfigError
 from rlfleet.services.rules import load_rule
 
-STAGES = ("sft", "rm", "dpo")
-
 
 def folder_problem(field: str, path: str | None, marker: str | None = "config.json") -> str | None:
     """Why `path` (the value of `field`) is not a usable folder; None when it is (or is unset)."""

@@ -1,6 +1,7 @@
 """Cluster use on a real local Ray head with token authentication on 127.0.0.1: the README's
-`ray job submit` line runs a 2-step GRPO job to SUCCEEDED, and `rlfleet scale` grows a
-submitted job's rollout fleet from 1 to 2 workers at the next step boundary."""
+`ray job submit` line runs a 2-step GRPO job to SUCCEEDED; `rlfleet scale` grows a submitted
+job's rollout fleet from 1 to 2 workers at the next step boundary, and the job survives its
+workers being SIGKILLed every few steps."""
 
 from __future__ import annotations
 
@@ -113,15 +114,27 @@ def test_readme_ray_job_submit_line_runs_a_grpo_job_with_token_auth(ray_head, tm
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
 
 
-def test_rlfleet_scale_grows_the_rollout_fleet_of_a_submitted_job(ray_head, tmp_path):
+def alive_rollout_pids(head: Head) -> set[int]:
+    """PIDs of this head's rollout workers that are up (not restarting): processes titled
+    `ray::VLLMRolloutWorker` whose environment holds this head's token (the test session's
+    own Ray cluster has rollout workers too)."""
+    token = f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}".encode()
+    return pids_titled(b"ray::VLLMRolloutWorker", environ_entry=token, unless=b"__init__")
+
+
+def test_a_submitted_job_scaled_to_2_workers_survives_them_killed_every_few_steps(ray_head, tmp_path):
     """`rlfleet scale` right after `rlfleet submit`, while the job is still starting: it waits
     for the job's control actor. The job's scoring is held (rule_fixtures.HOLD_MARKER) until the
-    request is in, so the job cannot end before it, however loaded the machine is."""
-    steps = 12
+    request is in, so the job cannot end before it, however loaded the machine is. Then the soak:
+    every 4 steps one of the 2 workers, picked at random, is SIGKILLed. The job ends with every
+    step, every step with all its groups complete (none lost or duplicated) and every worker at
+    the learner's version."""
+    steps, prompts, samples = 18, 8, 4
     HOLD_MARKER.touch()
     try:
         submitted = subprocess.run(
             [str(BIN / "rlfleet"), "submit", "examples/grpo_tiny.yaml", f"total_steps={steps}",
+             f"rollout.prompts_per_step={prompts}", f"rollout.samples_per_prompt={samples}",
              "rollout.max_response_tokens=32", f"logging.run_dir={tmp_path}", "--address", ray_head.dashboard,
              "reward.rules=[{function: 'tests.services.rule_fixtures:math_answer_while_not_held', timeout_s: 900}]"],
             env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -136,41 +149,6 @@ def test_rlfleet_scale_grows_the_rollout_fleet_of_a_submitted_job(ray_head, tmp_
         HOLD_MARKER.unlink(missing_ok=True)
     reply = json.loads(scaled.stdout)
     assert reply["last_step"] == 0 and reply["requested_rollout_workers"] == 2, reply
-    assert ray_head.wait(job) == "SUCCEEDED", ray_head.logs(job)
-    workers = [r["rollout/num_workers"] for r in read_metrics(tmp_path)]
-    assert len(workers) == steps
-    # Applied at a step boundary: before step 1 when the request came before the driver first
-    # reported (rollout_workers 0 in the reply), else while step 1 was held, so before step 2.
-    first_two = 1 if reply["rollout_workers"] == 0 else 2
-    assert workers == [1.0] * (first_two - 1) + [2.0] * (steps - first_two + 1), (reply, workers)
-    # A job that does not exist (or has ended) is named in a clear error once the wait is over.
-    missing = subprocess.run([str(BIN / "rlfleet"), "scale", "raysubmit_nope", "--rollout-workers", "2",
-                              "--address", ray_head.gcs, "--wait-s", "1"], env=ray_head.env, capture_output=True,
-                             text=True, timeout=120)
-    assert missing.returncode == 2 and "no running rlfleet job 'raysubmit_nope'" in missing.stderr
-    assert "did not appear in namespace 'rlfleet' within 1 s" in missing.stderr
-
-
-def alive_rollout_pids(head: Head) -> set[int]:
-    """PIDs of this head's rollout workers that are up (not restarting): processes titled
-    `ray::VLLMRolloutWorker` whose environment holds this head's token (the test session's
-    own Ray cluster has rollout workers too)."""
-    token = f"RAY_AUTH_TOKEN={head.env['RAY_AUTH_TOKEN']}".encode()
-    return pids_titled(b"ray::VLLMRolloutWorker", environ_entry=token, unless=b"__init__")
-
-
-def test_soak_grpo_job_survives_rollout_workers_killed_every_few_steps(ray_head, tmp_path):
-    """A submitted GRPO job with 2 rollout workers; every 4 steps one of them, picked at random,
-    is SIGKILLed. The job ends with every step, every step with all its groups complete (none
-    lost or duplicated) and every worker at the learner's version."""
-    steps, prompts, samples = 18, 8, 4
-    submitted = subprocess.run(
-        [str(BIN / "rlfleet"), "submit", "examples/grpo_tiny.yaml", f"total_steps={steps}", "rollout.num_workers=2",
-         f"rollout.prompts_per_step={prompts}", f"rollout.samples_per_prompt={samples}",
-         "rollout.max_response_tokens=32", f"logging.run_dir={tmp_path}", "--address", ray_head.dashboard],
-        env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
-    job = submitted.stdout.strip().splitlines()[-1]
     rng = random.Random(0)
     kills, next_kill = 0, 3
     deadline = time.monotonic() + 420
@@ -194,12 +172,22 @@ def test_soak_grpo_job_survives_rollout_workers_killed_every_few_steps(ray_head,
     assert kills >= 3
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    # The request applies at a step boundary: before step 1 when it came before the driver first
+    # reported (rollout_workers 0 in the reply), else while step 1 was held, so before step 2.
+    first_two = 1 if reply["rollout_workers"] == 0 else 2
+    workers = [r["rollout/num_workers"] for r in rows]
+    assert workers == [1.0] * (first_two - 1) + [2.0] * (steps - first_two + 1), (reply, workers)
     for row in rows:
         assert row["rollout/num_samples"] == prompts * samples and row["rollout/complete_groups"] == prompts
         assert row["rollout/min_version"] == row["rollout/max_version"] == row["learner/version"] == row["step"]
-        assert row["rollout/num_workers"] == 2.0
     # Every killed worker came back (restarted by Ray) and was re-synced before it got work.
     assert rows[-1]["rollout/resynced"] >= kills
+    # A job that does not exist (or has ended) is named in a clear error once the wait is over.
+    missing = subprocess.run([str(BIN / "rlfleet"), "scale", "raysubmit_nope", "--rollout-workers", "2",
+                              "--address", ray_head.gcs, "--wait-s", "1"], env=ray_head.env, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "no running rlfleet job 'raysubmit_nope'" in missing.stderr
+    assert "did not appear in namespace 'rlfleet' within 1 s" in missing.stderr
 
 
 def test_a_scale_request_the_cluster_cannot_place_is_refused_with_the_numbers(ray_cluster):
