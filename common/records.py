@@ -7,7 +7,7 @@ Every rollout record carries the policy version that produced it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,9 @@ class ScoreBatch:
     """Each source's own (unweighted) value per response: 'model', 'rules[i]', 'remote'."""
     reasons: list[str | None]
     """Why a response is unscorable ('rules[0]:timeout', 'remote:error', …), else None."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """The service's normaliser state after this call (empty without one), returned by the
+    same actor call that scored, so a restart cannot separate the two."""
 
     @property
     def unscorable_counts(self) -> dict[str, int]:

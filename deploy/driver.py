@@ -193,7 +193,7 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     if ref_ref is not None:
         ref = call_service(parts, "reference", reference, ref_ref)
     scored = call_service(parts, "reward", score, score_ref)
-    parts.reward_state = call_service(parts, "reward", parts.reward.state_dict.remote)
+    parts.reward_state = scored.state
     return scored, prepared, ref
 
 
@@ -214,23 +214,12 @@ def _latencies(in_flight: dict[str, list[ray.ObjectRef]], since: float) -> dict[
 
 
 def reward_call(parts: Parts, *args, **kwargs) -> ray.ObjectRef:
-    """`score` on the reward service, after loading into it the normaliser state the driver
-    last saw (only when there is one: a reward model with running normalisation), so a service
-    that Ray restarted, after a crash mid-call or silently between calls, scores with the
-    statistics it had before dying."""
-    if parts.reward_state:
-        _restore_reward_state(parts)
-    return parts.reward.score.remote(*args, **kwargs)
-
-
-def _restore_reward_state(parts: Parts) -> None:
-    for _ in range(parts.restarts + 1):
-        try:
-            ray.get(parts.reward.load_state_dict.remote(parts.reward_state))
-            return
-        except ray.exceptions.RayActorError:
-            _wait_until_back(parts.reward, "reward")
-    raise ServiceError(f"the reward actor kept dying (cluster.service_restarts={parts.restarts})")
+    """`score` on the reward service, carrying the normaliser state the driver last saw (a
+    reward model with running normalisation; empty otherwise). The service loads it in the
+    same actor call that scores, so one that Ray restarted, after a crash mid-call or silently
+    between calls, scores with the statistics it had before dying; `ScoreBatch.state` brings
+    the new statistics back with the scores."""
+    return parts.reward.score.remote(*args, state=parts.reward_state or None, **kwargs)
 
 
 class ServiceError(RuntimeError):
@@ -311,8 +300,7 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
     state = read_state(latest)
     version = parts.learner.load(str(latest / "learner"))
     sampler.load_state_dict(state["data"])
-    parts.reward_state = state.get("reward", {})
-    ray.get(parts.reward.load_state_dict.remote(parts.reward_state))
+    parts.reward_state = state.get("reward", {})  # travels with every score call
     metrics.truncate_after(state["step"])
     push_weights(cfg, parts, version)
     logger.info("resumed from %s (step %d, policy version %d)", latest, state["step"], version)
@@ -327,8 +315,7 @@ def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, samp
 
         AutoTokenizer.from_pretrained(parts.tokenizer_path).save_pretrained(folder / "learner" / "policy")
 
-    reward_state = ray.get(parts.reward.state_dict.remote())
-    return ckpts.save(step, write, {"data": sampler.state_dict(), "reward": reward_state})
+    return ckpts.save(step, write, {"data": sampler.state_dict(), "reward": parts.reward_state})
 
 
 def checkpoint_due(cfg: RunConfig, step: int) -> bool:

@@ -62,10 +62,15 @@ class RewardService:
         response_ids: Sequence[Sequence[int]],
         extras: Sequence[Mapping[str, Any]] | None = None,
         update_stats: bool = True,
+        state: Mapping[str, Any] | None = None,
     ) -> ScoreBatch:
         """Score B responses; `extras` are the examples' other fields (e.g. a reference answer).
 
-        `update_stats=False` (evaluation) leaves the running reward normalisation unchanged."""
+        `update_stats=False` (evaluation) leaves the running reward normalisation unchanged.
+        `state` (from an earlier `ScoreBatch.state`) is loaded first, in this same call: an
+        actor that Ray restarted between two calls scores with the statistics it had."""
+        if state:
+            self.load_state_dict(state)
         extras = extras if extras is not None else [{}] * len(prompt_ids)
         components: dict[str, list[float | None]] = {}
         reasons: list[str | None] = [None] * len(prompt_ids)
@@ -85,7 +90,7 @@ class RewardService:
             else sum(weights[name] * values[i] for name, values in components.items())  # type: ignore[operator]
             for i in range(len(prompt_ids))
         ]
-        return ScoreBatch(scores, components, reasons)
+        return ScoreBatch(scores, components, reasons, self.state_dict())
 
     def _score_text(self, prompts, responses, extras, components, weights, reasons) -> None:
         for i, rule in enumerate(self._config.rules):

@@ -109,14 +109,18 @@ def test_running_normalisation_is_checkpointed_and_untouched_by_evaluation(rm_di
     seqs = mixed_sequences(5)
     prompts, responses = [s[:3] for s in seqs], [s[3:] for s in seqs]
     service = RewardService(config, str(rm_dir))
-    service.score(prompts[:6], responses[:6])
-    state = service.state_dict()
-    assert state["normalizer"]["count"] == 6
+    state = service.score(prompts[:6], responses[:6]).state
+    assert state == service.state_dict() and state["normalizer"]["count"] == 6
     evaluated = service.score(prompts[6:], responses[6:], update_stats=False)
-    assert service.state_dict() == state  # evaluation does not move the statistics
+    assert service.state_dict() == state == evaluated.state  # evaluation does not move the statistics
     restored = RewardService(config, str(rm_dir))
     restored.load_state_dict(state)
     again = restored.score(prompts[6:], responses[6:], update_stats=False)
     assert again.scores == pytest.approx(evaluated.scores, abs=1e-6)
     assert restored.score(prompts[6:], responses[6:]).scores == pytest.approx(
         service.score(prompts[6:], responses[6:]).scores, abs=1e-6)
+    # The state can come with the score call itself (what the driver does: one actor call,
+    # so a restart between loading and scoring cannot happen).
+    fresh = RewardService(config, str(rm_dir))
+    carried = fresh.score(prompts[6:], responses[6:], update_stats=False, state=state)
+    assert carried.scores == pytest.approx(evaluated.scores, abs=1e-6)

@@ -70,7 +70,9 @@ def test_256_responses_are_scored_in_bounded_micro_batches(rm_dir):
 def test_a_restarted_reward_service_scores_with_the_normaliser_state_it_had(ray_cluster, rm_dir, tiny_model_dir):
     """Running normalisation keeps statistics in the actor. Killed between two calls (Ray
     restarts it silently) or during one, the driver's next call brings the state it last saw,
-    so the scores equal those of a service that never died."""
+    so the scores equal those of a service that never died. (`ray.kill` is asynchronous: the
+    kill may land before, during or after the next call; every case must give these scores,
+    which is why the state travels inside the score call.)"""
     from rlfleet.deploy.driver import Parts, call_service, reward_call
 
     cfg = RewardConfig(model_path=str(rm_dir), normalize="running")
@@ -85,8 +87,9 @@ def test_a_restarted_reward_service_scores_with_the_normaliser_state_it_had(ray_
     for i, batch in enumerate(batches):
         if i:  # killed after every completed call; the next call meets a restarted actor
             ray.kill(flaky, no_restart=False)
-        got.append(call_service(parts, "reward", lambda b=batch: reward_call(parts, *b)).scores)
-        parts.reward_state = call_service(parts, "reward", flaky.state_dict.remote)
+        scored = call_service(parts, "reward", lambda b=batch: reward_call(parts, *b))
+        got.append(scored.scores)
+        parts.reward_state = scored.state
     for g_scores, w_scores in zip(got, want, strict=True):
         assert g_scores == pytest.approx(w_scores, abs=1e-6)
     # The statistics do matter: a fresh service (what a restart gives without the state)
