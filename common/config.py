@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from rlfleet.common.config_base import Section
+from rlfleet.common.config_run import CheckpointConfig, GuardConfig, LoggingConfig, StageConfig
 
 AdvantageEstimator = Literal[
     "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
@@ -22,12 +25,6 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 # Estimators that compare the responses of one prompt with each other.
 GROUP_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, fields are documented, frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class TinyModelConfig(Section):
@@ -93,6 +90,17 @@ class ModelConfig(Section):
     """Recompute activations in the backward pass to save memory."""
 
 
+class RuleRewardConfig(Section):
+    """A rule-based reward function."""
+
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """`package.module:function`."""
+    weight: float = 1.0
+    """Weight of this source in the summed reward."""
+    timeout_s: float = Field(5.0, gt=0)
+    """Per-call deadline."""
+
+
 class DataConfig(Section):
     """Where prompts come from."""
 
@@ -116,6 +124,10 @@ class DataConfig(Section):
     """A longer prompt: drop it when the data is loaded (counted in the log), or fail naming it."""
     shuffle: bool = True
     """Shuffle the training prompts each epoch (seeded by `RunConfig.seed` and the epoch)."""
+    eval_reward: list[RuleRewardConfig] | None = None
+    """The gold checker: rule functions used only at evaluation, logged as `eval/gold` beside
+    the training reward (`eval/reward`), so a policy that games a learned reward shows. None:
+    a built-in task's own rule (no gold for data files)."""
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:
@@ -183,17 +195,6 @@ class RolloutConfig(Section):
                 f"rollout.max_model_len={self.max_model_len} (the prompt needs room too)"
             )
         return self
-
-
-class RuleRewardConfig(Section):
-    """A rule-based reward function."""
-
-    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    """`package.module:function`."""
-    weight: float = 1.0
-    """Weight of this source in the summed reward."""
-    timeout_s: float = Field(5.0, gt=0)
-    """Per-call deadline."""
 
 
 class RemoteRewardConfig(Section):
@@ -371,60 +372,6 @@ class ClusterConfig(Section):
         return self
 
 
-class CheckpointConfig(Section):
-    """Checkpoints."""
-
-    every_steps: int = Field(0, ge=0)
-    """Save every N steps; 0 saves only at the end."""
-    keep_last: int = Field(2, ge=1)
-    """Complete checkpoints kept on disk."""
-    resume: Literal["auto", "never"] = "auto"
-    """'auto' resumes from the newest complete checkpoint in the run folder."""
-
-
-class LoggingConfig(Section):
-    """Metrics and logs."""
-
-    run_dir: str = "runs/default"
-    """Run folder: metrics.jsonl, checkpoints, report."""
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    """Log level."""
-    eval_every_steps: int = Field(0, ge=0)
-    """Evaluate on held-out prompts every N steps; 0 disables it."""
-    progress_bar: bool = True
-    """Show a progress bar with the key numbers on the console."""
-    tensorboard: bool = False
-    """Also write metrics as TensorBoard events under run_dir/tensorboard (needs `tensorboard`)."""
-    wandb_project: str | None = None
-    """Also log metrics to this Weights & Biases project (needs `wandb`)."""
-
-
-class StageConfig(Section):
-    """A supervised stage (`rlfleet sft | rm | dpo`): SFT, reward-model training or DPO."""
-
-    init_from: str | None = None
-    """HF folder the stage starts from; None: `model.path` (or the tiny model)."""
-    output_dir: str | None = None
-    """Where the trained model is saved; None: `logging.run_dir`/models/<stage>."""
-    data_path: str | None = None
-    """JSONL of {prompt, response} (sft) or {prompt, chosen, rejected} (rm, dpo); None derives
-    them from the built-in `data.task` (correct answers; wrong ones as rejected)."""
-    steps: int = Field(200, ge=1)
-    """Optimizer steps."""
-    lr: float = Field(3e-3, gt=0)
-    """AdamW learning rate."""
-    batch_size: int = Field(32, ge=1)
-    """Examples (or pairs) per step."""
-    eval_size: int = Field(100, ge=1)
-    """Held-out examples (or pairs) evaluated before and after."""
-    eval_every: int = Field(0, ge=0)
-    """Also evaluate every N steps; 0: only before and after."""
-    beta: float = Field(0.1, gt=0)
-    """DPO's β (dpo only)."""
-    lora_rank: int | None = Field(None, ge=1)
-    """Train LoRA adapters of this rank, merged when saved (rm only); None trains everything."""
-
-
 class RunConfig(Section):
     """A whole rlfleet run."""
 
@@ -452,6 +399,8 @@ class RunConfig(Section):
     """Checkpoints."""
     logging: LoggingConfig = LoggingConfig()
     """Logging."""
+    guard: GuardConfig = GuardConfig()
+    """Over-optimisation guard (gold falling while the proxy rises)."""
     sft: StageConfig = StageConfig()
     """Supervised fine-tuning stage (`rlfleet sft`)."""
     rm: StageConfig = StageConfig()
@@ -499,6 +448,7 @@ class RunConfig(Section):
             )
         if self.learner.critic_init == "reward_model" and self.reward.model_path is None:
             raise ValueError("learner.critic_init='reward_model' needs reward.model_path (or set it to 'policy')")
+        self._guard_needs()
         task_checker = self.data.task is not None and self.data.train_path is None
         if not (self.reward.model_path or self.reward.rules or self.reward.remote or task_checker):
             raise ValueError(
@@ -506,3 +456,18 @@ class RunConfig(Section):
                 "(or use a built-in data.task without data.train_path: the task brings its own checker)"
             )
         return self
+
+    def _guard_needs(self) -> None:
+        guard, every = self.guard, self.logging.eval_every_steps
+        if guard.patience and not every:
+            raise ValueError(f"guard.patience={guard.patience} needs evaluations: set logging.eval_every_steps")
+        has_gold = self.data.eval_reward is not None or (self.data.task is not None and self.data.train_path is None)
+        wants_gold = {guard.gold if guard.patience else None, self.checkpoint.keep_best}
+        if "eval/gold" in wants_gold and not has_gold:
+            raise ValueError("eval/gold needs a gold checker: set data.eval_reward (rule functions) "
+                             "or use a built-in data.task")
+        if guard.patience and guard.action == "raise_kl" and self.algorithm.kl_in == "none":
+            raise ValueError("guard.action='raise_kl' needs a KL term: set algorithm.kl_in to 'reward' or 'loss'")
+        if self.checkpoint.keep_best and not every:
+            raise ValueError(f"checkpoint.keep_best={self.checkpoint.keep_best!r} needs evaluations: "
+                             "set logging.eval_every_steps")

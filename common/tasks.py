@@ -79,10 +79,49 @@ def build_task(name: str, seed: int, size: int, split: str = "train") -> Task:
     return Task(make(random.Random(key), size), rule)
 
 
-def wrong_answer(answer: str, rng: random.Random) -> str:
-    """A wrong answer of the same length and alphabet: every character redrawn (never the answer)."""
+NEGATIVE_KINDS = ("swap", "one_wrong", "shuffle", "length", "random")
+"""Kinds of wrong answer for preference data, hardest first: two characters swapped, one
+character wrong, the right characters in another order, one character dropped or added, and
+every character redrawn (the easy kind)."""
+
+
+def wrong_answer(answer: str, rng: random.Random, kind: str = "random") -> str:
+    """A wrong answer of `kind` (see NEGATIVE_KINDS), never equal to `answer`. A kind that
+    cannot change this answer (a swap in "aaa") falls back to one wrong character."""
     alphabet = _LETTERS if answer.isalpha() else "0123456789"
+    chars = list(answer)
+    if kind == "swap":
+        pairs = [(i, j) for i in range(len(chars)) for j in range(i + 1, len(chars)) if chars[i] != chars[j]]
+        if pairs:
+            i, j = rng.choice(pairs)
+            chars[i], chars[j] = chars[j], chars[i]
+            return "".join(chars)
+        kind = "one_wrong"
+    if kind == "shuffle":
+        orders = sorted({"".join(p) for p in _permutations(chars)} - {answer})
+        if orders:
+            return rng.choice(orders)
+        kind = "one_wrong"
+    if kind == "one_wrong":
+        i = rng.randrange(len(chars))
+        chars[i] = rng.choice([c for c in alphabet if c != chars[i]])
+        return "".join(chars)
+    if kind == "length":
+        i = rng.randrange(len(chars) + 1)
+        if len(chars) > 1 and rng.random() < 0.5:
+            del chars[min(i, len(chars) - 1)]
+        else:
+            chars.insert(i, rng.choice(alphabet))
+        return "".join(chars)
+    if kind != "random":
+        raise ValueError(f"unknown kind of wrong answer {kind!r}; kinds: {', '.join(NEGATIVE_KINDS)}")
     while True:
         wrong = "".join(rng.choice(alphabet) for _ in answer)
         if wrong != answer:
             return wrong
+
+
+def _permutations(chars: list[str]) -> list[tuple[str, ...]]:
+    from itertools import permutations
+
+    return list(permutations(chars)) if len(chars) <= 6 else [tuple(random.Random(0).sample(chars, len(chars)))]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -13,6 +13,7 @@ from rlfleet.common.config import (
     RewardConfig,
     RoleResources,
     RolloutConfig,
+    RuleRewardConfig,
 )
 from rlfleet.rollout.hf_worker import HFRolloutWorker
 from rlfleet.rollout.pool import RolloutPool
@@ -78,12 +79,14 @@ def start_vllm_worker(
 
 
 def start_reward_service(
-    reward: RewardConfig, tokenizer_path: str, resources: RoleResources, restarts: int = 0
+    reward: RewardConfig, tokenizer_path: str, resources: RoleResources, restarts: int = 0,
+    gold: Sequence[RuleRewardConfig] = (),
 ) -> ray.actor.ActorHandle:
-    """The reward service actor; its constructor checks every source (bad config fails here).
-    Ray restarts it up to `restarts` times; the caller retries (`driver.call_service`)."""
+    """The reward service actor (with the gold checker's rules, used only at evaluation); its
+    constructor checks every source (bad config fails here). Ray restarts it up to `restarts`
+    times; the caller retries (`driver.call_service`)."""
     options = actor_options(resources, max_restarts=restarts, max_task_retries=0)
-    return ray.remote(RewardService).options(**options).remote(reward, tokenizer_path)
+    return ray.remote(RewardService).options(**options).remote(reward, tokenizer_path, gold)
 
 
 def start_reference_service(

@@ -43,7 +43,10 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "checkpoint": {"every_steps": 0, "resume": "never"},
 }
 
+# PPO against the learned reward model (measured choices: README, "The RLHF recipe").
 PPO_ALGORITHM = {"advantage_estimator": "gae", "kl_in": "reward", "kl_estimator": "k1", "kl_coef": 0.05}
+PPO_REWARD: dict[str, Any] = {}
+PPO_LEARNER: dict[str, Any] = {"critic_init": "reward_model"}
 
 
 def _stage_config(cfg: RunConfig, run_dir: Path, **sections: dict[str, Any]) -> RunConfig:
@@ -80,18 +83,27 @@ def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
         rm = run_stage(_stage_config(cfg, root, rm={"init_from": sft["output"]}), "rm")
         logger.info("reward model: held-out pairwise accuracy %.2f → %.2f", rm["before/accuracy"], rm["after/accuracy"])
         ppo_cfg = _stage_config(cfg, root / "ppo", model={"path": sft["output"]}, algorithm=PPO_ALGORITHM,
-                                reward={"model_path": rm["output"]}, learner={"critic_init": "reward_model"})
+                                reward={"model_path": rm["output"], **PPO_REWARD}, learner=PPO_LEARNER,
+                                checkpoint={"keep_best": "eval/gold"})
         ppo = Trainer(ppo_cfg).fit()
         summary["rm"] = rm
-        first, last = _window_means(root / "ppo", "reward")
-        _, kl_last = _window_means(root / "ppo", "objective/kl")
-        summary["ppo"] = {"rm_score_first_steps": first, "rm_score_last_steps": last,
-                          "kl_last_steps": kl_last, "kl_max": _max(root / "ppo", "objective/kl"),
-                          "checkpoint": ppo["checkpoint"]}
+        summary["ppo"] = _proxy_and_gold(root / "ppo", ppo)
         runs["PPO (reward model)"] = root / "ppo"
     summary["report"] = str(write_report(runs, root / "report.png", title="rlfleet demo: reverse a string"))
     summary["seconds"] = time.perf_counter() - started
     return summary
+
+
+def _proxy_and_gold(run_dir: Path, fit: dict[str, Any]) -> dict[str, Any]:
+    """What PPO did to the reward it trains on (the proxy: the reward model's score) and to the
+    task (the gold: exact-answer accuracy), on the held-out prompts, first and last evaluation."""
+    evals = [r for r in read_metrics(run_dir) if r.get("eval/gold") is not None]
+    first, last = evals[0], evals[-1]
+    _, kl_last = _window_means(run_dir, "objective/kl")
+    return {"proxy_before": first["eval/reward"], "proxy_after": last["eval/reward"],
+            "gold_before": first["eval/gold"], "gold_after": last["eval/gold"], "last_step": last["step"],
+            "best": fit["best_checkpoint"], "kl_last_steps": kl_last, "kl_max": _max(run_dir, "objective/kl"),
+            "checkpoint": fit["checkpoint"]}
 
 
 def _window_means(run_dir: Path, key: str, window: int = 10) -> tuple[float, float]:
@@ -116,9 +128,13 @@ def print_summary(s: dict[str, Any]) -> None:
     out.write(f"  held-out exact-answer accuracy: {g['accuracy_before']:.0%} after SFT → "
               f"{g['accuracy_after']:.0%} after GRPO\n")
     if "ppo" in s:
-        p = s["ppo"]
-        out.write(f"  reward model: held-out pairwise accuracy {s['rm']['after/accuracy']:.0%}\n")
-        out.write(f"  PPO: mean reward-model score {p['rm_score_first_steps']:.3f} (first 10 steps) → "
-                  f"{p['rm_score_last_steps']:.3f} (last 10); KL to the reference {p['kl_last_steps']:.3f} "
-                  f"(last 10), at most {p['kl_max']:.3f}\n")
+        p, rm = s["ppo"], s["rm"]
+        kinds = ", ".join(f"{k.split('/')[-1]} {v:.0%}" for k, v in sorted(rm.items()) if k.startswith("after/accuracy/"))
+        out.write(f"  reward model: held-out pairwise accuracy {rm['after/accuracy']:.0%} ({kinds})\n")
+        out.write("  PPO against the reward model, held-out (greedy):   proxy = reward-model score | gold = exact answer\n")
+        out.write(f"    SFT start (step 0)          {p['proxy_before']:8.3f} | {p['gold_before']:.0%}\n")
+        out.write(f"    after PPO (step {p['last_step']:<3})        {p['proxy_after']:8.3f} | {p['gold_after']:.0%}\n")
+        if p["best"]:
+            out.write(f"    best by gold (step {p['best']['step']:<3}, kept)             | {p['best']['value']:.0%}\n")
+        out.write(f"    KL to the reference {p['kl_last_steps']:.3f} (last 10 steps), at most {p['kl_max']:.3f}\n")
     out.write(f"  report: {s['report']}\n")

@@ -45,6 +45,8 @@ class Parts:
     reward_state: dict = field(default_factory=dict)
     """The reward service's state after its last completed call: restored into a restarted actor."""
     service_retries: int = 0
+    gold: bool = False
+    """The reward service holds a gold checker (`data.eval_reward` or the task's own rule)."""
 
 
 @dataclass
@@ -270,21 +272,29 @@ def _pick(values, keep: list[bool]):
 
 
 def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -> dict[str, float]:
-    """Greedy responses to the first `data.eval_size` held-out prompts, scored."""
+    """Greedy responses to the first `data.eval_size` held-out prompts, scored by the training
+    reward (`eval/reward`, the proxy) and, when the run has one, the gold checker (`eval/gold`)."""
     examples = data.examples[: cfg.data.eval_size]
     batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step, greedy=True))
     rollouts = batch.rollouts
-    scored = call_service(parts, "reward", lambda: reward_call(parts,
-        [r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
-        [examples[r.prompt_index].extra for r in rollouts], update_stats=False,
-    ))
-    good = [s for s in scored.scores if s is not None]
-    return {
-        "eval/reward": sum(good) / len(good) if good else float("nan"),
-        "eval/unscorable": float(len(scored.scores) - len(good)),
+    args = ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
+            [examples[r.prompt_index].extra for r in rollouts])
+    scored = call_service(parts, "reward", lambda: reward_call(parts, *args, update_stats=False))
+    out = {
+        **_mean_of(scored.scores, "eval/reward", "eval/unscorable"),
         "eval/mean_length": sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1),
         "eval/num_prompts": float(len(rollouts)),
     }
+    if parts.gold:
+        gold = call_service(parts, "reward", lambda: parts.reward.gold.remote(*args))
+        out.update(_mean_of(gold, "eval/gold", "eval/gold_unscorable"))
+    return out
+
+
+def _mean_of(values: list[float | None], key: str, unscorable_key: str) -> dict[str, float]:
+    """The mean of the scorable values, and how many were not scorable."""
+    good = [v for v in values if v is not None]
+    return {key: sum(good) / len(good) if good else float("nan"), unscorable_key: float(len(values) - len(good))}
 
 
 def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: CheckpointManager,

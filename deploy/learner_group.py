@@ -101,6 +101,10 @@ class LearnerGroup:
                 pass
         return refs
 
+    def scale_kl_coef(self, factor: float) -> float:
+        """β × `factor` on every rank (they must agree); the new β."""
+        return ray.get([h.scale_kl_coef.remote(factor) for h in self.handles])[0]
+
     def save(self, folder: str) -> None:
         ray.get([h.save.remote(folder) for h in (self.lead, *self.helpers)])
 

@@ -1,5 +1,6 @@
 """A PNG report of a run's `metrics.jsonl`: reward, KL, entropy, response length and held-out
-score over steps (matplotlib, no display needed)."""
+score over steps (matplotlib, no display needed). The held-out panel shows the training
+reward (the proxy, left axis) and, when the run has a gold checker, `eval/gold` (right axis)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ PANELS = (
     ("objective/kl", "KL to the reference (per response)"),
     ("objective/entropy", "entropy (nats per response)"),
     ("completions/mean_length", "response length (tokens)"),
-    ("eval/reward", "held-out score (greedy)"),
+    ("eval/reward", "held-out (greedy): training reward"),
 )
+GOLD = "eval/gold"
 
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -36,6 +38,14 @@ def _smooth(values: list[float], window: int = 5) -> list[float]:
     return out
 
 
+def _gold(ax, rows: Sequence[Mapping[str, Any]]) -> None:
+    steps, values = _series(rows, GOLD)
+    if steps:
+        twin = ax.twinx()
+        twin.plot(steps, values, marker="s", markersize=4, color="tab:red")
+        twin.set_ylabel("gold (task checker)", color="tab:red", fontsize=8)
+
+
 def write_report(runs: Mapping[str, str | Path], out: str | Path, title: str = "rlfleet run") -> Path:
     """One row of panels per run (label → run folder), one panel per metric; noisy per-step
     curves get a 5-step running mean on top."""
@@ -46,6 +56,9 @@ def write_report(runs: Mapping[str, str | Path], out: str | Path, title: str = "
             steps, values = _series(rows, key)
             if key.startswith("eval/"):
                 ax.plot(steps, values, marker="o", markersize=4, color="tab:green")
+                _gold(ax, rows)
+                if any(r.get(GOLD) is not None for r in rows):
+                    label = f"{label} (green)\nand gold checker (red)"
             elif steps:
                 ax.plot(steps, values, alpha=0.35, color="tab:blue")
                 ax.plot(steps, _smooth(values), color="tab:blue")

@@ -3,8 +3,11 @@
 Data is a JSONL file (`<stage>.data_path`: {prompt, response} rows for SFT, {prompt, chosen,
 rejected} rows for the reward model and DPO; the last `eval_size` rows are held out), or is
 derived from the built-in `data.task`: its correct answers are the demonstrations and the
-chosen responses, a corrupted answer is the rejected one, and its fixed test split is held out.
-Per-step numbers go to `run_dir/<stage>/metrics.jsonl`.
+chosen responses, a near miss is the rejected one (`<stage>.negatives`: swapped, one wrong,
+reordered, one too many or too few, or every character redrawn; accuracy is reported per kind),
+and its fixed test split is held out. A JSONL row may name its own `kind`.
+Per-step numbers go to `run_dir/<stage>/metrics.jsonl`. SFT and DPO also report the held-out
+generation accuracy by the run's gold checker before and after (`before/gold`, `after/gold`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from rlfleet.common.config import RunConfig, StageConfig
 from rlfleet.common.data import DataError, read_rows, render_prompt
 from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.tasks import build_task, wrong_answer
+from rlfleet.deploy.gold import generation_gold
 from rlfleet.deploy.preflight import check_inputs
 from rlfleet.deploy.trainer import policy_path
 from rlfleet.learner.supervised import (
@@ -49,14 +53,16 @@ def _rows(cfg: RunConfig, stage: Stage, sc: StageConfig) -> tuple[list[tuple[str
         raise DataError(f"data.task={task!r} has no reference answers to imitate or rank; "
                         f"set {stage}.data_path to a JSONL file")
     rng = random.Random(cfg.seed)
+    kinds = sc.negatives if stage != "sft" else ["random"]
 
     def derive(rows: list[dict], split: str) -> list[tuple[str, dict]]:
         out = []
         for i, r in enumerate(rows):
             answer = str(r["answer"])
-            out.append((f"task {task} {split} #{i}",
-                        {"prompt": r["prompt"], "response": answer, "chosen": answer,
-                         "rejected": wrong_answer(answer, rng)}))
+            for kind in kinds:  # one pair per kind: near misses and easy ones side by side
+                out.append((f"task {task} {split} #{i}",
+                            {"prompt": r["prompt"], "response": answer, "chosen": answer,
+                             "rejected": wrong_answer(answer, rng, kind), "kind": kind}))
         return out
 
     return derive(train, "train"), derive(test, "test")
@@ -81,7 +87,7 @@ def _examples(rows, stage: Stage, tokenizer) -> list[Demonstration] | list[Prefe
             out.append(Demonstration(prompt, encode(_field(where, row, "response"))))
         else:
             out.append(PreferencePair(prompt, encode(_field(where, row, "chosen")),
-                                      encode(_field(where, row, "rejected"))))
+                                      encode(_field(where, row, "rejected")), str(row.get("kind", ""))))
     return out
 
 
@@ -107,5 +113,7 @@ def run_stage(cfg: RunConfig, stage: Stage) -> dict[str, Any]:
     else:
         result = dpo(start, out, train, test, settings, sc.beta, log)
     metrics.close()
+    if stage != "rm":  # the task's own checker on greedy held-out answers, before and after
+        result.update({"before/gold": generation_gold(cfg, start), "after/gold": generation_gold(cfg, out)})
     return {"stage": stage, "output": str(out), "init_from": start, "train_examples": len(train),
             "eval_examples": len(test), "seconds": time.perf_counter() - began, **result}

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from rlfleet.common.config import RewardConfig, RuleRewardConfig, RunConfig
 from rlfleet.common.data import PromptDataset, PromptSampler, build_dataset, read_rows
-from rlfleet.common.metrics import MetricsWriter
+from rlfleet.common.metrics import MetricsWriter, read_metrics
 from rlfleet.common.tasks import build_task
 from rlfleet.common.tiny_models import build_tiny_causal_lm
 from rlfleet.deploy import driver
@@ -35,6 +35,7 @@ from rlfleet.deploy.assembly import (
 )
 from rlfleet.deploy.checkpoints import CheckpointManager
 from rlfleet.deploy.control import find_control, run_key, start_control
+from rlfleet.deploy.guard import GoldWatch
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.deploy.preflight import check_inputs
 
@@ -64,6 +65,15 @@ def reward_config(cfg: RunConfig) -> RewardConfig:
         return r
     rule = build_task(cfg.data.task, cfg.seed, 1).rule
     return r.model_copy(update={"rules": [RuleRewardConfig(function=rule)]})
+
+
+def gold_rules(cfg: RunConfig) -> list[RuleRewardConfig]:
+    """The gold checker: `data.eval_reward`, else a built-in task's own rule, else none."""
+    if cfg.data.eval_reward is not None:
+        return list(cfg.data.eval_reward)
+    if cfg.data.task is not None and cfg.data.train_path is None:
+        return [RuleRewardConfig(function=build_task(cfg.data.task, cfg.seed, 1).rule)]
+    return []
 
 
 def load_data(cfg: RunConfig, tokenizer) -> RunData:
@@ -132,29 +142,67 @@ class Trainer:
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
                                 cfg.model_dump(mode="json"))
         first = driver.resume(cfg, parts, sampler, ckpts, metrics) + 1
+        watch = GoldWatch(cfg.guard, cfg.checkpoint)
+        if first == 1:
+            ckpts.forget_best()
+        else:
+            watch.replay(read_metrics(self.run_dir), first - 1)
         progress = _progress(cfg, first - 1)
         last: dict[str, Any] = {}
         before: dict[str, Any] = {}
         checkpoint = ckpts.latest()
+        stopped = None
         try:
             if first == 1 and cfg.logging.eval_every_steps:
                 before = driver.evaluate(cfg, parts, data.eval, 0)  # the starting policy, as step 0
                 metrics.write(0, before)
+                self._watch(watch, ckpts, parts, sampler, 0, before)
             for step in range(first, cfg.total_steps + 1):
                 driver.apply_control(cfg, parts, control, step - 1)
                 last = driver.train_step(cfg, parts, data.train, sampler, step)
-                if cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0:
+                evaluated = cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0
+                if evaluated:
                     last.update(driver.evaluate(cfg, parts, data.eval, step))
                 metrics.write(step, last)
                 if driver.checkpoint_due(cfg, step):
                     checkpoint = driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
                 _report(progress, step, last)
+                stopped = self._watch(watch, ckpts, parts, sampler, step, last) if evaluated else None
+                if stopped:
+                    if not driver.checkpoint_due(cfg, step):
+                        checkpoint = driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
+                    break
         finally:
             metrics.close()
             if progress is not None:
                 progress.close()
-        return {"steps": cfg.total_steps, "first_step": first, "metrics": last, "eval_before": before,
-                "checkpoint": str(checkpoint) if checkpoint else None, "run_dir": str(self.run_dir)}
+        best = ckpts.best()
+        return {"steps": step if stopped else cfg.total_steps, "first_step": first, "metrics": last,
+                "eval_before": before, "checkpoint": str(checkpoint) if checkpoint else None,
+                "best_checkpoint": best, "stopped_by_guard": stopped, "run_dir": str(self.run_dir)}
+
+    def _watch(self, watch: GoldWatch, ckpts: CheckpointManager, parts: driver.Parts, sampler: PromptSampler,
+               step: int, evaluation: dict[str, Any]) -> str | None:
+        """Keep the best checkpoint and apply the over-optimisation guard after an evaluation;
+        the reason the run must stop, else None."""
+        cfg = self.config
+        verdict = watch.see(step, evaluation)
+        if verdict.best:
+            if not (ckpts.folder(step) / "trainer_state.json").is_file():
+                driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
+            ckpts.mark_best(step, cfg.checkpoint.keep_best, evaluation[cfg.checkpoint.keep_best])
+            logger.info("step %d: best %s so far (%.4g), checkpoint kept", step, cfg.checkpoint.keep_best,
+                        evaluation[cfg.checkpoint.keep_best])
+        if verdict.act is None:
+            return None
+        if cfg.guard.action == "raise_kl":
+            beta = parts.learner.scale_kl_coef(cfg.guard.kl_factor)
+            logger.warning("step %d: %s; KL coefficient raised ×%g to %.4g", step, verdict.act,
+                           cfg.guard.kl_factor, beta)
+            return None
+        logger.warning("step %d: %s; stopping (guard.action=stop)%s", step, verdict.act,
+                       f", the result is the best checkpoint {ckpts.best()['path']}" if ckpts.best() else "")
+        return verdict.act
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
@@ -169,9 +217,11 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
     pool = reward = None
     try:
         data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))
-        reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward)
+        gold = gold_rules(cfg)
+        reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, gold=gold)
         pool = start_rollout_pool(str(model), cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
-        metrics = driver.evaluate(cfg, driver.Parts(None, pool, reward, None, tokenizer_path), data.eval)
+        parts = driver.Parts(None, pool, reward, None, tokenizer_path, gold=bool(gold))
+        metrics = driver.evaluate(cfg, parts, data.eval)
     finally:
         if pool is not None:
             pool.close()
@@ -229,14 +279,15 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts
     critic_path = cfg.reward.model_path if cfg.learner.critic_init == "reward_model" else None
     learner = LearnerGroup.start(cfg, model, critic_path)
     restarts = cfg.cluster.service_restarts
-    reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, restarts)
+    gold = gold_rules(cfg)
+    reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, restarts, gold)
     reference = None
     if needs_reference_actor(cfg):
         reference = start_reference_service(model, cfg.reference, cfg.cluster.reference, restarts)
     pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
     ray.get([reward.health.remote()] + ([reference.health.remote()] if reference is not None else []))
     learner.version()  # the learners are built
-    return driver.Parts(learner, pool, reward, reference, tokenizer_path, restarts)
+    return driver.Parts(learner, pool, reward, reference, tokenizer_path, restarts, gold=bool(gold))
 
 
 def stop_parts(parts: driver.Parts) -> None:

@@ -141,6 +141,11 @@ class Learner:
         return ref
 
     # ------------------------------------------------------------------ queries
+    def scale_kl_coef(self, factor: float) -> float:
+        """Multiply the KL coefficient β by `factor` (the over-optimisation guard); the new β."""
+        self.kl_controller.value *= factor
+        return self.kl_controller.value
+
     def policy_version(self) -> int:
         return self.version
 

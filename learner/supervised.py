@@ -51,6 +51,9 @@ class PreferencePair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    kind: str = ""
+    """What kind of wrong answer the rejected one is ('swap', 'random', …): accuracy is also
+    reported per kind."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,16 @@ def _sequence_logprobs(model, prompts: Sequence[list[int]], responses: Sequence[
     batch = pack(prompts, responses, _pad_id(model)).to(next(model.parameters()).device)
     logprobs, _ = response_logprobs(model, batch, 1.0)
     return masked_sum(logprobs, batch.response_mask, dim=-1)
+
+
+def accuracy_by_kind(pairs: Sequence[PreferencePair], correct: torch.Tensor) -> dict[str, float]:
+    """`accuracy/<kind>`: the share of pairs of each kind ranked right (`correct` [B] bool)."""
+    kinds = sorted({p.kind for p in pairs if p.kind})
+    out = {}
+    for kind in kinds:
+        picked = torch.tensor([p.kind == kind for p in pairs])
+        out[f"accuracy/{kind}"] = correct[picked].float().mean().item()
+    return out
 
 
 def _train(model, settings: StageSettings, n: int, loss_fn: Callable[[list[int]], tuple[torch.Tensor, dict]],
@@ -178,8 +191,10 @@ def train_reward_model(model_path: str, out_dir: str | Path, train: Sequence[Pre
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         model.eval()
-        loss, metrics = reward_model_loss(*scores(list(test)))
-        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+        chosen, rejected = scores(list(test))
+        loss, metrics = reward_model_loss(chosen, rejected)
+        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()},
+                **accuracy_by_kind(test, chosen > rejected)}
 
     result = _train(model, settings, len(train), loss_fn, evaluate, log)
     if lora_rank is not None:
@@ -212,8 +227,12 @@ def dpo(model_path: str, out_dir: str | Path, train: Sequence[PreferencePair], t
     def evaluate() -> dict[str, float]:
         policy.eval()
         with torch.no_grad():
-            loss, metrics = loss_on(list(test))
-        return {"loss": loss.item(), **metrics}
+            ref_w, ref_l = logps(reference, list(test))
+            pol_w, pol_l = logps(policy, list(test))
+        loss, metrics = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta)
+        margin = metrics["chosen_reward"] - metrics["rejected_reward"]
+        return {"loss": loss.item(), "margin": margin.item(), "accuracy": metrics["accuracy"].item(),
+                **accuracy_by_kind(test, (pol_w - ref_w) > (pol_l - ref_l))}
 
     result = _train(policy, settings, len(train), lambda idx: loss_on([train[i] for i in idx]), evaluate, log)
     _save(policy, model_path, out_dir)

@@ -17,12 +17,12 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from rlfleet.common.config import RewardConfig
+from rlfleet.common.config import RewardConfig, RuleRewardConfig
 from rlfleet.common.records import ScoreBatch
 from rlfleet.services.info import ServiceInfo
 from rlfleet.services.remote import RemoteScorer, RemoteScorerError
 from rlfleet.services.reward_model import RewardModelScorer, ScoreNormalizer
-from rlfleet.services.rules import RuleRunner, judge, load_rule
+from rlfleet.services.rules import RuleRunner, judge, load_rule, weighted_rules
 
 
 class UnscorableError(RuntimeError):
@@ -32,10 +32,12 @@ class UnscorableError(RuntimeError):
 class RewardService:
     """Scores batches of token-id (prompt, response) pairs."""
 
-    def __init__(self, config: RewardConfig, tokenizer_path: str):
+    def __init__(self, config: RewardConfig, tokenizer_path: str, gold: Sequence[RuleRewardConfig] = ()):
+        """`gold`: rule functions used only by `gold()` (the run's `data.eval_reward`)."""
         if config.model_path is None and not config.rules and config.remote is None:
             raise ValueError("reward: no reward source; set reward.model_path, reward.rules or reward.remote")
         self._config = config
+        self._gold = list(gold)
         self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self._model = None
         if config.model_path is not None:
@@ -43,7 +45,10 @@ class RewardService:
             self._normalize = ScoreNormalizer(config.normalize, config.norm_mean, config.norm_std, config.clip)
         for i, rule in enumerate(config.rules):
             load_rule(rule.function, field=f"reward.rules[{i}].function")
-        self._runner = RuleRunner([r.function for r in config.rules], config.rule_processes) if config.rules else None
+        for i, rule in enumerate(self._gold):
+            load_rule(rule.function, field=f"data.eval_reward[{i}].function")
+        paths = sorted({r.function for r in [*config.rules, *self._gold]})
+        self._runner = RuleRunner(paths, config.rule_processes) if paths else None
         self._remote = None
         if config.remote is not None:
             r = config.remote
@@ -91,6 +96,20 @@ class RewardService:
             for i in range(len(prompt_ids))
         ]
         return ScoreBatch(scores, components, reasons, self.state_dict())
+
+    def gold(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        extras: Sequence[Mapping[str, Any]],
+    ) -> list[float | None]:
+        """The gold checker's weighted sum per response (None where a rule could not score
+        it); used at evaluation only, it never moves the normaliser."""
+        if not self._gold:
+            raise ValueError("this reward service has no gold checker (data.eval_reward)")
+        prompts = self._tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+        responses = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        return weighted_rules(self._runner, self._gold, prompts, responses, extras)
 
     def _score_text(self, prompts, responses, extras, components, weights, reasons) -> None:
         for i, rule in enumerate(self._config.rules):

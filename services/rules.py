@@ -164,3 +164,15 @@ class RuleRunner:
 
     def close(self) -> None:
         self._workers.close()
+
+
+def weighted_rules(runner: RuleRunner, rules: Sequence[Any], prompts: Sequence[str], responses: Sequence[str],
+                   extras: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    """Σ weight · value over `rules` (each with `function`, `weight`, `timeout_s`) per
+    response; None where any rule could not score it (the gold checker's score)."""
+    totals: list[float | None] = [0.0] * len(prompts)
+    for rule in rules:
+        for i, outcome in enumerate(runner.run(rule.function, rule.timeout_s, prompts, responses, extras)):
+            prior = totals[i]
+            totals[i] = None if outcome.value is None or prior is None else prior + rule.weight * outcome.value
+    return totals

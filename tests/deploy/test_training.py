@@ -166,6 +166,33 @@ def test_grpo_learns_a_rule_reward(ray_cluster, tmp_path):
     assert summary["seconds"] > 0
 
 
+def test_the_guard_stops_a_run_whose_proxy_rises_while_gold_falls_and_keeps_the_best(ray_cluster, tmp_path, caplog):
+    """The proxy (`char_fraction`) pays for the letter 'a'; the gold checker wants none. GRPO
+    climbs the proxy, the gold falls, the guard stops the run and the best-by-gold checkpoint
+    is its result."""
+    cfg = grpo_config(tmp_path, total_steps=30,
+                      data={"eval_size": 8, "eval_reward": [{"function": "tests.services.rule_fixtures:without_letter_a"}]},
+                      logging={"eval_every_steps": 2}, guard={"patience": 2},
+                      checkpoint={"keep_best": "eval/gold", "keep_last": 1, "every_steps": 0})
+    with caplog.at_level("WARNING", logger="rlfleet.deploy.trainer"):
+        summary = Trainer(cfg).fit()
+    evals = [r for r in read_metrics(tmp_path) if r.get("eval/gold") is not None]
+    stop = summary["steps"]
+    assert stop < 30 and evals[-1]["step"] == stop
+    assert "over-optimisation: eval/gold has stayed below its best" in summary["stopped_by_guard"]
+    assert "stopping (guard.action=stop)" in caplog.text
+    best = max(evals, key=lambda r: r["eval/gold"])  # the first of equal values
+    assert summary["best_checkpoint"]["step"] == best["step"]
+    assert summary["best_checkpoint"]["value"] == best["eval/gold"]
+    assert (Path(summary["best_checkpoint"]["path"]) / "learner" / "policy" / "model.safetensors").is_file()
+    # what makes it a stop: gold below its best for the last 2 evaluations, the proxy above
+    assert all(r["eval/gold"] < best["eval/gold"] for r in evals[-2:])
+    assert evals[-1]["eval/reward"] > best["eval/reward"]
+    # the last state is kept too (keep_last=1), beside the best
+    names = [p.name for p in CheckpointManager(tmp_path, 1).complete()]
+    assert names == sorted({f"step_{best['step']:08d}", f"step_{stop:08d}"})
+
+
 def test_ppo_with_critic_learns_the_same_rule_reward(ray_cluster, tmp_path):
     """PPO with a critic, trained by a data-parallel group of 2 learner actors (gloo, DDP)."""
     cfg = grpo_config(tmp_path, total_steps=30, learner={"num_workers": 2}, algorithm={

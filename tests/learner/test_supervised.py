@@ -67,12 +67,16 @@ def test_reward_model_stage_ranks_held_out_pairs_better(tmp_path):
 
 
 def test_dpo_stage_raises_the_held_out_margin_via_cli(tmp_path, capsys):
+    """Easy negatives (every letter redrawn) for a short run; the held-out generation accuracy
+    by the task's checker is reported before and after (the untrained model's is 0)."""
     args = ["dpo", "data.task=reverse", "data.task_size=256", f"logging.run_dir={tmp_path}",
-            "dpo.steps=40", "dpo.lr=3e-3", "dpo.eval_size=40"]
+            "dpo.steps=40", "dpo.lr=3e-3", "dpo.eval_size=40", "dpo.negatives=[random]", "data.eval_size=20"]
     assert cli.main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["before/margin"] == pytest.approx(0.0, abs=1e-5)  # the policy is its own reference
     assert result["after/margin"] > 0.5 and result["after/accuracy"] > 0.8
+    assert result["after/accuracy/random"] == result["after/accuracy"]
+    assert result["before/gold"] == 0.0 and 0.0 <= result["after/gold"] <= 1.0
 
 
 def test_a_task_without_answers_needs_a_data_file(tmp_path):

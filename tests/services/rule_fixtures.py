@@ -21,6 +21,10 @@ def returns_nan(prompt, response, extra):
     return float("nan")
 
 
+def returns_nan_on_x(prompt, response, extra):
+    return float("nan") if "x" in response else 0.0
+
+
 def hangs_on_x(prompt, response, extra):
     if "x" in response:
         time.sleep(3600)
@@ -72,3 +76,9 @@ def math_answer_while_not_held(prompt, response, extra):
     while HOLD_MARKER.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     return math_answer(prompt, response, extra)
+
+
+def without_letter_a(prompt, response, extra):
+    """A gold checker that rejects the shortcut `char_fraction` pays for: 1 − the fraction of
+    the response that is 'a'."""
+    return 1.0 - (response.count("a") / len(response) if response else 0.0)

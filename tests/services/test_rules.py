@@ -85,6 +85,26 @@ def test_weighted_sum_of_rules(tok_dir):
     svc.close()
 
 
+def test_the_gold_checker_scores_apart_from_the_training_reward(tok_dir):
+    """`data.eval_reward` rules live in the reward service beside its sources but only
+    `gold()` uses them: the training score is the proxy's alone."""
+    gold = [RuleRewardConfig(function="rlfleet.services.rules:exact_match", weight=2.0),
+            RuleRewardConfig(function=f"{FIX}:returns_nan_on_x")]
+    svc = RewardService(RewardConfig(rules=[RuleRewardConfig(function=f"{FIX}:by_length")]), str(tok_dir), gold)
+    prompts, responses = encode(["1+1=", "2+2=", "3+3="]), encode(["2", "five", "6x"])
+    extras = [{"answer": "2"}, {"answer": "4"}, {"answer": "6"}]
+    assert svc.score(prompts, responses, extras).scores == [1.0, 4.0, 2.0]
+    assert svc.gold(prompts, responses, extras) == [2.0, 0.0, None]  # unscorable by one rule: None
+    svc.close()
+    plain = service(tok_dir, (f"{FIX}:by_length", 1.0))
+    with pytest.raises(ValueError, match="no gold checker"):
+        plain.gold(prompts, responses, extras)
+    plain.close()
+    with pytest.raises(Exception, match=r"data\.eval_reward\[0\]\.function"):
+        RewardService(RewardConfig(rules=[RuleRewardConfig(function=f"{FIX}:by_length")]), str(tok_dir),
+                      [RuleRewardConfig(function="no_such_module:f")])
+
+
 @pytest.mark.parametrize(("fn", "reason"), [("raises", "raised"), ("returns_nan", "non_finite")])
 def test_raising_or_nan_rule_marks_unscorable(tok_dir, fn, reason):
     svc = service(tok_dir, (f"{FIX}:by_length", 1.0), (f"{FIX}:{fn}", 1.0))

@@ -1,0 +1,99 @@
+"""Config sections about running and keeping a run: checkpoints, logging, the over-optimisation
+guard, and the supervised stages (SFT, reward model, DPO). Part of `RunConfig`
+(`rlfleet.common.config`, which re-exports them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rlfleet.common.config_base import Section
+from rlfleet.common.tasks import NEGATIVE_KINDS
+
+NegativeKind = Literal["swap", "one_wrong", "shuffle", "length", "random"]
+
+
+class CheckpointConfig(Section):
+    """Checkpoints."""
+
+    every_steps: int = Field(0, ge=0)
+    """Save every N steps; 0 saves only at the end."""
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept on disk."""
+    resume: Literal["auto", "never"] = "auto"
+    """'auto' resumes from the newest complete checkpoint in the run folder."""
+    keep_best: str | None = None
+    """Also keep the checkpoint with the best value of this evaluation metric (e.g.
+    'eval/gold'), saved when an evaluation beats every earlier one, never removed by
+    `keep_last`; it is the run's result (`best_checkpoint` in the summary). None: off."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or a smaller `keep_best` value is better."""
+
+
+class LoggingConfig(Section):
+    """Metrics and logs."""
+
+    run_dir: str = "runs/default"
+    """Run folder: metrics.jsonl, checkpoints, report."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level."""
+    eval_every_steps: int = Field(0, ge=0)
+    """Evaluate on held-out prompts every N steps; 0 disables it."""
+    progress_bar: bool = True
+    """Show a progress bar with the key numbers on the console."""
+    tensorboard: bool = False
+    """Also write metrics as TensorBoard events under run_dir/tensorboard (needs `tensorboard`)."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (needs `wandb`)."""
+
+
+class StageConfig(Section):
+    """A supervised stage (`rlfleet sft | rm | dpo`): SFT, reward-model training or DPO."""
+
+    init_from: str | None = None
+    """HF folder the stage starts from; None: `model.path` (or the tiny model)."""
+    output_dir: str | None = None
+    """Where the trained model is saved; None: `logging.run_dir`/models/<stage>."""
+    data_path: str | None = None
+    """JSONL of {prompt, response} (sft) or {prompt, chosen, rejected} (rm, dpo); None derives
+    them from the built-in `data.task` (correct answers; wrong ones as rejected)."""
+    steps: int = Field(200, ge=1)
+    """Optimizer steps."""
+    lr: float = Field(3e-3, gt=0)
+    """AdamW learning rate."""
+    batch_size: int = Field(32, ge=1)
+    """Examples (or pairs) per step."""
+    eval_size: int = Field(100, ge=1)
+    """Held-out examples (or pairs) evaluated before and after."""
+    eval_every: int = Field(0, ge=0)
+    """Also evaluate every N steps; 0: only before and after."""
+    beta: float = Field(0.1, gt=0)
+    """DPO's β (dpo only)."""
+    lora_rank: int | None = Field(None, ge=1)
+    """Train LoRA adapters of this rank, merged when saved (rm only); None trains everything."""
+    negatives: list[NegativeKind] = list(NEGATIVE_KINDS)
+    """Kinds of rejected answer derived from a built-in task (rm and dpo): 'swap' (two
+    characters swapped), 'one_wrong', 'shuffle' (the right characters in another order),
+    'length' (one dropped or added), 'random' (all redrawn). Every row, training or held out,
+    gives one pair per kind; held-out accuracy is reported per kind."""
+
+
+class GuardConfig(Section):
+    """The over-optimisation guard (opt-in): the policy learns to please the training reward
+    (the proxy) while the task's own checker (the gold, `eval/gold`) gets worse."""
+
+    patience: int = Field(0, ge=0)
+    """Act when the gold has stayed below its best for this many evaluations in a row while
+    the proxy rose above its value at that best evaluation; 0 turns the guard off."""
+    action: Literal["stop", "raise_kl"] = "stop"
+    """'stop' ends the run (the best-by-gold checkpoint is its result); 'raise_kl' multiplies
+    the KL coefficient by `kl_factor` and keeps going (once per `patience` evaluations)."""
+    kl_factor: float = Field(2.0, gt=1)
+    """Factor on the KL coefficient for action='raise_kl'."""
+    min_delta: float = Field(0.0, ge=0)
+    """The gold counts as below its best when it is lower by more than this."""
+    gold: str = "eval/gold"
+    """The metric that stands for the task."""
+    proxy: str = "eval/reward"
+    """The metric the policy is trained on (held-out, greedy)."""
