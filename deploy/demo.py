@@ -5,8 +5,10 @@
    the model half-knows the skill.
 3. GRPO with the exact-answer rule reward; held-out accuracy (greedy, 100 test strings never
    trained on) is measured before RL (step 0) and every few steps.
-4. With `--rlhf`: train a reward model on (correct, wrong) answer pairs, then PPO with a critic
-   against it, the KL to the reference in the token rewards.
+4. With `--rlhf`: train a reward model on (correct, near-miss) answer pairs, then PPO with a
+   critic against it, the KL to the reference in the token rewards; its held-out answers are
+   scored by the reward model (the proxy) and by the exact-answer rule (the gold), and the
+   best checkpoint by gold is kept.
 5. Write `report.png` (reward, KL, entropy, length, held-out score over steps) and print the
    before/after numbers.
 """
@@ -38,14 +40,16 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "learner": {"lr": 5e-4, "critic_lr": 1e-3, "minibatch_size": 64},
     "algorithm": {"advantage_estimator": "grpo", "kl_in": "loss", "kl_estimator": "k3", "kl_coef": 0.01},
     "sft": {"steps": 125, "lr": 3e-3},
-    "rm": {"steps": 300, "lr": 5e-4},
+    # near misses (the SFT model's own mistakes are mostly one wrong letter) weighted 3:1
+    "rm": {"steps": 2000, "lr": 5e-4,
+           "negatives": ["swap", "one_wrong", "one_wrong", "one_wrong", "shuffle", "length", "random"]},
     "logging": {"run_dir": "runs/demo", "eval_every_steps": 10, "progress_bar": False},
     "checkpoint": {"every_steps": 0, "resume": "never"},
 }
 
 # PPO against the learned reward model (measured choices: README, "The RLHF recipe").
-PPO_ALGORITHM = {"advantage_estimator": "gae", "kl_in": "reward", "kl_estimator": "k1", "kl_coef": 0.05}
-PPO_REWARD: dict[str, Any] = {}
+PPO_ALGORITHM = {"advantage_estimator": "gae", "kl_in": "reward", "kl_estimator": "k1", "kl_coef": 0.1}
+PPO_REWARD: dict[str, Any] = {"normalize": "running"}
 PPO_LEARNER: dict[str, Any] = {"critic_init": "reward_model"}
 
 

@@ -32,6 +32,15 @@ def test_short_demo_with_rlhf_writes_runs_and_a_report(ray_cluster, tmp_path, ca
     accuracy = summary["grpo"]["accuracy_before"], summary["grpo"]["accuracy_after"]
     assert all(0.0 <= a <= 1.0 for a in accuracy)  # exact-answer accuracy on 20 held-out strings
     assert summary["rm"]["after/accuracy"] > summary["rm"]["before/accuracy"]
+    kinds = {"swap", "one_wrong", "shuffle", "length", "random"}
+    assert {k for k in summary["rm"] if k.startswith("after/accuracy/")} == {f"after/accuracy/{k}" for k in kinds}
+    # PPO's held-out answers: the proxy (reward model) and the gold (exact answer) side by side
+    ppo = summary["ppo"]
+    assert "proxy = reward-model score | gold = exact answer" in out
+    assert ppo["gold_before"] == summary["grpo"]["accuracy_before"]  # the same SFT start, the same checker
+    assert {"eval/gold", "eval/reward"} <= set(read_metrics(tmp_path / "ppo")[0])
+    assert ppo["best"]["value"] == max(ppo["gold_before"], ppo["gold_after"])
+    assert summary["sft"]["after/gold"] is not None
     image = matplotlib.image.imread(summary["report"])
     assert image.shape[0] > 400 and image.shape[1] > 1500  # two rows of five panels
     assert (tmp_path / "config.yaml").read_text().count("task: reverse") == 1

@@ -149,6 +149,11 @@ def test_every_trainable_parameter_changes_and_version_advances(tiny_model_dir):
     assert result.metrics["learner/skipped_steps"] == 0
     # The adaptive controller moved β after the step (KL was below the target of 1.0 → β shrinks).
     assert learner.kl_controller.value < 0.1
+    # The over-optimisation guard's raise_kl: β × factor, used by the next step and checkpointed.
+    beta = learner.kl_controller.value
+    assert learner.scale_kl_coef(2.0) == pytest.approx(2 * beta)
+    assert learner.train_step(experience(learner, make_rollouts(version=1))).metrics["learner/kl_coef"] == \
+        pytest.approx(2 * beta)
 
 
 @pytest.mark.parametrize("poison", ["score", "old_logprob"])
