@@ -136,9 +136,11 @@ def print_summary(s: dict[str, Any]) -> None:
         kinds = ", ".join(f"{k.split('/')[-1]} {v:.0%}" for k, v in sorted(rm.items()) if k.startswith("after/accuracy/"))
         out.write(f"  reward model: held-out pairwise accuracy {rm['after/accuracy']:.0%} ({kinds})\n")
         out.write("  PPO against the reward model, held-out (greedy):   proxy = reward-model score | gold = exact answer\n")
-        out.write(f"    SFT start (step 0)          {p['proxy_before']:8.3f} | {p['gold_before']:.0%}\n")
-        out.write(f"    after PPO (step {p['last_step']:<3})        {p['proxy_after']:8.3f} | {p['gold_after']:.0%}\n")
+        rows = [("SFT start (step 0)", f"{p['proxy_before']:8.3f}", p["gold_before"]),
+                (f"after PPO (step {p['last_step']})", f"{p['proxy_after']:8.3f}", p["gold_after"])]
         if p["best"]:
-            out.write(f"    best by gold (step {p['best']['step']:<3}, kept)             | {p['best']['value']:.0%}\n")
+            rows.append((f"best by gold (step {p['best']['step']}, kept)", " " * 8, p["best"]["value"]))
+        for label, proxy, gold in rows:
+            out.write(f"    {label:<30}{proxy} | {gold:.0%}\n")
         out.write(f"    KL to the reference {p['kl_last_steps']:.3f} (last 10 steps), at most {p['kl_max']:.3f}\n")
     out.write(f"  report: {s['report']}\n")
