@@ -113,7 +113,9 @@ def run_stage(cfg: RunConfig, stage: Stage) -> dict[str, Any]:
     else:
         result = dpo(start, out, train, test, settings, sc.beta, log)
     metrics.close()
-    if stage != "rm":  # the task's own checker on greedy held-out answers, before and after
+    # The gold checker on greedy held-out answers, before and after: for the built-in task the
+    # stage trained on, or when the run names one (`data.eval_reward`) for its eval prompts.
+    if stage != "rm" and (sc.data_path is None or cfg.data.eval_reward is not None):
         result.update({"before/gold": generation_gold(cfg, start), "after/gold": generation_gold(cfg, out)})
     return {"stage": stage, "output": str(out), "init_from": start, "train_examples": len(train),
             "eval_examples": len(test), "seconds": time.perf_counter() - began, **result}
