@@ -150,7 +150,6 @@ class Trainer:
         progress = _progress(cfg, first - 1)
         last: dict[str, Any] = {}
         before: dict[str, Any] = {}
-        checkpoint = ckpts.latest()
         stopped = None
         try:
             if first == 1 and cfg.logging.eval_every_steps:
@@ -165,18 +164,17 @@ class Trainer:
                     last.update(driver.evaluate(cfg, parts, data.eval, step))
                 metrics.write(step, last)
                 if driver.checkpoint_due(cfg, step):
-                    checkpoint = driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
+                    driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
                 _report(progress, step, last)
                 stopped = self._watch(watch, ckpts, parts, sampler, step, last) if evaluated else None
                 if stopped:
-                    if not driver.checkpoint_due(cfg, step):
-                        checkpoint = driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
+                    self._save_once(ckpts, parts, sampler, step)  # the last state, beside the best
                     break
         finally:
             metrics.close()
             if progress is not None:
                 progress.close()
-        best = ckpts.best()
+        best, checkpoint = ckpts.best(), ckpts.latest()  # best-by-metric saves may come after the last due one
         return {"steps": step if stopped else cfg.total_steps, "first_step": first, "metrics": last,
                 "eval_before": before, "checkpoint": str(checkpoint) if checkpoint else None,
                 "best_checkpoint": best, "stopped_by_guard": stopped, "run_dir": str(self.run_dir)}
@@ -188,8 +186,7 @@ class Trainer:
         cfg = self.config
         verdict = watch.see(step, evaluation)
         if verdict.best:
-            if not (ckpts.folder(step) / "trainer_state.json").is_file():
-                driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
+            self._save_once(ckpts, parts, sampler, step)
             ckpts.mark_best(step, cfg.checkpoint.keep_best, evaluation[cfg.checkpoint.keep_best])
             logger.info("step %d: best %s so far (%.4g), checkpoint kept", step, cfg.checkpoint.keep_best,
                         evaluation[cfg.checkpoint.keep_best])
@@ -200,9 +197,15 @@ class Trainer:
             logger.warning("step %d: %s; KL coefficient raised ×%g to %.4g", step, verdict.act,
                            cfg.guard.kl_factor, beta)
             return None
+        best = ckpts.best()
         logger.warning("step %d: %s; stopping (guard.action=stop)%s", step, verdict.act,
-                       f", the result is the best checkpoint {ckpts.best()['path']}" if ckpts.best() else "")
+                       f", the result is the best checkpoint {best['path']}" if best else "")
         return verdict.act
+
+    def _save_once(self, ckpts: CheckpointManager, parts: driver.Parts, sampler: PromptSampler, step: int) -> None:
+        """A checkpoint of `step` unless this step already has a complete one."""
+        if ckpts.latest() != ckpts.folder(step):
+            driver.save_checkpoint(self.config, parts, ckpts, sampler, step)
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
