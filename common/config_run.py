@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlfleet.common.config_base import Section
 from rlfleet.common.tasks import NEGATIVE_KINDS
 
-NegativeKind = Literal["swap", "one_wrong", "shuffle", "length", "random"]
+NegativeKind = Literal["swap", "one_wrong", "shuffle", "length", "random", "sampled"]
 
 
 class CheckpointConfig(Section):
@@ -61,7 +61,11 @@ class StageConfig(Section):
     steps: int = Field(200, ge=1)
     """Optimizer steps."""
     lr: float = Field(3e-3, gt=0)
-    """AdamW learning rate."""
+    """AdamW learning rate (the peak, with a schedule)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After warm-up: keep `lr`, or decay it to zero by the last step along a line or a cosine."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps over which the learning rate rises linearly from ~0 to `lr`."""
     batch_size: int = Field(32, ge=1)
     """Examples (or pairs) per step."""
     eval_size: int = Field(100, ge=1)
@@ -70,13 +74,29 @@ class StageConfig(Section):
     """Also evaluate every N steps; 0: only before and after."""
     beta: float = Field(0.1, gt=0)
     """DPO's β (dpo only)."""
+    sample_from: str | None = None
+    """HF folder of the causal LM whose own wrong answers make the 'sampled' negatives (usually
+    the policy RL will start from); None: the model the stage starts from."""
+    lm_coef: float = Field(0.0, ge=0)
+    """Reward model only: also train the backbone's language-model loss on the chosen responses,
+    weighted by this (hidden-state regularisation; keeps the reward model knowing what a good
+    answer is, not only what separated its training pairs). 0: off."""
     lora_rank: int | None = Field(None, ge=1)
     """Train LoRA adapters of this rank, merged when saved (rm only); None trains everything."""
     negatives: list[NegativeKind] = list(NEGATIVE_KINDS)
     """Kinds of rejected answer derived from a built-in task (rm and dpo): 'swap' (two
     characters swapped), 'one_wrong', 'shuffle' (the right characters in another order),
-    'length' (one dropped or added), 'random' (all redrawn). Every row, training or held out,
-    gives one pair per kind; held-out accuracy is reported per kind."""
+    'length' (one dropped or added), 'random' (all redrawn), 'sampled' (a wrong answer that
+    the `sample_from` model samples at temperature 1; 'one_wrong' where all its samples were
+    right). Every row, training or held out, gives one pair per kind (a repeated kind: more
+    pairs of it); held-out accuracy is reported per kind."""
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> StageConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps}): "
+                             "the learning rate would never reach its peak")
+        return self
 
 
 class GuardConfig(Section):

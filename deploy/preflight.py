@@ -44,6 +44,7 @@ def check_inputs(cfg: RunConfig, stage: str | None = None, checkpoint: str | Non
     if stage is not None:
         section = getattr(cfg, stage)
         problems += [folder_problem(f"{stage}.init_from", section.init_from),
+                     folder_problem(f"{stage}.sample_from", section.sample_from),
                      _file_problem(f"{stage}.data_path", section.data_path)]
     if checkpoint is not None:
         problems.append(folder_problem("--checkpoint", checkpoint, marker=None))

@@ -4,7 +4,8 @@ Data is a JSONL file (`<stage>.data_path`: {prompt, response} rows for SFT, {pro
 rejected} rows for the reward model and DPO; the last `eval_size` rows are held out), or is
 derived from the built-in `data.task`: its correct answers are the demonstrations and the
 chosen responses, a near miss is the rejected one (`<stage>.negatives`: swapped, one wrong,
-reordered, one too many or too few, or every character redrawn; accuracy is reported per kind),
+reordered, one too many or too few, every character redrawn, or `sampled`: a wrong answer
+sampled from `<stage>.sample_from` (default: the starting model); accuracy is reported per kind),
 and its fixed test split is held out. A JSONL row may name its own `kind`.
 Per-step numbers go to `run_dir/<stage>/metrics.jsonl`. SFT and DPO also report the held-out
 generation accuracy by the run's gold checker before and after (`before/gold`, `after/gold`).
@@ -24,6 +25,7 @@ from rlfleet.common.data import DataError, read_rows, render_prompt
 from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.tasks import build_task, wrong_answer
 from rlfleet.deploy.gold import generation_gold
+from rlfleet.deploy.negatives import sampled_negatives
 from rlfleet.deploy.preflight import check_inputs
 from rlfleet.deploy.trainer import policy_path
 from rlfleet.learner.supervised import (
@@ -38,8 +40,10 @@ from rlfleet.learner.supervised import (
 Stage = Literal["sft", "rm", "dpo"]
 
 
-def _rows(cfg: RunConfig, stage: Stage, sc: StageConfig) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
-    """(train, held-out) rows with text fields prompt / response / chosen / rejected."""
+def _rows(cfg: RunConfig, stage: Stage, sc: StageConfig,
+          start: str | None = None) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """(train, held-out) rows with text fields prompt / response / chosen / rejected; `sampled`
+    negatives come from `sc.sample_from`, else from `start` (the model the stage starts from)."""
     if sc.data_path is not None:
         rows = read_rows(sc.data_path)
         if len(rows) <= sc.eval_size:
@@ -56,13 +60,18 @@ def _rows(cfg: RunConfig, stage: Stage, sc: StageConfig) -> tuple[list[tuple[str
     kinds = sc.negatives if stage != "sft" else ["random"]
 
     def derive(rows: list[dict], split: str) -> list[tuple[str, dict]]:
+        wanted, source = kinds.count("sampled"), sc.sample_from or start
+        if wanted and source is None:
+            raise ValueError(f"{stage}.negatives asks for 'sampled' but no model to sample from was given")
+        sampled = sampled_negatives(cfg, source, rows, wanted, rng, split) if wanted else [[] for _ in rows]
         out = []
-        for i, r in enumerate(rows):
+        for i, (r, own) in enumerate(zip(rows, sampled)):
             answer = str(r["answer"])
-            for kind in kinds:  # one pair per kind: near misses and easy ones side by side
+            drawn = [(wrong_answer(answer, rng, k), k) for k in kinds if k != "sampled"] + own
+            for rejected, kind in drawn:  # one pair per kind: near misses and easy ones side by side
                 out.append((f"task {task} {split} #{i}",
                             {"prompt": r["prompt"], "response": answer, "chosen": answer,
-                             "rejected": wrong_answer(answer, rng, kind), "kind": kind}))
+                             "rejected": rejected, "kind": kind}))
         return out
 
     return derive(train, "train"), derive(test, "test")
@@ -99,9 +108,10 @@ def run_stage(cfg: RunConfig, stage: Stage) -> dict[str, Any]:
     start = sc.init_from or policy_path(cfg, run_dir)
     out = Path(sc.output_dir) if sc.output_dir else run_dir / "models" / stage
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or start)
-    train_rows, test_rows = _rows(cfg, stage, sc)
+    train_rows, test_rows = _rows(cfg, stage, sc, start)
     train, test = _examples(train_rows, stage, tokenizer), _examples(test_rows, stage, tokenizer)
-    settings = StageSettings(sc.steps, sc.lr, sc.batch_size, cfg.seed, eval_every=sc.eval_every)
+    settings = StageSettings(sc.steps, sc.lr, sc.batch_size, cfg.seed, eval_every=sc.eval_every,
+                             schedule=sc.lr_schedule, warmup_steps=sc.warmup_steps)
     metrics = MetricsWriter(run_dir / stage)
     metrics.truncate_after(0)
     log = lambda row: metrics.write(row["step"], {k: v for k, v in row.items() if k != "step"})  # noqa: E731
@@ -109,7 +119,8 @@ def run_stage(cfg: RunConfig, stage: Stage) -> dict[str, Any]:
     if stage == "sft":
         result = sft(start, out, train, test, settings, log)
     elif stage == "rm":
-        result = train_reward_model(start, out, train, test, settings, log, lora_rank=sc.lora_rank)
+        result = train_reward_model(start, out, train, test, settings, log, lora_rank=sc.lora_rank,
+                                    lm_coef=sc.lm_coef)
     else:
         result = dpo(start, out, train, test, settings, sc.beta, log)
     metrics.close()

@@ -14,7 +14,9 @@ Notation: B sequences, T response length.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +69,25 @@ class StageSettings:
     max_grad_norm: float = 1.0
     eval_every: int = 0
     """Held-out evaluation every N steps (0: only before and after)."""
+    schedule: str = "constant"
+    """'constant', 'linear' or 'cosine' decay to zero after warm-up."""
+    warmup_steps: int = 0
+
+
+def lr_factor(step: int, settings: StageSettings) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of the peak: a linear
+    warm-up over `warmup_steps`, then constant, or a linear or cosine decay that reaches zero
+    after the last step."""
+    if step < settings.warmup_steps:
+        return (step + 1) / (settings.warmup_steps + 1)
+    if settings.schedule == "constant":
+        return 1.0
+    done = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    if settings.schedule == "linear":
+        return 1.0 - done
+    if settings.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"unknown learning-rate schedule {settings.schedule!r}; use constant, linear or cosine")
 
 
 def minibatches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
@@ -107,6 +128,7 @@ def _train(model, settings: StageSettings, n: int, loss_fn: Callable[[list[int]]
            evaluate: Callable[[], dict[str, float]], log: Callable[[dict], None] | None) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, settings))
     before = evaluate()
     for step, idx in enumerate(minibatches(n, settings.batch_size, settings.steps, settings.seed), start=1):
         model.train()
@@ -116,7 +138,9 @@ def _train(model, settings: StageSettings, n: int, loss_fn: Callable[[list[int]]
         norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         if torch.isfinite(norm):
             optimizer.step()
-        row = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
+        row = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+               **{k: float(v) for k, v in metrics.items()}}
+        schedule.step()
         if settings.eval_every and step % settings.eval_every == 0 and step < settings.steps:
             row.update({f"eval/{k}": v for k, v in evaluate().items()})
         if log is not None:
@@ -162,41 +186,73 @@ def sft(model_path: str, out_dir: str | Path, train: Sequence[Demonstration], te
     return result
 
 
+def _output_head(model_path: str) -> torch.nn.Module:
+    """The language-model head of the causal LM in `model_path` (a trainable copy)."""
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    head = lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"rm.lm_coef > 0 needs a causal LM with an output head to start from; {model_path} has none")
+    return copy.deepcopy(head).requires_grad_(True)
+
+
 def train_reward_model(model_path: str, out_dir: str | Path, train: Sequence[PreferencePair],
                        test: Sequence[PreferencePair], settings: StageSettings,
-                       log: Callable[[dict], None] | None = None, lora_rank: int | None = None) -> dict[str, float]:
+                       log: Callable[[dict], None] | None = None, lora_rank: int | None = None,
+                       lm_coef: float = 0.0) -> dict[str, float]:
     """Bradley–Terry training of a one-label sequence classifier started from `model_path`;
     returns held-out pairwise accuracy before/after. With `lora_rank`, only LoRA adapters (and
-    the head) train; the saved model has them merged, so the reward service loads a plain folder."""
+    the head) train; the saved model has them merged, so the reward service loads a plain folder.
+
+    `lm_coef` > 0 adds the language-model loss on the chosen responses, weighted by it, read from
+    the same final hidden states through the starting model's output head (trained along, not
+    saved): the backbone keeps learning to produce the good answers while it learns to rank
+    them, which regularises the reward model against features that only separate the training
+    pairs (Yang et al. 2024, "generalizable reward models" by hidden-state regularisation)."""
     torch.manual_seed(settings.seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+    lm_head = _output_head(model_path) if lm_coef > 0 else None
     if lora_rank is not None:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, task_type="SEQ_CLS",
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    trained = torch.nn.ModuleList([model] + ([lm_head] if lm_head is not None else []))
 
-    def scores(rows: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(rows: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Scores of the chosen [B] and rejected [B] responses, and the chosen responses'
+        language-model NLL (token mean; None without `lm_coef`)."""
         prompts = [r.prompt_ids for r in rows] * 2
         responses = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
         batch = pack(prompts, responses, _pad_id(model))
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids).logits[:, 0].float()
-        return out[: len(rows)], out[len(rows) :]
+                    position_ids=batch.position_ids, output_hidden_states=lm_head is not None)
+        scores = out.logits[:, 0].float()
+        nll = None
+        if lm_head is not None:  # hidden_states[-1] is the normed state the score head reads
+            n = len(rows)
+            hidden = out.hidden_states[-1][:n, batch.prompt_width - 1 : -1]
+            logprobs = logprobs_from_logits(lm_head(hidden).float(), batch.response_ids[:n])
+            nll = -masked_mean(logprobs, batch.response_mask[:n])
+        return scores[: len(rows)], scores[len(rows) :], nll
 
     def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict]:
-        loss, metrics = reward_model_loss(*scores([train[i] for i in idx]))
-        return loss, {k: v.item() for k, v in metrics.items()}
+        chosen, rejected, nll = forward([train[i] for i in idx])
+        loss, metrics = reward_model_loss(chosen, rejected)
+        metrics = {k: v.item() for k, v in metrics.items()}
+        if nll is not None:
+            loss = loss + lm_coef * nll
+            metrics["lm_loss"] = nll.item()
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        model.eval()
-        chosen, rejected = scores(list(test))
+        trained.eval()
+        chosen, rejected, nll = forward(list(test))
         loss, metrics = reward_model_loss(chosen, rejected)
         return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()},
-                **accuracy_by_kind(test, chosen > rejected)}
+                **accuracy_by_kind(test, chosen > rejected), **({"lm_loss": nll.item()} if nll is not None else {})}
 
-    result = _train(model, settings, len(train), loss_fn, evaluate, log)
+    result = _train(trained, settings, len(train), loss_fn, evaluate, log)
     if lora_rank is not None:
         model = model.merge_and_unload()
     _save(model, model_path, out_dir)

@@ -29,6 +29,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     (["train", EXAMPLE], "reward.model_path"),
     (["sft"], "sft.init_from"),
     (["rm"], "rm.init_from"),
+    (["rm"], "rm.sample_from"),
     (["dpo"], "dpo.init_from"),
     (["demo"], "model.path"),
 ])

@@ -12,7 +12,7 @@ from rlfleet.common.config_io import config_from_dict
 from rlfleet.common.metrics import read_metrics
 from rlfleet.deploy import cli
 from rlfleet.deploy.stages import run_stage
-from rlfleet.learner.supervised import Demonstration, StageSettings, minibatches, sft
+from rlfleet.learner.supervised import Demonstration, StageSettings, lr_factor, minibatches, sft
 
 pytestmark = pytest.mark.unit
 
@@ -28,6 +28,26 @@ def test_minibatches_are_seeded_epochs():
     assert all(len(b) == 4 for b in batches)
     assert sorted(flat[:10]) == list(range(10))  # the first epoch is a permutation
     assert batches == list(minibatches(10, 4, 5, seed=1))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_the_stage_learning_rate_warms_up_then_follows_its_schedule(schedule):
+    settings = StageSettings(steps=12, lr=1.0, batch_size=1, schedule=schedule, warmup_steps=3)
+    factors = [lr_factor(i, settings) for i in range(settings.steps)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # warm-up, then the peak
+    after = factors[3:]
+    assert all(b <= a for a, b in zip(after, after[1:]))  # never rises again
+    if schedule == "constant":
+        assert after == [1.0] * len(after)
+    else:  # decays from the peak towards zero by the last step (k = 0 … 8 of 9 decay steps)
+        assert 0 < after[-1] < 0.12
+        if schedule == "linear":  # equal decrements
+            assert [a - b for a, b in zip(after, after[1:])] == pytest.approx([1 / 9] * 8)
+        else:  # a half cosine: symmetric about one half, slow at both ends
+            assert [a + b for a, b in zip(after, reversed(after + [0.0]))] == pytest.approx([1.0] * 9)
+            assert after[0] - after[1] < after[4] - after[5]
+    with pytest.raises(ValueError, match="schedule 'step'"):
+        lr_factor(5, StageSettings(steps=12, lr=1.0, batch_size=1, schedule="step"))
 
 
 def test_sft_loss_counts_response_tokens_only(tiny_model_dir, tmp_path):
@@ -54,16 +74,59 @@ def test_sft_stage_learns_and_saves_an_hf_folder(tmp_path):
     assert len(read_metrics(tmp_path / "sft")) == 40
 
 
-def test_reward_model_stage_ranks_held_out_pairs_better(tmp_path):
+@pytest.fixture(scope="module")
+def sft_folder(tmp_path_factory):
+    """A briefly SFT'd policy (60 steps), shared by the tests that start from one."""
+    run_dir = tmp_path_factory.mktemp("sft")
+    return run_stage(stage_config(run_dir, sft={"steps": 60}), "sft")["output"]
+
+
+def test_reward_model_stage_ranks_held_out_pairs_better(tmp_path, sft_folder):
     """From an SFT'd backbone, 60 Bradley–Terry steps lift held-out pairwise accuracy; the saved
     folder is a one-label sequence classifier (LoRA merged)."""
-    sft_out = run_stage(stage_config(tmp_path, sft={"steps": 60}), "sft")["output"]
-    cfg = stage_config(tmp_path, rm={"steps": 60, "lr": 1e-3, "init_from": sft_out, "lora_rank": 8})
+    cfg = stage_config(tmp_path, rm={"steps": 60, "lr": 1e-3, "init_from": sft_folder, "lora_rank": 8})
     result = run_stage(cfg, "rm")
     assert result["after/loss"] < result["before/loss"]
     assert result["after/accuracy"] >= result["before/accuracy"] + 0.1
     rm = AutoModelForSequenceClassification.from_pretrained(result["output"])
     assert rm.config.num_labels == 1 and not any("lora" in n for n, _ in rm.named_parameters())
+
+
+def test_reward_model_stage_with_the_lm_regulariser_a_schedule_and_the_policys_own_mistakes(tmp_path, sft_folder):
+    """`rm.lm_coef` trains the language-model loss on the chosen answers beside the ranking (its
+    held-out value falls; no language-model head is saved); the learning rate follows the
+    schedule; `sampled` negatives come from `sample_from` and are reported as their own kind."""
+    cfg = stage_config(tmp_path, rm={"steps": 20, "lr": 1e-3, "init_from": sft_folder, "sample_from": sft_folder,
+                                     "lr_schedule": "cosine", "warmup_steps": 4, "lm_coef": 0.5,
+                                     "negatives": ["one_wrong", "sampled"]})
+    result = run_stage(cfg, "rm")
+    assert result["after/lm_loss"] < result["before/lm_loss"] - 0.1
+    assert {"after/accuracy/sampled", "after/accuracy/one_wrong"} <= set(result)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "rm")]
+    assert lrs[0] == pytest.approx(2e-4) and max(lrs) == pytest.approx(1e-3) and lrs[-1] < 2e-5
+    saved = AutoModelForSequenceClassification.from_pretrained(result["output"])
+    assert not any("lm_head" in n for n, _ in saved.named_parameters())
+
+
+def test_sampled_negatives_are_the_models_own_wrong_answers(tmp_path, sft_folder):
+    """`sampled` negatives: distinct wrong answers the model sampled and ended with EOS; rows
+    whose samples were all right (or never ended) get a one-wrong-letter near miss instead."""
+    import random
+
+    from rlfleet.common.tasks import build_task
+    from rlfleet.deploy.negatives import policy_mistakes, sampled_negatives
+
+    cfg, sft_out = stage_config(tmp_path), sft_folder
+    rows = build_task("reverse", 0, 30, "test").rows
+    mistakes = policy_mistakes(cfg, sft_out, rows, wanted=2)
+    assert sum(map(len, mistakes)) >= 10  # a briefly trained model errs often at temperature 1
+    for row, found in zip(rows, mistakes):
+        assert len(found) <= 2 and len(set(found)) == len(found) and row["answer"] not in found
+    pairs = sampled_negatives(cfg, sft_out, rows, 2, random.Random(0), "test")
+    for row, found, got in zip(rows, mistakes, pairs):
+        assert [r for r, k in got if k == "sampled"] == found  # the same seeded samples
+        assert len(got) == 2 and all(r != row["answer"] for r, _ in got)
+        assert all(k == "one_wrong" for _, k in got[len(found):])
 
 
 def test_dpo_stage_raises_the_held_out_margin_via_cli(tmp_path, capsys):
