@@ -14,7 +14,7 @@
                                                    resize a running job's rollout fleet
     rlfleet config check CONFIG [key.path=value ...]   validate; print the resolved YAML
     rlfleet config schema                          the JSON schema of the config
-    rlfleet tiny-model OUT [--reward] [--seed N]   build a tiny model folder
+    rlfleet tiny-model OUT [--reward] [--seed N] [--layers N]   build a tiny model folder
 
 Bad configuration exits with code 2 and a message naming each field at fault.
 """
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("out", help="output folder")
     tiny.add_argument("--reward", action="store_true", help="a reward model instead of a causal LM")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layers", type=_at_least_one, default=None, help="decoder layers (default: model.tiny's)")
     return parser
 
 
@@ -201,11 +202,19 @@ def _scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1 (got {text!r})")
+    return int(text)
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
+    from rlfleet.common.config import TinyModelConfig
     from rlfleet.common.tiny_models import build_tiny_causal_lm, build_tiny_reward_model
 
     build = build_tiny_reward_model if args.reward else build_tiny_causal_lm
-    sys.stdout.write(f"{build(args.out, seed=args.seed)}\n")
+    shape = TinyModelConfig() if args.layers is None else TinyModelConfig(num_layers=args.layers)
+    sys.stdout.write(f"{build(args.out, seed=args.seed, shape=shape)}\n")
     return 0
 
 

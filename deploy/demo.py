@@ -5,10 +5,12 @@
    the model half-knows the skill.
 3. GRPO with the exact-answer rule reward; held-out accuracy (greedy, 100 test strings never
    trained on) is measured before RL (step 0) and every few steps.
-4. With `--rlhf`: train a reward model on (correct, near-miss) answer pairs, then PPO with a
-   critic against it, the KL to the reference in the token rewards; its held-out answers are
-   scored by the reward model (the proxy) and by the exact-answer rule (the gold), and the
-   best checkpoint by gold is kept.
+4. With `--rlhf`: train a reward model on (correct, near-miss) answer pairs, the near misses
+   including the SFT policy's own wrong answers, then PPO with a critic against it, the KL to
+   the reference in the token rewards; its held-out answers are scored by the reward model (the
+   proxy) and by the exact-answer rule (the gold), and the best checkpoint by gold is kept.
+   The reward model is its own model, twice the policy's depth, trained from scratch with a
+   language-model regulariser (README, "The RLHF recipe", has the measurements behind it).
 5. Write `report.png` (reward, KL, entropy, length, held-out score over steps) and print the
    before/after numbers.
 """
@@ -25,6 +27,7 @@ from rlfleet.common.config import RunConfig
 from rlfleet.common.config_io import dump_config
 from rlfleet.common.machine import describe_machine, machine_line
 from rlfleet.common.metrics import read_metrics
+from rlfleet.common.tiny_models import build_tiny_causal_lm
 from rlfleet.deploy.report import write_report
 from rlfleet.deploy.stages import run_stage
 from rlfleet.deploy.trainer import Trainer
@@ -40,9 +43,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "learner": {"lr": 5e-4, "critic_lr": 1e-3, "minibatch_size": 64},
     "algorithm": {"advantage_estimator": "grpo", "kl_in": "loss", "kl_estimator": "k3", "kl_coef": 0.01},
     "sft": {"steps": 125, "lr": 3e-3},
-    # near misses (the SFT model's own mistakes are mostly one wrong letter) weighted 3:1
-    "rm": {"steps": 2000, "lr": 5e-4,
-           "negatives": ["swap", "one_wrong", "one_wrong", "one_wrong", "shuffle", "length", "random"]},
+    # near misses, the SFT policy's own wrong answers among them (mostly one wrong letter)
+    "rm": {"steps": 1500, "lr": 5e-4, "lr_schedule": "cosine", "warmup_steps": 100, "lm_coef": 1.0,
+           "negatives": ["swap", "one_wrong", "one_wrong", "sampled", "shuffle", "length", "random"]},
     "logging": {"run_dir": "runs/demo", "eval_every_steps": 10, "progress_bar": False},
     "checkpoint": {"every_steps": 0, "resume": "never"},
 }
@@ -51,6 +54,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
 PPO_ALGORITHM = {"advantage_estimator": "gae", "kl_in": "reward", "kl_estimator": "k1", "kl_coef": 0.1}
 PPO_REWARD: dict[str, Any] = {"normalize": "running"}
 PPO_LEARNER: dict[str, Any] = {"critic_init": "reward_model"}
+RM_DEPTH = 2
+"""The reward model's layers per policy layer, when the demo builds the models itself."""
 
 
 def _stage_config(cfg: RunConfig, run_dir: Path, **sections: dict[str, Any]) -> RunConfig:
@@ -59,6 +64,15 @@ def _stage_config(cfg: RunConfig, run_dir: Path, **sections: dict[str, Any]) -> 
     for key, value in sections.items():
         data[key].update(value)
     return RunConfig.model_validate(data)
+
+
+def _fit(cfg: RunConfig) -> dict[str, Any]:
+    """Train an RL stage, its config saved in its folder (`rlfleet train <folder>/config.yaml`
+    reruns it, with other settings as overrides)."""
+    run_dir = Path(cfg.logging.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return Trainer(cfg).fit()
 
 
 def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
@@ -70,7 +84,7 @@ def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
     logger.info("SFT (%d steps): held-out token accuracy %.2f → %.2f", cfg.sft.steps,
                 sft["before/token_accuracy"], sft["after/token_accuracy"])
     grpo_cfg = _stage_config(cfg, root / "grpo", model={"path": sft["output"]})
-    grpo = Trainer(grpo_cfg).fit()
+    grpo = _fit(grpo_cfg)
     grpo_reward = _window_means(root / "grpo", "reward")
     summary: dict[str, Any] = {
         "run_dir": str(root),
@@ -84,18 +98,32 @@ def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
     }
     runs = {"GRPO (rule reward)": root / "grpo"}
     if rlhf:
-        rm = run_stage(_stage_config(cfg, root, rm={"init_from": sft["output"]}), "rm")
+        rm = run_stage(_stage_config(cfg, root, rm={"init_from": _reward_model_base(cfg, root, sft["output"]),
+                                                    "sample_from": sft["output"]}), "rm")
         logger.info("reward model: held-out pairwise accuracy %.2f → %.2f", rm["before/accuracy"], rm["after/accuracy"])
         ppo_cfg = _stage_config(cfg, root / "ppo", model={"path": sft["output"]}, algorithm=PPO_ALGORITHM,
                                 reward={"model_path": rm["output"], **PPO_REWARD}, learner=PPO_LEARNER,
                                 checkpoint={"keep_best": "eval/gold"})
-        ppo = Trainer(ppo_cfg).fit()
+        ppo = _fit(ppo_cfg)
         summary["rm"] = rm
         summary["ppo"] = _proxy_and_gold(root / "ppo", ppo)
         runs["PPO (reward model)"] = root / "ppo"
     summary["report"] = str(write_report(runs, root / "report.png", title="rlfleet demo: reverse a string"))
     summary["seconds"] = time.perf_counter() - started
     return summary
+
+
+def _reward_model_base(cfg: RunConfig, root: Path, sft_output: str) -> str:
+    """What the reward model starts from: with the tiny model, a fresh one `RM_DEPTH` times as
+    deep as the policy (one SFT-initialised at the policy's depth ranked the policy's own
+    mistakes right only 70–77 % of the time, and PPO gamed it); with `model.path`, the SFT model."""
+    if cfg.model.path is not None:
+        return sft_output
+    shape = cfg.model.tiny.model_copy(update={"num_layers": RM_DEPTH * cfg.model.tiny.num_layers})
+    out = root / "models" / "rm_base"
+    if not (out / "config.json").exists():
+        build_tiny_causal_lm(out, seed=cfg.seed, shape=shape)
+    return str(out)
 
 
 def _proxy_and_gold(run_dir: Path, fit: dict[str, Any]) -> dict[str, Any]:

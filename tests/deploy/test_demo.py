@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import matplotlib.image
 import pytest
 
@@ -14,7 +17,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
 def test_short_demo_with_rlhf_writes_runs_and_a_report(ray_cluster, tmp_path, capsys):
     overrides = [f"logging.run_dir={tmp_path}", "total_steps=3", "logging.eval_every_steps=3",
-                 "data.task_size=128", "data.eval_size=20", "sft.steps=30", "rm.steps=20",
+                 "data.task_size=128", "data.eval_size=20", "sft.steps=30", "rm.steps=20", "rm.warmup_steps=2",
                  "rollout.prompts_per_step=8", "learner.minibatch_size=32"]
     summary = run_demo(load_config(None, overrides, base=DEMO_DEFAULTS), rlhf=True)
     print_summary(summary)
@@ -32,8 +35,10 @@ def test_short_demo_with_rlhf_writes_runs_and_a_report(ray_cluster, tmp_path, ca
     accuracy = summary["grpo"]["accuracy_before"], summary["grpo"]["accuracy_after"]
     assert all(0.0 <= a <= 1.0 for a in accuracy)  # exact-answer accuracy on 20 held-out strings
     assert summary["rm"]["after/accuracy"] > summary["rm"]["before/accuracy"]
-    kinds = {"swap", "one_wrong", "shuffle", "length", "random"}
+    kinds = {"swap", "one_wrong", "shuffle", "length", "random", "sampled"}  # sampled: the SFT model's own mistakes
     assert {k for k in summary["rm"] if k.startswith("after/accuracy/")} == {f"after/accuracy/{k}" for k in kinds}
+    rm_base = json.loads((Path(summary["rm"]["init_from"]) / "config.json").read_text())
+    assert rm_base["num_hidden_layers"] == 2 * json.loads((tmp_path / "models" / "sft" / "config.json").read_text())["num_hidden_layers"]
     # PPO's held-out answers: the proxy (reward model) and the gold (exact answer) side by side
     ppo = summary["ppo"]
     assert "proxy = reward-model score | gold = exact answer" in out
@@ -44,3 +49,5 @@ def test_short_demo_with_rlhf_writes_runs_and_a_report(ray_cluster, tmp_path, ca
     image = matplotlib.image.imread(summary["report"])
     assert image.shape[0] > 400 and image.shape[1] > 1500  # two rows of five panels
     assert (tmp_path / "config.yaml").read_text().count("task: reverse") == 1
+    ppo_cfg = load_config(str(tmp_path / "ppo" / "config.yaml"))  # `rlfleet train` reruns the stage from it
+    assert ppo_cfg.reward.model_path == summary["rm"]["output"] and ppo_cfg.algorithm.advantage_estimator == "gae"

@@ -3,6 +3,7 @@ and before anything is written."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,12 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "model.path=" in done.stderr and "reward.rules[0].function=" in done.stderr
     assert done.stderr.count("\n") <= 4, done.stderr  # a message, not a traceback
+
+
+def test_tiny_model_builds_the_depth_asked_and_names_a_bad_one(tmp_path, capsys):
+    assert cli.main(["tiny-model", str(tmp_path / "deep"), "--layers", "4"]) == 0
+    assert json.loads((tmp_path / "deep" / "config.json").read_text())["num_hidden_layers"] == 4
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["tiny-model", str(tmp_path / "none"), "--layers", "0"])
+    assert exit_.value.code == 2 and "--layers: must be a whole number of at least 1 (got '0')" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
