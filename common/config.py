@@ -81,7 +81,8 @@ class ModelConfig(Section):
     tokenizer_path: str | None = None
     """Tokenizer folder; None uses `path`."""
     dtype: DType = "float32"
-    """Learner compute dtype (bf16 autocast on GPU when 'bfloat16')."""
+    """Learner compute dtype: 'bfloat16' (or 'float16', GPU only) autocasts the forward and
+    backward passes over fp32 master weights and optimizer state, on GPU and CPU."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Shape of the tiny model built when `path` is None."""
     lora: LoraConfig = LoraConfig()

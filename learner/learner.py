@@ -96,6 +96,7 @@ class Learner:
         self._cfg = config
         torch.manual_seed(config.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        autocast(self.device, config.model.dtype)  # a dtype this device cannot compute in fails here
         ckpt = config.model.gradient_checkpointing
         self.policy = load_policy(policy_path, config.model.lora, self.device, ckpt)
         self._pad_id = self.policy.config.pad_token_id or 0

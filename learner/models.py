@@ -172,7 +172,12 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def autocast(device: torch.device, dtype: str):
-    """bf16/fp16 autocast on GPU when the config asks for it; fp32 everywhere else."""
-    if device.type == "cuda" and dtype != "float32":
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
-    return contextlib.nullcontext()
+    """Mixed precision when the config asks for it: matrix products in bf16 (or fp16 on GPU)
+    over the fp32 master weights, gradients and optimizer state, on GPU and on CPU (bf16 only;
+    fast where the CPU has bf16 units such as AMX or AVX-512 BF16). Log-probs and losses are
+    taken from fp32 logits. 'float32': plain fp32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype != "bfloat16":
+        raise ValueError(f"model.dtype={dtype!r} is not supported on CPU; use bfloat16 or float32")
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
