@@ -3,7 +3,8 @@
 DDP, and FSDP2 (which also reports the parameters each rank holds).
 
 Sizes: one learner actor (all the machine's CPUs) trains GRPO steps (policy only) on a batch
-of responses of mixed length; tokens/s = the batch's prompt + response tokens / step time
+of responses of mixed length, in fp32 and under bf16 autocast (`--dtypes`; bf16 pays off only
+where the CPU has bf16 matrix units, AMX or AVX-512 BF16); tokens/s = the batch's prompt + response tokens / step time
 (one optimizer step: the forward and backward passes and AdamW). Peak memory is the actor
 process's peak resident set (and the peak CUDA allocation on a GPU), after its steps.
 
@@ -14,6 +15,7 @@ CPU. Learner tokens/s = (prompt + response tokens of the batch) × ppo_epochs / 
 Writes JSON to bench/results/learner_throughput.json.
 
     .venv/bin/python bench/learner_throughput.py [--hidden-size 256] [--layers 4] [--steps 5] [--sizes tiny,100m]
+        [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -60,12 +62,16 @@ def peak_memory(_learner) -> dict[str, int]:
     return out
 
 
-def bench_size(shape: TinyModelConfig, responses: int, steps: int, tmp: str, name: str) -> dict:
-    """One learner actor with all the CPUs: GRPO steps (policy forward + backward + AdamW)."""
-    model = str(build_tiny_causal_lm(Path(tmp) / name, seed=0, shape=shape))
+def bench_size(shape: TinyModelConfig, responses: int, steps: int, tmp: str, name: str,
+               dtype: str = "float32") -> dict:
+    """One learner actor with all the CPUs: GRPO steps (policy forward + backward + AdamW), in
+    fp32 or under bf16 autocast (`model.dtype`)."""
+    folder = Path(tmp) / name
+    model = str(folder if (folder / "config.json").exists() else build_tiny_causal_lm(folder, seed=0, shape=shape))
     rollouts = batch(responses, seed=1)
     tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
     cfg = RunConfig.model_validate({
+        "model": {"dtype": dtype},
         "rollout": {"prompts_per_step": responses // 4, "samples_per_prompt": 4},
         "learner": {"minibatch_size": responses, "lr": 1e-5},
         "algorithm": {"advantage_estimator": "grpo", "kl_in": "none"},
@@ -87,8 +93,8 @@ def bench_size(shape: TinyModelConfig, responses: int, steps: int, tmp: str, nam
         ray.kill(learner)
     median = statistics.median(times)
     row = {"parameters": params, "responses": responses, "tokens_per_step": tokens, "step_seconds": median,
-           "tokens_per_s": tokens / median, "threads": cpus, **memory}
-    print(f"{name}: {params / 1e6:.1f}M parameters, {row['tokens_per_s']:.0f} tokens/s, "  # noqa: T201
+           "tokens_per_s": tokens / median, "threads": cpus, "dtype": dtype, **memory}
+    print(f"{name} {dtype}: {params / 1e6:.1f}M parameters, {row['tokens_per_s']:.0f} tokens/s, "  # noqa: T201
           f"peak RSS {memory['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     return row
 
@@ -146,6 +152,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--sizes", default="tiny,100m", help="models for tokens/s and peak memory ('' skips)")
     parser.add_argument("--size-responses", default="tiny:64,100m:8", help="responses per step of each size")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="learner compute dtypes of the size runs (bfloat16: autocast over fp32 weights)")
     parser.add_argument("--no-parallel", action="store_true", help="skip D = 1 against D = 2")
     parser.add_argument("--out", default=str(RESULTS / "learner_throughput.json"))
     args = parser.parse_args()
@@ -156,7 +164,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             per_size = dict(item.split(":") for item in args.size_responses.split(","))
             for name in filter(None, args.sizes.split(",")):
-                result[f"size_{name}"] = bench_size(SIZES[name], int(per_size[name]), args.steps, tmp, name)
+                for dtype in args.dtypes.split(","):  # fp32 first: the key without a suffix
+                    key = f"size_{name}" if dtype == "float32" else f"size_{name}_{dtype}"
+                    result[key] = bench_size(SIZES[name], int(per_size[name]), args.steps, tmp, name, dtype)
             if not args.no_parallel:
                 result.update(bench_parallel(args, tmp))
     finally:

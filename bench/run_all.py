@@ -115,7 +115,7 @@ def _push_rows(push: dict) -> list[Row]:
 
 def _learner_rows(learner: dict) -> list[Row]:
     c = command("learner_throughput")
-    rows = [(f"learner {row['parameters'] / 1e6:.1f}M params: tokens/s (fwd+bwd+AdamW), peak RSS",
+    rows = [(f"learner {row['parameters'] / 1e6:.1f}M params, {row.get('dtype', 'float32')}: tokens/s (fwd+bwd+AdamW), peak RSS",
              f"{fmt(row['tokens_per_s'])}, {row['peak_rss_bytes'] / 2**30:.2f} GiB", c)
             for key, row in learner.items() if key.startswith("size_")]
     for strategy in ("ddp", "fsdp"):

@@ -50,7 +50,7 @@ def sampled_negatives(cfg: RunConfig, model_dir: str | Path, rows: Sequence[dict
     topped up with 'one_wrong' near misses where it made fewer."""
     mistakes = policy_mistakes(cfg, model_dir, rows, wanted)
     out = []
-    for row, found in zip(rows, mistakes):
+    for row, found in zip(rows, mistakes, strict=True):
         answer = str(row["answer"])
         out.append([(m, "sampled") for m in found]
                    + [(wrong_answer(answer, rng, "one_wrong"), "one_wrong") for _ in range(wanted - len(found))])

@@ -65,7 +65,7 @@ def _rows(cfg: RunConfig, stage: Stage, sc: StageConfig,
             raise ValueError(f"{stage}.negatives asks for 'sampled' but no model to sample from was given")
         sampled = sampled_negatives(cfg, source, rows, wanted, rng, split) if wanted else [[] for _ in rows]
         out = []
-        for i, (r, own) in enumerate(zip(rows, sampled)):
+        for i, (r, own) in enumerate(zip(rows, sampled, strict=True)):
             answer = str(r["answer"])
             drawn = [(wrong_answer(answer, rng, k), k) for k in kinds if k != "sampled"] + own
             for rejected, kind in drawn:  # one pair per kind: near misses and easy ones side by side

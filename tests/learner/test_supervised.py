@@ -36,15 +36,15 @@ def test_the_stage_learning_rate_warms_up_then_follows_its_schedule(schedule):
     factors = [lr_factor(i, settings) for i in range(settings.steps)]
     assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # warm-up, then the peak
     after = factors[3:]
-    assert all(b <= a for a, b in zip(after, after[1:]))  # never rises again
+    assert all(b <= a for a, b in zip(after, after[1:], strict=False))  # never rises again
     if schedule == "constant":
         assert after == [1.0] * len(after)
     else:  # decays from the peak towards zero by the last step (k = 0 … 8 of 9 decay steps)
         assert 0 < after[-1] < 0.12
         if schedule == "linear":  # equal decrements
-            assert [a - b for a, b in zip(after, after[1:])] == pytest.approx([1 / 9] * 8)
+            assert [a - b for a, b in zip(after, after[1:], strict=False)] == pytest.approx([1 / 9] * 8)
         else:  # a half cosine: symmetric about one half, slow at both ends
-            assert [a + b for a, b in zip(after, reversed(after + [0.0]))] == pytest.approx([1.0] * 9)
+            assert [a + b for a, b in zip(after, reversed(after + [0.0]), strict=False)] == pytest.approx([1.0] * 9)
             assert after[0] - after[1] < after[4] - after[5]
     with pytest.raises(ValueError, match="schedule 'step'"):
         lr_factor(5, StageSettings(steps=12, lr=1.0, batch_size=1, schedule="step"))
@@ -120,10 +120,10 @@ def test_sampled_negatives_are_the_models_own_wrong_answers(tmp_path, sft_folder
     rows = build_task("reverse", 0, 30, "test").rows
     mistakes = policy_mistakes(cfg, sft_out, rows, wanted=2)
     assert sum(map(len, mistakes)) >= 10  # a briefly trained model errs often at temperature 1
-    for row, found in zip(rows, mistakes):
+    for row, found in zip(rows, mistakes, strict=True):
         assert len(found) <= 2 and len(set(found)) == len(found) and row["answer"] not in found
     pairs = sampled_negatives(cfg, sft_out, rows, 2, random.Random(0), "test")
-    for row, found, got in zip(rows, mistakes, pairs):
+    for row, found, got in zip(rows, mistakes, pairs, strict=True):
         assert [r for r, k in got if k == "sampled"] == found  # the same seeded samples
         assert len(got) == 2 and all(r != row["answer"] for r, _ in got)
         assert all(k == "one_wrong" for _, k in got[len(found):])
