@@ -98,8 +98,9 @@ def run_demo(cfg: RunConfig, rlhf: bool = False) -> dict[str, Any]:
     }
     runs = {"GRPO (rule reward)": root / "grpo"}
     if rlhf:
-        rm = run_stage(_stage_config(cfg, root, rm={"init_from": _reward_model_base(cfg, root, sft["output"]),
-                                                    "sample_from": sft["output"]}), "rm")
+        rm_start = cfg.rm.init_from or _reward_model_base(cfg, root, sft["output"])
+        rm = run_stage(_stage_config(cfg, root, rm={"init_from": rm_start,
+                                                    "sample_from": cfg.rm.sample_from or sft["output"]}), "rm")
         logger.info("reward model: held-out pairwise accuracy %.2f → %.2f", rm["before/accuracy"], rm["after/accuracy"])
         ppo_cfg = _stage_config(cfg, root / "ppo", model={"path": sft["output"]}, algorithm=PPO_ALGORITHM,
                                 reward={"model_path": rm["output"], **PPO_REWARD}, learner=PPO_LEARNER,
