@@ -103,6 +103,9 @@ class ScoreBatch:
     """Each source's own (unweighted) value per response: 'model', 'rules[i]', 'remote'."""
     reasons: list[str | None]
     """Why a response is unscorable ('rules[0]:timeout', 'remote:error', …), else None."""
+    raw_model: list[float | None] = field(default_factory=list)
+    """The reward model's own scores, before normalisation and clipping (empty without a
+    model): a proxy on a scale that does not move during the run."""
     state: dict[str, Any] = field(default_factory=dict)
     """The service's normaliser state after this call (empty without one), returned by the
     same actor call that scored, so a restart cannot separate the two."""

@@ -133,7 +133,8 @@ def _proxy_and_gold(run_dir: Path, fit: dict[str, Any]) -> dict[str, Any]:
     evals = [r for r in read_metrics(run_dir) if r.get("eval/gold") is not None]
     first, last = evals[0], evals[-1]
     _, kl_last = _window_means(run_dir, "objective/kl")
-    return {"proxy_before": first["eval/reward"], "proxy_after": last["eval/reward"],
+    proxy = "eval/reward_model"  # the raw score: running normalisation moves eval/reward's scale
+    return {"proxy_before": first[proxy], "proxy_after": last[proxy],
             "gold_before": first["eval/gold"], "gold_after": last["eval/gold"], "last_step": last["step"],
             "best": fit["best_checkpoint"], "kl_last_steps": kl_last, "kl_max": _max(run_dir, "objective/kl"),
             "checkpoint": fit["checkpoint"]}
@@ -164,7 +165,7 @@ def print_summary(s: dict[str, Any]) -> None:
         p, rm = s["ppo"], s["rm"]
         kinds = ", ".join(f"{k.split('/')[-1]} {v:.0%}" for k, v in sorted(rm.items()) if k.startswith("after/accuracy/"))
         out.write(f"  reward model: held-out pairwise accuracy {rm['after/accuracy']:.0%} ({kinds})\n")
-        out.write("  PPO against the reward model, held-out (greedy):   proxy = reward-model score | gold = exact answer\n")
+        out.write("  PPO against the reward model, held-out (greedy):   proxy = reward-model score (raw) | gold = exact answer\n")
         rows = [("SFT start (step 0)", f"{p['proxy_before']:8.3f}", p["gold_before"]),
                 (f"after PPO (step {p['last_step']})", f"{p['proxy_after']:8.3f}", p["gold_after"])]
         if p["best"]:

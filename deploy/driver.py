@@ -273,7 +273,9 @@ def _pick(values, keep: list[bool]):
 
 def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -> dict[str, float]:
     """Greedy responses to the first `data.eval_size` held-out prompts, scored by the training
-    reward (`eval/reward`, the proxy) and, when the run has one, the gold checker (`eval/gold`)."""
+    reward (`eval/reward`, the proxy; with a reward model also its raw score,
+    `eval/reward_model`, whose scale normalisation does not move) and, when the run has one,
+    the gold checker (`eval/gold`)."""
     examples = data.examples[: cfg.data.eval_size]
     batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step, greedy=True))
     rollouts = batch.rollouts
@@ -285,6 +287,9 @@ def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -
         "eval/mean_length": sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1),
         "eval/num_prompts": float(len(rollouts)),
     }
+    raw = [v for v in scored.raw_model if v is not None]
+    if raw:
+        out["eval/reward_model"] = sum(raw) / len(raw)
     if parts.gold:
         gold = call_service(parts, "reward", lambda: parts.reward.gold.remote(*args))
         out.update(_mean_of(gold, "eval/gold", "eval/gold_unscorable"))

@@ -23,6 +23,8 @@ PANELS = (
     ("eval/reward", "held-out (greedy): training reward"),
 )
 GOLD = "eval/gold"
+RAW_PROXY = "eval/reward_model"
+"""Drawn instead of eval/reward where a run has it: normalisation does not move its scale."""
 
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -53,6 +55,8 @@ def write_report(runs: Mapping[str, str | Path], out: str | Path, title: str = "
     fig, axes = plt.subplots(len(data), len(PANELS), figsize=(4.0 * len(PANELS), 3.2 * len(data)), squeeze=False)
     for row, (run, rows) in zip(axes, data.items(), strict=True):
         for ax, (key, label) in zip(row, PANELS, strict=True):
+            if key == "eval/reward" and any(r.get(RAW_PROXY) is not None for r in rows):
+                key, label = RAW_PROXY, "held-out (greedy): reward-model score (raw)"
             steps, values = _series(rows, key)
             if key.startswith("eval/"):
                 ax.plot(steps, values, marker="o", markersize=4, color="tab:green")

@@ -80,6 +80,7 @@ class RewardService:
         components: dict[str, list[float | None]] = {}
         reasons: list[str | None] = [None] * len(prompt_ids)
         weights: dict[str, float] = {}
+        raw: list[float] = []
         if self._model is not None:
             raw = self._model.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
             values = self._normalize(raw, update=update_stats)
@@ -95,7 +96,8 @@ class RewardService:
             else sum(weights[name] * values[i] for name, values in components.items())  # type: ignore[operator]
             for i in range(len(prompt_ids))
         ]
-        return ScoreBatch(scores, components, reasons, self.state_dict())
+        raw_model = [v if math.isfinite(v) else None for v in raw]
+        return ScoreBatch(scores, components, reasons, raw_model, self.state_dict())
 
     def gold(
         self,

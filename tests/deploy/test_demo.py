@@ -41,9 +41,11 @@ def test_short_demo_with_rlhf_writes_runs_and_a_report(ray_cluster, tmp_path, ca
     assert rm_base["num_hidden_layers"] == 2 * json.loads((tmp_path / "models" / "sft" / "config.json").read_text())["num_hidden_layers"]
     # PPO's held-out answers: the proxy (reward model) and the gold (exact answer) side by side
     ppo = summary["ppo"]
-    assert "proxy = reward-model score | gold = exact answer" in out
+    assert "proxy = reward-model score (raw) | gold = exact answer" in out
     assert ppo["gold_before"] == summary["grpo"]["accuracy_before"]  # the same SFT start, the same checker
-    assert {"eval/gold", "eval/reward"} <= set(read_metrics(tmp_path / "ppo")[0])
+    first_eval = read_metrics(tmp_path / "ppo")[0]
+    assert {"eval/gold", "eval/reward", "eval/reward_model"} <= set(first_eval)
+    assert ppo["proxy_before"] == first_eval["eval/reward_model"]  # the raw score: a fixed scale
     assert ppo["best"]["value"] == max(ppo["gold_before"], ppo["gold_after"])
     assert summary["sft"]["after/gold"] is not None
     image = matplotlib.image.imread(summary["report"])

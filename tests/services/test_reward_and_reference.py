@@ -113,6 +113,8 @@ def test_running_normalisation_is_checkpointed_and_untouched_by_evaluation(rm_di
     assert state == service.state_dict() and state["normalizer"]["count"] == 6
     evaluated = service.score(prompts[6:], responses[6:], update_stats=False)
     assert service.state_dict() == state == evaluated.state  # evaluation does not move the statistics
+    mean, std = state["normalizer"]["mean"], state["normalizer"]["std"]  # the raw scores come along
+    assert [(r - mean) / std for r in evaluated.raw_model] == pytest.approx(evaluated.scores, abs=1e-5)
     restored = RewardService(config, str(rm_dir))
     restored.load_state_dict(state)
     again = restored.score(prompts[6:], responses[6:], update_stats=False)
