@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # a rule-only reward service starts without torch
+    import torch
 
 
 @dataclass(frozen=True)

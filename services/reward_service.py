@@ -15,13 +15,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from rlfleet.common.config import RewardConfig, RuleRewardConfig
 from rlfleet.common.records import ScoreBatch
+from rlfleet.services.decoding import TextDecoder
 from rlfleet.services.info import ServiceInfo
 from rlfleet.services.remote import RemoteScorer, RemoteScorerError
-from rlfleet.services.reward_model import RewardModelScorer, ScoreNormalizer
 from rlfleet.services.rules import RuleRunner, judge, load_rule, weighted_rules
 
 
@@ -38,9 +36,12 @@ class RewardService:
             raise ValueError("reward: no reward source; set reward.model_path, reward.rules or reward.remote")
         self._config = config
         self._gold = list(gold)
-        self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self._decoder = TextDecoder(tokenizer_path)
         self._model = None
         if config.model_path is not None:
+            # torch and transformers only where there is a model
+            from rlfleet.services.reward_model import RewardModelScorer, ScoreNormalizer
+
             self._model = RewardModelScorer(config.model_path, config.micro_batch_size)
             self._normalize = ScoreNormalizer(config.normalize, config.norm_mean, config.norm_std, config.clip)
         for i, rule in enumerate(config.rules):
@@ -88,8 +89,8 @@ class RewardService:
             weights["model"] = self._config.model_weight
             _mark(reasons, "model", ["non_finite" if v is None else None for v in components["model"]])
         if self._runner is not None or self._remote is not None:
-            prompts = self._tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
-            responses = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+            prompts = self._decoder.batch_decode(prompt_ids)
+            responses = self._decoder.batch_decode(response_ids)
             self._score_text(prompts, responses, extras, components, weights, reasons)
         scores = [
             None if reasons[i] is not None
@@ -109,8 +110,8 @@ class RewardService:
         it); used at evaluation only, it never moves the normaliser."""
         if not self._gold:
             raise ValueError("this reward service has no gold checker (data.eval_reward)")
-        prompts = self._tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
-        responses = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        prompts = self._decoder.batch_decode(prompt_ids)
+        responses = self._decoder.batch_decode(response_ids)
         return weighted_rules(self._runner, self._gold, prompts, responses, extras)
 
     def _score_text(self, prompts, responses, extras, components, weights, reasons) -> None:

@@ -126,3 +126,20 @@ def test_running_normalisation_is_checkpointed_and_untouched_by_evaluation(rm_di
     fresh = RewardService(config, str(rm_dir))
     carried = fresh.score(prompts[6:], responses[6:], update_stats=False, state=state)
     assert carried.scores == pytest.approx(evaluated.scores, abs=1e-6)
+
+
+def test_the_reward_services_decoder_equals_the_tokenizers_batch_decode(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The rule path decodes with `tokenizers` directly (no transformers import): the same text
+    as `batch_decode(skip_special_tokens=True)`, special tokens inside and around included. A
+    folder whose config asks for the clean-up of tokenization spaces goes through transformers."""
+    from rlfleet.services.decoding import TextDecoder
+
+    decoder = TextDecoder(str(tiny_model_dir))
+    assert decoder.direct
+    ids = [tiny_tokenizer("12+7= 19, a b.\n").input_ids, [1, 5, 2, 40, 0, 0, 3, 77], [], [2]]
+    assert decoder.batch_decode(ids) == tiny_tokenizer.batch_decode(ids, skip_special_tokens=True)
+    cleaned = tmp_path / "cleaned"
+    tiny_tokenizer.save_pretrained(cleaned)
+    config = cleaned / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{", '{"clean_up_tokenization_spaces": true,', 1))
+    assert not TextDecoder(str(cleaned)).direct
