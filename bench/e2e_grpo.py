@@ -90,17 +90,20 @@ def write_rows(path: Path) -> Path:
     return path
 
 
-def run_rlfleet(model: str, steps: int, run_dir: Path, cluster: dict | None = None) -> dict:
+def run_rlfleet(model: str, steps: int, run_dir: Path, cluster: dict | None = None,
+                settings: dict | None = None, task: str = "reverse") -> dict:
+    """One rlfleet GRPO run of `steps` steps with `settings` (default SETTINGS) on `task`;
+    `cluster` overrides the cluster section (e.g. {'learner': {'threads': 1}})."""
     from rlfleet.common.config import RunConfig
     from rlfleet.common.metrics import read_metrics
     from rlfleet.deploy.trainer import Trainer
 
-    s = SETTINGS
+    s = settings or SETTINGS
     cfg = RunConfig.model_validate({
         "seed": s["seed"],
         "total_steps": steps,
         "model": {"path": model},
-        "data": {"task": "reverse", "task_size": TASK_SIZE},
+        "data": {"task": task, "task_size": TASK_SIZE},
         "rollout": {"prompts_per_step": s["prompts_per_step"], "samples_per_prompt": s["samples_per_prompt"],
                     "max_response_tokens": s["max_response_tokens"], "temperature": s["temperature"]},
         "learner": {"lr": s["lr"], "minibatch_size": s["prompts_per_step"] * s["samples_per_prompt"]},
@@ -125,10 +128,17 @@ def run_rlfleet(model: str, steps: int, run_dir: Path, cluster: dict | None = No
     }
 
 
-def run_trl(python: Path, model: str, data: Path, steps: int, tmp: Path) -> dict:
+ONE_THREAD = {role: {"threads": 1} for role in ("rollout", "learner", "reward", "reference")}
+"""The cluster section that reproduces rlfleet before the thread budget: one thread per actor."""
+
+
+def run_trl(python: Path, model: str, data: Path, steps: int, tmp: Path, settings_: dict | None = None,
+            rule: str = "exact_match", bf16: bool = False) -> dict:
+    """TRL's GRPOTrainer in bench/.trl-env (`bf16`: TRL's `bf16=True` on CPU)."""
     settings = tmp / "trl_settings.json"
     out = tmp / "trl_out.json"
-    settings.write_text(json.dumps({**SETTINGS, "model": model, "data": str(data), "steps": steps}))
+    settings.write_text(json.dumps({**(settings_ or SETTINGS), "model": model, "data": str(data), "steps": steps,
+                                    "rule": rule, "bf16": bf16}))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     began = time.perf_counter()
@@ -169,20 +179,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--one-thread", action="store_true",
+                        help="also run rlfleet with one thread per actor (as before the thread budget)")
     parser.add_argument("--out", default=str(RESULTS / "e2e_grpo.json"))
     args = parser.parse_args()
 
     python = trl_python()
-    runs: dict[str, list[dict]] = {"rlfleet": [], "trl": []}
+    runs: dict[str, list[dict]] = {"rlfleet": [], "trl": [], **({"rlfleet_1thread": []} if args.one_thread else {})}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model = warm_start(tmp / "sft")
         data = write_rows(tmp / "reverse.jsonl")
         for r in range(args.rounds):
-            order = ("rlfleet", "trl") if r % 2 == 0 else ("trl", "rlfleet")
+            order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for name in order:
                 if name == "rlfleet":
                     run = run_rlfleet(model, args.steps, tmp / f"rlfleet_{r}")
+                elif name == "rlfleet_1thread":
+                    run = run_rlfleet(model, args.steps, tmp / f"rlfleet_1thread_{r}", cluster=ONE_THREAD)
                 else:
                     run = run_trl(python, model, data, args.steps, tmp)
                 runs[name].append(run)
@@ -202,6 +216,9 @@ def main() -> None:
         "runs": runs,
     }
     result["ratio_trl_over_rlfleet_seconds_per_step"] = result["trl_seconds_per_step"] / result["rlfleet_seconds_per_step"]
+    if args.one_thread:
+        result["rlfleet_1thread_seconds_per_step"] = steady(runs["rlfleet_1thread"])
+        result["step_breakdown_seconds_1thread"] = breakdown(runs["rlfleet_1thread"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k.endswith(("per_step", "seconds"))}, indent=1))  # noqa: T201

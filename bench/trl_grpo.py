@@ -7,7 +7,8 @@ library), so both trainers score with the same function.
     bench/.trl-env/bin/python bench/trl_grpo.py SETTINGS.json OUT.json
 
 SETTINGS.json: {model, data (JSONL of {prompt: [messages], answer}), steps, prompts_per_step,
-samples_per_prompt, max_response_tokens, lr, kl_coef, temperature, seed}. An RL step is one
+samples_per_prompt, max_response_tokens, lr, kl_coef, temperature, seed, rule (an rlfleet rule
+name, default exact_match), bf16 (TRL's bf16=True: autocast with fp32 weights)}. An RL step is one
 generation of prompts_per_step × samples_per_prompt responses and one optimizer step on them
 (the rlfleet run uses the same: minibatch_size = the whole batch, ppo_epochs 1).
 OUT.json: {step_seconds: [...], reward: [...], kl: [...], threads} (the caller times the whole
@@ -34,12 +35,17 @@ def load_rule(name: str):
     return getattr(module, name)
 
 
+EXTRA_COLUMNS = ("answer", "target")
+"""Dataset columns TRL hands to the reward function that rlfleet passes in a rule's `extra`."""
+
+
 def reward_function(rule):
     """TRL's reward signature around an rlfleet rule `fn(prompt, response, extra)`."""
 
-    def reward(prompts, completions, answer, **_):
+    def reward(prompts, completions, **columns):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [rule("", text, {"answer": a}) for text, a in zip(texts, answer, strict=True)]
+        extras = [{k: columns[k][i] for k in EXTRA_COLUMNS if k in columns} for i in range(len(texts))]
+        return [rule("", text, extra) for text, extra in zip(texts, extras, strict=True)]
 
     reward.__name__ = rule.__name__
     return reward
@@ -94,7 +100,7 @@ def main() -> None:
             loss_type="dapo",  # token-mean over the batch: rlfleet's loss_agg=token-mean
             scale_rewards="group",
             use_vllm=False,
-            bf16=False,
+            bf16=bool(settings.get("bf16")),
             use_cpu=True,
             seed=settings["seed"],
             logging_steps=1,
@@ -107,7 +113,7 @@ def main() -> None:
         clock = StepClock()
         trainer = GRPOTrainer(
             model=settings["model"],
-            reward_funcs=reward_function(load_rule("exact_match")),
+            reward_funcs=reward_function(load_rule(settings.get("rule", "exact_match"))),
             args=config,
             train_dataset=dataset,
             processing_class=AutoTokenizer.from_pretrained(settings["model"]),

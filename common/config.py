@@ -80,9 +80,11 @@ class ModelConfig(Section):
     """Local HF model folder of the initial policy; None builds the tiny model into the run folder."""
     tokenizer_path: str | None = None
     """Tokenizer folder; None uses `path`."""
-    dtype: DType = "float32"
-    """Learner compute dtype: 'bfloat16' (or 'float16', GPU only) autocasts the forward and
-    backward passes over fp32 master weights and optimizer state, on GPU and CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the learner, the reference and the reward model: 'bfloat16' (or
+    'float16', GPU only) autocasts the forward and backward passes over fp32 master weights and
+    optimizer state, on GPU and CPU; 'auto' picks bfloat16 where the hardware computes it
+    (a GPU with bf16, a CPU with AMX or AVX-512 BF16) and float32 elsewhere."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Shape of the tiny model built when `path` is None."""
     lora: LoraConfig = LoraConfig()
@@ -339,6 +341,11 @@ class RoleResources(Section):
     """GPUs per actor."""
     resources: dict[str, float] = {}
     """Custom Ray resources (e.g. a node label such as {'rollout': 1})."""
+    threads: int | None = Field(None, ge=1)
+    """Intra-op (torch/OpenMP) threads of each actor of the role. None: the thread budget —
+    the node's cores divided among the actors that compute at the same time in the role's
+    phase (the synchronous loop runs one phase at a time); an actor with a GPU gets its
+    `num_cpus` (at least 1). See rlfleet.common.threads."""
 
 
 class ClusterConfig(Section):

@@ -32,6 +32,11 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AMX or AVX-512 BF16)."""
+    return bool({"amx_bf16", "avx512_bf16"} & _cpuinfo()[1])
+
+
 def describe_machine() -> dict[str, str | int]:
     """The CPU model, which of AVX2 / AVX-512 / AMX it has, the usable cores, torch's build and
     the intra-op threads of this process."""

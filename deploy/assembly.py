@@ -14,7 +14,9 @@ from rlfleet.common.config import (
     RoleResources,
     RolloutConfig,
     RuleRewardConfig,
+    RunConfig,
 )
+from rlfleet.common.threads import ThreadBudget
 from rlfleet.rollout.hf_worker import HFRolloutWorker
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.vllm_worker import VLLMRolloutWorker
@@ -22,6 +24,31 @@ from rlfleet.services.reference import ReferenceService
 from rlfleet.services.reward_service import RewardService
 
 ROLLOUT_BACKENDS = {"vllm": VLLMRolloutWorker, "hf": HFRolloutWorker}
+
+
+def needs_reference_actor(cfg: RunConfig) -> bool:
+    """A reference actor exists when a KL term needs the reference and it does not live in the learner."""
+    return cfg.reference.enabled and not cfg.reference.colocate_with_learner and cfg.algorithm.kl_in != "none"
+
+
+def thread_budgets(cfg: RunConfig, cap: int | None = None) -> dict[str, ThreadBudget]:
+    """Each role's thread budget (rlfleet.common.threads): in the synchronous loop the rollout
+    workers generate together, the reward model scores beside the reference actor, and the
+    data-parallel learners train together. `cap`: the most CPUs a node offers Ray."""
+    scorers = (cfg.reward.model_path is not None) + needs_reference_actor(cfg)
+    shares = {"rollout": cfg.rollout.num_workers, "learner": cfg.learner.num_workers,
+              "reward": max(1, scorers), "reference": max(1, scorers)}
+    budgets = {}
+    for role, share in shares.items():
+        res: RoleResources = getattr(cfg.cluster, role)
+        budgets[role] = ThreadBudget(res.threads, share, res.num_cpus if res.num_gpus else None, cap)
+    return budgets
+
+
+def largest_node_cpus() -> int | None:
+    """The most CPUs any live node of the connected Ray cluster offers (None: unknown)."""
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return int(max(cpus)) if cpus and max(cpus) >= 1 else None
 
 
 def actor_options(res: RoleResources, **extra: Any) -> dict[str, Any]:
@@ -34,7 +61,8 @@ def actor_options(res: RoleResources, **extra: Any) -> dict[str, Any]:
 
 
 def rollout_worker_factory(
-    model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0
+    model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0,
+    threads: ThreadBudget | None = None,
 ) -> Callable[[], ray.actor.ActorHandle]:
     """A function that starts one rollout worker actor (engine built in its constructor).
 
@@ -52,16 +80,17 @@ def rollout_worker_factory(
 
     def spawn() -> ray.actor.ActorHandle:
         # Each worker gets its own engine seed so that unseeded requests differ across workers.
-        return cls.options(**options).remote(model_path, rollout, seed + next(counter))
+        return cls.options(**options).remote(model_path, rollout, seed + next(counter), threads)
 
     return spawn
 
 
 def start_rollout_pool(
-    model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0
+    model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0,
+    threads: ThreadBudget | None = None,
 ) -> RolloutPool:
     """A rollout pool of `rollout.num_workers` workers of `rollout.backend`."""
-    spawn = rollout_worker_factory(model_path, rollout, resources, seed)
+    spawn = rollout_worker_factory(model_path, rollout, resources, seed, threads)
     return RolloutPool(
         spawn,
         rollout.num_workers,
@@ -80,19 +109,20 @@ def start_vllm_worker(
 
 def start_reward_service(
     reward: RewardConfig, tokenizer_path: str, resources: RoleResources, restarts: int = 0,
-    gold: Sequence[RuleRewardConfig] = (),
+    gold: Sequence[RuleRewardConfig] = (), threads: ThreadBudget | None = None, compute_dtype: str = "float32",
 ) -> ray.actor.ActorHandle:
     """The reward service actor (with the gold checker's rules, used only at evaluation); its
     constructor checks every source (bad config fails here). Ray restarts it up to `restarts`
     times; the caller retries (`driver.call_service`)."""
     options = actor_options(resources, max_restarts=restarts, max_task_retries=0)
-    return ray.remote(RewardService).options(**options).remote(reward, tokenizer_path, gold)
+    return ray.remote(RewardService).options(**options).remote(reward, tokenizer_path, gold, threads, compute_dtype)
 
 
 def start_reference_service(
-    model_path: str, reference: ReferenceConfig, resources: RoleResources, restarts: int = 0
+    model_path: str, reference: ReferenceConfig, resources: RoleResources, restarts: int = 0,
+    threads: ThreadBudget | None = None, compute_dtype: str = "float32",
 ) -> ray.actor.ActorHandle:
     """The reference-model actor (frozen initial policy), restarted up to `restarts` times."""
     cls = ray.remote(ReferenceService).options(**actor_options(resources, max_restarts=restarts, max_task_retries=0))
-    return cls.remote(model_path, reference.micro_batch_size)
+    return cls.remote(model_path, reference.micro_batch_size, threads=threads, compute_dtype=compute_dtype)
 

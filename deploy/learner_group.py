@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlfleet.common.collate import balanced_shards
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience, Prepared, Rollout, StepResult
+from rlfleet.common.threads import ThreadBudget
 from rlfleet.learner.learner import Learner
 
 
@@ -34,7 +35,7 @@ class LearnerGroup:
 
     @classmethod
     def start(cls, cfg: RunConfig, policy_path: str, critic_path: str | None = None,
-              timeout_s: float = 600.0) -> LearnerGroup:
+              timeout_s: float = 600.0, threads: ThreadBudget | None = None) -> LearnerGroup:
         """`learner.num_workers` actors, placed by one placement group, joined in one process group."""
         d = cfg.learner.num_workers
         res = cfg.cluster.learner
@@ -48,7 +49,7 @@ class LearnerGroup:
                 num_gpus=res.num_gpus,
                 resources=dict(res.resources) or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-            ).remote(cfg, policy_path, critic_path)
+            ).remote(cfg, policy_path, critic_path, threads)
             for rank in range(d)
         ]
         learners = cls(handles, group, sharded=d > 1 and cfg.learner.strategy == "fsdp")

@@ -20,18 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from transformers import AutoTokenizer
 
 from rlfleet.common.config import RewardConfig, RuleRewardConfig, RunConfig
 from rlfleet.common.data import PromptDataset, PromptSampler, build_dataset, read_rows
 from rlfleet.common.metrics import MetricsWriter, read_metrics
+from rlfleet.common.precision import resolve_dtype
 from rlfleet.common.tasks import build_task
+from rlfleet.common.threads import node_cores
 from rlfleet.common.tiny_models import build_tiny_causal_lm
 from rlfleet.deploy import driver
 from rlfleet.deploy.assembly import (
+    largest_node_cpus,
+    needs_reference_actor,
     start_reference_service,
     start_reward_service,
     start_rollout_pool,
+    thread_budgets,
 )
 from rlfleet.deploy.checkpoints import CheckpointManager
 from rlfleet.deploy.control import find_control, run_key, start_control
@@ -221,8 +227,11 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
     try:
         data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))
         gold = gold_rules(cfg)
-        reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, gold=gold)
-        pool = start_rollout_pool(str(model), cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
+        threads = thread_budgets(cfg, largest_node_cpus())
+        reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, gold=gold,
+                                      threads=threads["reward"], compute_dtype=cfg.model.dtype)
+        pool = start_rollout_pool(str(model), cfg.rollout, cfg.cluster.rollout, seed=cfg.seed,
+                                  threads=threads["rollout"])
         parts = driver.Parts(None, pool, reward, None, tokenizer_path, gold=bool(gold))
         metrics = driver.evaluate(cfg, parts, data.eval)
     finally:
@@ -233,10 +242,6 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
         if own_ray:
             ray.shutdown()
     return {"checkpoint": str(folder), "policy": str(model), **metrics}
-
-
-def needs_reference_actor(cfg: RunConfig) -> bool:
-    return cfg.reference.enabled and not cfg.reference.colocate_with_learner and cfg.algorithm.kl_in != "none"
 
 
 def required_cpus(cfg: RunConfig) -> float:
@@ -279,18 +284,30 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts
     """Start learner, rollout pool, reward and reference actors (the reference only when a KL
     term needs it and it does not live in the learner)."""
     check_capacity(cfg)
+    threads = thread_budgets(cfg, largest_node_cpus())
+    cores = node_cores()
+    logger.info("threads per actor on a %d-core node (cluster.<role>.threads overrides): %s; compute dtype "
+                "model.dtype=%s → %s on this node's %s", cores,
+                ", ".join(f"{role} {b.describe(cores)}" for role, b in threads.items()), cfg.model.dtype,
+                resolve_dtype(_local_device(), cfg.model.dtype), _local_device().type.upper())
     critic_path = cfg.reward.model_path if cfg.learner.critic_init == "reward_model" else None
-    learner = LearnerGroup.start(cfg, model, critic_path)
+    learner = LearnerGroup.start(cfg, model, critic_path, threads=threads["learner"])
     restarts = cfg.cluster.service_restarts
     gold = gold_rules(cfg)
-    reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, restarts, gold)
+    reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, restarts, gold,
+                                  threads["reward"], cfg.model.dtype)
     reference = None
     if needs_reference_actor(cfg):
-        reference = start_reference_service(model, cfg.reference, cfg.cluster.reference, restarts)
-    pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed)
+        reference = start_reference_service(model, cfg.reference, cfg.cluster.reference, restarts,
+                                            threads["reference"], cfg.model.dtype)
+    pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed, threads=threads["rollout"])
     ray.get([reward.health.remote()] + ([reference.health.remote()] if reference is not None else []))
     learner.version()  # the learners are built
     return driver.Parts(learner, pool, reward, reference, tokenizer_path, restarts, gold=bool(gold))
+
+
+def _local_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def stop_parts(parts: driver.Parts) -> None:

@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from rlfleet.common.collate import pack, pad_rows
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience, Prepared, Rollout, StepResult
+from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.common.weights import WeightGroupInfo
 from rlfleet.learner.algos import (
     ADVANTAGE_ESTIMATORS,
@@ -92,7 +93,10 @@ class NonFiniteError(RuntimeError):
 class Learner:
     """Holds the policy, the critic (PPO with GAE) and their optimizers."""
 
-    def __init__(self, config: RunConfig, policy_path: str, critic_path: str | None = None):
+    def __init__(self, config: RunConfig, policy_path: str, critic_path: str | None = None,
+                 threads: ThreadBudget | None = None):
+        """`threads`: the actor's thread budget (None leaves this process's threads alone)."""
+        self.threads = apply_thread_budget(threads)
         self._cfg = config
         torch.manual_seed(config.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -319,6 +323,9 @@ class Learner:
             finite = finite and bool(torch.isfinite(loss))
             policy_total += pg.item()
             tokens = t.mask.sum().item()
+            # weighted by the padded size: the token-weighted mean is Σ padding / Σ padded tokens
+            padded = batch.attention_mask.numel()
+            update.add_micro(padded, {"learner/padding_fraction": 1.0 - batch.attention_mask.sum().item() / padded})
             update.add_micro(tokens, {"policy/approxkl_avg": pm["approxkl"], "policy/clipfrac_avg": pm["clipfrac"],
                                       "policy/entropy_avg": _token_mean(entropy, t.mask)})
             update.add_ratios(torch.exp((logp - t.old_logprobs).clamp(-20, 20)), t.mask)
@@ -353,8 +360,11 @@ class Learner:
         return norm.item()
 
     def _micro_batches(self, rollouts: Sequence[Rollout], idx) -> Iterator[list[int]]:
+        """Micro-batches under the token budget, bucketed: sequences sorted by length, so that
+        each pads to a width close to its own (`learner/padding_fraction`)."""
         lengths = [(len(r.prompt_ids), len(r.response_ids)) for r in rollouts]
-        return token_budget_batches(lengths, list(idx), self._cfg.learner.micro_batch_tokens)
+        by_length = sorted(idx, key=lambda i: (sum(lengths[i]), i))
+        return token_budget_batches(lengths, by_length, self._cfg.learner.micro_batch_tokens)
 
     def _pack(self, rollouts: Sequence[Rollout]):
         return pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], self._pad_id).to(self.device)

@@ -8,7 +8,6 @@ value response token t.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -20,6 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from rlfleet.common.collate import PackedBatch
 from rlfleet.common.config import LoraConfig
+from rlfleet.common.precision import autocast  # noqa: F401 - the learner's mixed precision, re-exported
 from rlfleet.learner.algos import entropy_from_logits, logprobs_from_logits
 
 logger = logging.getLogger(__name__)
@@ -169,15 +169,3 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(tensor, DTensor):
         return tensor.detach().full_tensor()
     return tensor.detach()
-
-
-def autocast(device: torch.device, dtype: str):
-    """Mixed precision when the config asks for it: matrix products in bf16 (or fp16 on GPU)
-    over the fp32 master weights, gradients and optimizer state, on GPU and on CPU (bf16 only;
-    fast where the CPU has bf16 units such as AMX or AVX-512 BF16). Log-probs and losses are
-    taken from fp32 logits. 'float32': plain fp32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    if device.type == "cpu" and dtype != "bfloat16":
-        raise ValueError(f"model.dtype={dtype!r} is not supported on CPU; use bfloat16 or float32")
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))

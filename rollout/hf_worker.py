@@ -20,6 +20,7 @@ from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
 from rlfleet.common.data import render_prompt
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
+from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
 from rlfleet.rollout.prompts import PromptLimits, split_bad_prompts
 from rlfleet.rollout.worker_info import WorkerInfo
@@ -28,7 +29,8 @@ from rlfleet.rollout.worker_info import WorkerInfo
 class HFRolloutWorker:
     """Generates with `transformers` `generate`; loads pushed weights with `load_state_dict`."""
 
-    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0):
+    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0, threads: ThreadBudget | None = None):
+        apply_thread_budget(threads)
         torch.manual_seed(seed)
         self._config = config
         self._version = 0
@@ -40,7 +42,7 @@ class HFRolloutWorker:
         ).to(self._device).eval()
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self._id, "hf", os.getpid(), self._version)
+        return WorkerInfo(self._id, "hf", os.getpid(), self._version, torch.get_num_threads())
 
     def policy_version(self) -> int:
         return self._version

@@ -28,6 +28,7 @@ from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
 from rlfleet.common.data import render_prompt
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
+from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
 from rlfleet.rollout.prompts import (
     HALF_PRECISION_CPU_MIN_PROMPT,
@@ -54,11 +55,14 @@ def _receive_broadcast(worker: Any, info: WeightGroupInfo, rank_offset: int) -> 
 class VLLMRolloutWorker:
     """Generates responses with the old policy in a vLLM engine and reports its policy version."""
 
-    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0):
+    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0, threads: ThreadBudget | None = None):
         # Read by vLLM when the engine is built: KV cache size on CPU, and an in-process engine
         # core (on few cores the extra busy process competes with the model for CPU).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # The engine core runs in this process, on the threads set here (before vLLM's CPU
+        # worker freezes torch.set_num_threads).
+        apply_thread_budget(threads)
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -93,8 +97,10 @@ class VLLMRolloutWorker:
         self.generate([warm_prompt], SamplingSpec(n=1, max_tokens=1))
 
     def info(self) -> WorkerInfo:
-        """Identity, process and the weight version this worker holds."""
-        return WorkerInfo(self._id, "vllm", os.getpid(), self._version)
+        """Identity, process, the weight version this worker holds and its threads."""
+        import torch
+
+        return WorkerInfo(self._id, "vllm", os.getpid(), self._version, torch.get_num_threads())
 
     def policy_version(self) -> int:
         """Version of the weights this engine holds (0 = the initial weights)."""

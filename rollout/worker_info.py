@@ -18,3 +18,5 @@ class WorkerInfo:
     """Process id of the actor (for diagnostics and fault-injection tests)."""
     policy_version: int
     """Version of the weights it holds (0 = the initial weights)."""
+    threads: int = 1
+    """Intra-op threads it generates with (its thread budget, rlfleet.common.threads)."""

@@ -18,13 +18,18 @@ class ServiceInfo:
     device: str
     dtype: str
     pid: int
+    threads: int = 1
+    """Intra-op threads of its process (the thread budget, rlfleet.common.threads)."""
 
 
 def model_info(model: torch.nn.Module) -> ServiceInfo:
+    import torch
+
     first = next(model.parameters())
     return ServiceInfo(
         parameters=sum(p.numel() for p in model.parameters()),
         device=str(first.device),
         dtype=str(first.dtype).removeprefix("torch."),
         pid=os.getpid(),
+        threads=torch.get_num_threads(),
     )

@@ -14,6 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlfleet.common.collate import pack
+from rlfleet.common.precision import autocast
+from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.learner.algos import logprobs_from_logits
 from rlfleet.services.batching import micro_batches
 from rlfleet.services.info import ServiceInfo, model_info
@@ -22,7 +24,13 @@ from rlfleet.services.info import ServiceInfo, model_info
 class ReferenceService:
     """The frozen reference policy."""
 
-    def __init__(self, model_path: str, micro_batch_size: int = 16, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_path: str, micro_batch_size: int = 16, dtype: torch.dtype = torch.float32,
+                 threads: ThreadBudget | None = None, compute_dtype: str = "float32"):
+        """`compute_dtype`: the run's `model.dtype`; 'bfloat16' computes under the learner's
+        autocast (fp32 weights, log-probs from fp32 logits), so that the reference and the
+        policy agree exactly before the first update."""
+        apply_thread_budget(threads)
+        self._compute_dtype = compute_dtype
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         for p in model.parameters():
@@ -61,12 +69,13 @@ class ReferenceService:
         device = next(self._model.parameters()).device
         batch = pack(prompts, responses, self._pad_id).to(device)
         width_r = batch.response_mask.shape[1]
-        logits = self._model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            logits_to_keep=width_r + 1,
-        ).logits[:, :-1]
+        with autocast(device, self._compute_dtype):
+            logits = self._model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                logits_to_keep=width_r + 1,
+            ).logits[:, :-1]
         self.forward_widths.append(logits.shape[1])
         logprobs = logprobs_from_logits(logits.float() / temperature, batch.response_ids)
         return [logprobs[row, : len(r)].tolist() for row, r in enumerate(responses)]

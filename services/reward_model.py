@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from rlfleet.common.precision import autocast
 from rlfleet.services.batching import last_token_positions, micro_batches, pad_batch
 from rlfleet.services.info import ServiceInfo, model_info
 
@@ -27,7 +28,9 @@ class RewardModelScorer:
         padding_side: str = "right",
         dtype: torch.dtype = torch.float32,
         field: str = "reward.model_path",
+        compute_dtype: str = "float32",
     ):
+        """`compute_dtype` 'bfloat16': matrix products under bf16 autocast, scores in fp32."""
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as err:
@@ -46,6 +49,7 @@ class RewardModelScorer:
         self._pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         self._micro_batch_size = micro_batch_size
         self._padding_side = padding_side
+        self._compute_dtype = compute_dtype
         self.batch_sizes: list[int] = []
         """Sizes of the forward passes run so far (micro-batching is observable)."""
 
@@ -59,11 +63,12 @@ class RewardModelScorer:
         device = next(self._model.parameters()).device
         for idx in micro_batches([len(s) for s in sequences], self._micro_batch_size):
             ids, mask, pos = pad_batch([sequences[i] for i in idx], self._pad_id, self._padding_side)
-            hidden = self._model.base_model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
-            ).last_hidden_state
-            last = last_token_positions(mask).to(device)
-            values = self._head(hidden[torch.arange(len(idx), device=device), last])[:, 0].float()
+            with autocast(device, self._compute_dtype):
+                hidden = self._model.base_model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
+                ).last_hidden_state
+                last = last_token_positions(mask).to(device)
+                values = self._head(hidden[torch.arange(len(idx), device=device), last])[:, 0].float()
             for i, v in zip(idx, values.tolist(), strict=True):
                 scores[i] = v
             self.batch_sizes.append(len(idx))

@@ -17,6 +17,7 @@ from typing import Any
 
 from rlfleet.common.config import RewardConfig, RuleRewardConfig
 from rlfleet.common.records import ScoreBatch
+from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.services.decoding import TextDecoder
 from rlfleet.services.info import ServiceInfo
 from rlfleet.services.remote import RemoteScorer, RemoteScorerError
@@ -30,8 +31,11 @@ class UnscorableError(RuntimeError):
 class RewardService:
     """Scores batches of token-id (prompt, response) pairs."""
 
-    def __init__(self, config: RewardConfig, tokenizer_path: str, gold: Sequence[RuleRewardConfig] = ()):
-        """`gold`: rule functions used only by `gold()` (the run's `data.eval_reward`)."""
+    def __init__(self, config: RewardConfig, tokenizer_path: str, gold: Sequence[RuleRewardConfig] = (),
+                 threads: ThreadBudget | None = None, compute_dtype: str = "float32"):
+        """`gold`: rule functions used only by `gold()` (the run's `data.eval_reward`);
+        `threads`: the reward model's thread budget (None leaves the process's threads alone);
+        `compute_dtype`: the run's `model.dtype` for the reward model's forward passes."""
         if config.model_path is None and not config.rules and config.remote is None:
             raise ValueError("reward: no reward source; set reward.model_path, reward.rules or reward.remote")
         self._config = config
@@ -42,7 +46,8 @@ class RewardService:
             # torch and transformers only where there is a model
             from rlfleet.services.reward_model import RewardModelScorer, ScoreNormalizer
 
-            self._model = RewardModelScorer(config.model_path, config.micro_batch_size)
+            apply_thread_budget(threads)
+            self._model = RewardModelScorer(config.model_path, config.micro_batch_size, compute_dtype=compute_dtype)
             self._normalize = ScoreNormalizer(config.normalize, config.norm_mean, config.norm_std, config.clip)
         for i, rule in enumerate(config.rules):
             load_rule(rule.function, field=f"reward.rules[{i}].function")

@@ -213,8 +213,10 @@ def test_sharded_ranks_make_their_own_old_logprobs_like_one_learner(ray_cluster,
         torch.testing.assert_close(rank0[name], one[name], **adam_bound(1), msg=name)
     assert got["objective/kl"] > 1e-3
     for key, value in want.items():
-        if value is not None:
+        # padding depends on how the ranks' shares cut into micro-batches, not on the update
+        if value is not None and key != "learner/padding_fraction":
             assert got[key] == pytest.approx(value, abs=1e-5), key
+    assert 0 <= got["learner/padding_fraction"] < 1
 
 
 @pytest.mark.ray

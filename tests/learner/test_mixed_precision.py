@@ -3,9 +3,12 @@ gradients close to fp32's."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+from rlfleet.common.config import RunConfig
 from rlfleet.learner.learner import Learner
 from tests.learner.test_learner import experience, make_config, make_rollouts, record_gradients
 
@@ -52,3 +55,19 @@ def test_bf16_autocast_keeps_fp32_master_state_and_gradients_near_fp32(tiny_mode
 def test_fp16_on_cpu_is_refused_by_name_when_the_learner_starts(tiny_model_dir):
     with pytest.raises(ValueError, match="model.dtype='float16' is not supported on CPU"):
         _learner(tiny_model_dir, "float16")
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    """model.dtype 'auto' (the default): fp32 on a CPU without bf16 matrix units, bf16 autocast
+    on one with them; an explicit dtype is kept."""
+    from rlfleet.common import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    assert precision.resolve_dtype(cpu, "auto") == "float32"
+    assert isinstance(precision.autocast(cpu, "auto"), contextlib.nullcontext)
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    assert precision.resolve_dtype(cpu, "auto") == "bfloat16"
+    assert precision.autocast(cpu, "auto").fast_dtype == torch.bfloat16
+    assert precision.resolve_dtype(cpu, "float32") == "float32"
+    assert RunConfig().model.dtype == "auto"

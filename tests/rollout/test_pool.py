@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from rlfleet.common.config import RoleResources, RolloutConfig
 from rlfleet.common.records import SamplingSpec
+from rlfleet.common.threads import ThreadBudget, node_cores
 from rlfleet.deploy.assembly import rollout_worker_factory, start_rollout_pool
 from rlfleet.deploy.smoke import response_logprobs
 from rlfleet.learner.weights import WeightBroadcaster, object_store_chunks
@@ -27,7 +28,8 @@ PROMPTS = [f"{a}+{b}=" for a, b in zip(range(10, 18), range(30, 38), strict=True
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_model_dir):
     cfg = RolloutConfig(num_workers=2, on_bad_prompt="drop", max_restarts=2, generate_timeout_s=300)
-    pool = start_rollout_pool(str(tiny_model_dir), cfg, RoleResources(num_cpus=1))
+    # the two workers generate at once: each gets half the node's cores (at least one thread)
+    pool = start_rollout_pool(str(tiny_model_dir), cfg, RoleResources(num_cpus=1), threads=ThreadBudget(share=2))
     yield pool
     pool.scale_to(1)
     ray.kill(pool.handles()[0], no_restart=True)
@@ -88,6 +90,7 @@ def check_complete(batch, n: int, version: int, tiny_tokenizer) -> None:
 
 def test_push_reaches_every_worker(pool, pushed_model):
     assert pool.versions() == [0, 0]
+    assert [ray.get(h.info.remote()).threads for h in pool.handles()] == [max(1, node_cores() // 2)] * 2
     assert not any(greedy_matches(h, pushed_model) for h in pool.handles())
     push(pool, pushed_model, version=1)
     assert pool.versions() == [1, 1]

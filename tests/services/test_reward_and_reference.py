@@ -143,3 +143,17 @@ def test_the_reward_services_decoder_equals_the_tokenizers_batch_decode(tiny_mod
     config = cleaned / "tokenizer_config.json"
     config.write_text(config.read_text().replace("{", '{"clean_up_tokenization_spaces": true,', 1))
     assert not TextDecoder(str(cleaned)).direct
+
+
+def test_bf16_compute_of_the_reference_and_the_reward_model_stays_near_fp32(tiny_model_dir, rm_dir):
+    """model.dtype bfloat16: the services' matrix products under bf16 autocast (fp32 weights),
+    log-probs and scores from fp32 — close to fp32's, and not fp32's (bf16 really ran)."""
+    seqs = mixed_sequences(4, count=6)
+    prompts, responses = [s[:3] for s in seqs], [s[3:] for s in seqs]
+    fp32 = ReferenceService(str(tiny_model_dir), micro_batch_size=4).logprobs(prompts, responses)
+    bf16 = ReferenceService(str(tiny_model_dir), micro_batch_size=4, compute_dtype="bfloat16").logprobs(prompts, responses)
+    a, b = torch.tensor(sum(fp32, [])), torch.tensor(sum(bf16, []))
+    assert (a - b).abs().max() < 0.05 and not torch.equal(a, b)
+    scores32 = RewardModelScorer(str(rm_dir), micro_batch_size=4).score(seqs)
+    scores16 = RewardModelScorer(str(rm_dir), micro_batch_size=4, compute_dtype="bfloat16").score(seqs)
+    assert scores16 == pytest.approx(scores32, abs=0.05) and scores16 != scores32

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlfleet.common.config import ReferenceConfig, RewardConfig, RoleResources, RuleRewardConfig
+from rlfleet.common.threads import ThreadBudget, node_cores
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.deploy.assembly import start_reference_service, start_reward_service
 from rlfleet.services.reference import ReferenceService
@@ -42,12 +43,20 @@ def test_reward_service_actor_scores_like_the_model(ray_cluster, rm_dir, tiny_mo
 
 
 def test_reference_service_actor_equals_in_process(ray_cluster, tiny_model_dir):
-    ref = start_reference_service(str(tiny_model_dir), ReferenceConfig(micro_batch_size=2), RoleResources(num_cpus=0))
+    """Also: the actor computes on its thread budget (the node's cores when it runs alone in its
+    phase), not on the one thread Ray's num_cpus would give it."""
+    ref = start_reference_service(str(tiny_model_dir), ReferenceConfig(micro_batch_size=2), RoleResources(num_cpus=0),
+                                  threads=ThreadBudget())
     prompts, responses = [[20, 21, 22], [30], [40, 41]], [[50, 51], [52, 53, 54, 55], [56]]
     remote = ray.get(ref.logprobs.remote(prompts, responses))
     assert remote == ReferenceService(str(tiny_model_dir), micro_batch_size=2).logprobs(prompts, responses)
-    assert ray.get(ref.info.remote()).device == "cpu"
+    info = ray.get(ref.info.remote())
+    assert info.device == "cpu" and info.threads == node_cores()
     ray.kill(ref)
+    one = start_reference_service(str(tiny_model_dir), ReferenceConfig(), RoleResources(num_cpus=0),
+                                  threads=ThreadBudget(threads=1))
+    assert ray.get(one.info.remote()).threads == 1
+    ray.kill(one)
 
 
 def test_bad_rule_fails_the_actor_at_startup_naming_the_field(ray_cluster, tiny_model_dir):
