@@ -25,8 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlfleet.services.sandbox import ProcessWorkers
-
 RuleFn = Callable[[str, str, Mapping[str, Any]], "float | None"]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
@@ -147,6 +145,10 @@ class RuleRunner:
     rule's timeout; a hung or crashed process is replaced without taking the service down."""
 
     def __init__(self, paths: Sequence[str], processes: int = 2):
+        # imported here: the rule functions above load with the standard library alone (the
+        # TRL side of bench/e2e_grpo.py loads this file outside rlfleet)
+        from rlfleet.services.sandbox import ProcessWorkers
+
         self._workers = ProcessWorkers(paths, processes, name="reward rule")
 
     def run(

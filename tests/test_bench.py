@@ -38,6 +38,21 @@ def test_trl_side_scores_with_rlfleets_own_rule():
     assert reward.__name__ == "exact_match"  # TRL names the reward metric after it
 
 
+def test_the_rule_file_loads_without_rlfleet_for_the_trl_side():
+    """TRL's environment has no rlfleet: services/rules.py must load with the standard library
+    alone (`python -S`: no site-packages), for the char_fraction rule of the 34M setting too."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys; sys.path.insert(0, 'bench'); import trl_grpo; "
+            "f = trl_grpo.reward_function(trl_grpo.load_rule('char_fraction')); "
+            "print(f(prompts=[None], completions=['aab'], target=['a'], trainer_state=None))")
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=BENCH.parent, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0.6666666666666666]"
+
+
 def test_step_breakdown_other_is_the_rest_of_each_step():
     e2e = bench_module("e2e_grpo")
     timing = {"timing/step": [9.0, 1.0, 1.2], "timing/generate": [5.0, 0.4, 0.5], "timing/score": [1.0, 0.2, 0.2],
