@@ -96,7 +96,7 @@ class Learner:
     def __init__(self, config: RunConfig, policy_path: str, critic_path: str | None = None,
                  threads: ThreadBudget | None = None):
         """`threads`: the actor's thread budget (None leaves this process's threads alone)."""
-        self.threads = apply_thread_budget(threads)
+        apply_thread_budget(threads)
         self._cfg = config
         torch.manual_seed(config.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
