@@ -91,9 +91,10 @@ def write_rows(path: Path) -> Path:
 
 
 def run_rlfleet(model: str, steps: int, run_dir: Path, cluster: dict | None = None,
-                settings: dict | None = None, task: str = "reverse") -> dict:
+                settings: dict | None = None, task: str = "reverse", max_staleness: int = 0) -> dict:
     """One rlfleet GRPO run of `steps` steps with `settings` (default SETTINGS) on `task`;
-    `cluster` overrides the cluster section (e.g. {'learner': {'threads': 1}})."""
+    `cluster` overrides the cluster section (e.g. {'learner': {'threads': 1}});
+    `max_staleness` >= 1: the overlapped loop."""
     from rlfleet.common.config import RunConfig
     from rlfleet.common.metrics import read_metrics
     from rlfleet.deploy.trainer import Trainer
@@ -105,7 +106,8 @@ def run_rlfleet(model: str, steps: int, run_dir: Path, cluster: dict | None = No
         "model": {"path": model},
         "data": {"task": task, "task_size": TASK_SIZE},
         "rollout": {"prompts_per_step": s["prompts_per_step"], "samples_per_prompt": s["samples_per_prompt"],
-                    "max_response_tokens": s["max_response_tokens"], "temperature": s["temperature"]},
+                    "max_response_tokens": s["max_response_tokens"], "temperature": s["temperature"],
+                    "max_staleness": max_staleness},
         "learner": {"lr": s["lr"], "minibatch_size": s["prompts_per_step"] * s["samples_per_prompt"]},
         "algorithm": {"advantage_estimator": "grpo", "kl_in": "loss", "kl_estimator": "k3", "kl_coef": s["kl_coef"],
                       "loss_agg": "token-mean"},
@@ -175,6 +177,34 @@ def breakdown(runs: list[dict]) -> dict[str, float]:
     return {k: statistics.median(s[k] for s in steps) for k in keys if k in steps[0]}
 
 
+def plot_wallclock(runs: dict[str, list[dict]], path: Path) -> None:
+    """Mean reward per step against seconds of training (startup excluded), one line per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, contender in runs.items():
+        clock = [statistics.fmean(t) for t in zip(*(_cumulative(r["step_seconds"]) for r in contender), strict=True)]
+        ax.plot(clock, mean_curve(contender, "reward"), marker=".", label=f"{name} ({steady(contender):.2f} s/step)")
+    ax.set_xlabel("seconds of training (startup excluded)")
+    ax.set_ylabel("mean training reward")
+    ax.set_title("GRPO on reverse, tiny model, 2 CPU cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cumulative(values: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -185,7 +215,8 @@ def main() -> None:
     args = parser.parse_args()
 
     python = trl_python()
-    runs: dict[str, list[dict]] = {"rlfleet": [], "trl": [], **({"rlfleet_1thread": []} if args.one_thread else {})}
+    runs: dict[str, list[dict]] = {"rlfleet": [], "rlfleet_async": [], "trl": [],
+                                   **({"rlfleet_1thread": []} if args.one_thread else {})}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model = warm_start(tmp / "sft")
@@ -195,6 +226,8 @@ def main() -> None:
             for name in order:
                 if name == "rlfleet":
                     run = run_rlfleet(model, args.steps, tmp / f"rlfleet_{r}")
+                elif name == "rlfleet_async":
+                    run = run_rlfleet(model, args.steps, tmp / f"rlfleet_async_{r}", max_staleness=1)
                 elif name == "rlfleet_1thread":
                     run = run_rlfleet(model, args.steps, tmp / f"rlfleet_1thread_{r}", cluster=ONE_THREAD)
                 else:
@@ -207,20 +240,28 @@ def main() -> None:
         "setup": {**SETTINGS, "steps": args.steps, "rounds": args.rounds, "sft": SFT, "trl": TRL_VERSION,
                   "cpus": os.cpu_count(), "trl_threads": runs["trl"][0]["threads"]},
         "rlfleet_seconds_per_step": steady(runs["rlfleet"]),
+        "rlfleet_async_seconds_per_step": steady(runs["rlfleet_async"]),
         "trl_seconds_per_step": steady(runs["trl"]),
         "rlfleet_startup_seconds": statistics.median(r["startup_seconds"] for r in runs["rlfleet"]),
         "trl_startup_seconds": statistics.median(r["startup_seconds"] for r in runs["trl"]),
         "reward_rlfleet": mean_curve(runs["rlfleet"], "reward"),
+        "reward_rlfleet_async": mean_curve(runs["rlfleet_async"], "reward"),
         "reward_trl": mean_curve(runs["trl"], "reward"),
         "step_breakdown_seconds": breakdown(runs["rlfleet"]),
+        "step_breakdown_seconds_async": breakdown(runs["rlfleet_async"]),
         "runs": runs,
     }
     result["ratio_trl_over_rlfleet_seconds_per_step"] = result["trl_seconds_per_step"] / result["rlfleet_seconds_per_step"]
+    result["ratio_async_over_trl_seconds_per_step"] = (result["rlfleet_async_seconds_per_step"]
+                                                       / result["trl_seconds_per_step"])
+    last5 = lambda curve: statistics.fmean(curve[-5:])  # noqa: E731
+    result["reward_last5"] = {name: last5(result[f"reward_{name}"]) for name in ("rlfleet", "rlfleet_async", "trl")}
     if args.one_thread:
         result["rlfleet_1thread_seconds_per_step"] = steady(runs["rlfleet_1thread"])
         result["step_breakdown_seconds_1thread"] = breakdown(runs["rlfleet_1thread"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    plot_wallclock(runs, Path(args.out).with_suffix(".png"))
     print(json.dumps({k: v for k, v in result.items() if k.endswith(("per_step", "seconds"))}, indent=1))  # noqa: T201
 
 

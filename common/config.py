@@ -189,6 +189,9 @@ class RolloutConfig(Section):
     weight_sync: Literal["object_store", "broadcast"] = "object_store"
     """How pushed weights travel: safetensors chunks through the Ray object store (CPU, small
     models), or a bucketed broadcast from the learner (NCCL on GPU, gloo on CPU)."""
+    max_staleness: int = Field(0, ge=0)
+    """Bounded staleness k: 0 is the synchronous loop; k >= 1 lets the fleet generate the
+    batches of steps t+1..t+k while the learner trains step t (records at most k versions old)."""
 
     @model_validator(mode="after")
     def _lengths(self) -> RolloutConfig:
@@ -329,7 +332,11 @@ class AlgorithmConfig(Section):
     loss_agg: LossAgg = "token-mean"
     """Loss aggregation mode."""
     tis_cap: float | None = Field(None, gt=0)
-    """Truncated importance sampling cap C against vLLM's log-probs; None disables it."""
+    """Truncated importance sampling cap C against vLLM's log-probs; None disables it (with
+    rollout.max_staleness >= 1 and off_policy 'decoupled' the cap is C, or 2 when unset)."""
+    off_policy: Literal["decoupled", "behaviour"] = "decoupled"
+    """With rollout.max_staleness >= 1: decoupled PPO (ratio against the learner's pre-update
+    weights, IS weight min(π_prox/π_behav, C)) or the ratio against the engine's log-probs."""
 
 
 class RoleResources(Section):
@@ -454,6 +461,9 @@ class RunConfig(Section):
                 f"algorithm.kl_in='{algo.kl_in}' needs reference.enabled=true "
                 "(or set algorithm.kl_in='none')"
             )
+        if self.rollout.max_staleness and self.rollout.sleep_between_steps:
+            raise ValueError("rollout.max_staleness >= 1 generates while the learner trains; "
+                             "rollout.sleep_between_steps=true (colocated) cannot: set one of them off")
         if self.learner.critic_init == "reward_model" and self.reward.model_path is None:
             raise ValueError("learner.critic_init='reward_model' needs reward.model_path (or set it to 'policy')")
         self._guard_needs()

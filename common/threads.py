@@ -7,7 +7,8 @@ trains, the rollout workers and the services idle, and the node's other cores wi
 
 The rule: an actor may use the cores of its node divided among the actors that compute at the
 same time in its phase (`share`): the rollout workers generate together, the reward model and
-the reference score together, the data-parallel learners train together. An actor that holds a
+the reference score together, the data-parallel learners train together. In the overlapped loop
+(`rollout.max_staleness` >= 1) the fleet and the learner side compute at once: each gets half. An actor that holds a
 GPU computes there, and gets its Ray CPU share (at least one thread) for the host-side work.
 `cluster.<role>.threads` overrides the rule. A node's cores are the CPUs this process may run
 on, capped by `cap` (the most CPUs any node of the Ray cluster offers, so that a cluster

@@ -17,7 +17,7 @@ from rlfleet.common.config import (
     RunConfig,
 )
 from rlfleet.common.threads import ThreadBudget
-from rlfleet.learner.step_data import reuses_update_logprobs
+from rlfleet.learner.step_data import is_async, needs_prepare
 from rlfleet.rollout.hf_worker import HFRolloutWorker
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.vllm_worker import VLLMRolloutWorker
@@ -36,11 +36,13 @@ def thread_budgets(cfg: RunConfig, cap: int | None = None) -> dict[str, ThreadBu
     """Each role's thread budget (rlfleet.common.threads): in the synchronous loop the rollout
     workers generate together, the reward model scores beside the reference actor (and beside
     the learner's `prepare`, where the update needs old log-probs first), and the data-parallel
-    learners train together. `cap`: the most CPUs a node offers Ray."""
-    prepares = not reuses_update_logprobs(cfg)
-    scorers = (cfg.reward.model_path is not None) + needs_reference_actor(cfg) + prepares
-    shares = {"rollout": cfg.rollout.num_workers, "learner": cfg.learner.num_workers,
-              "reward": max(1, scorers), "reference": max(1, scorers)}
+    learners train together. In the overlapped loop (`rollout.max_staleness` >= 1) the fleet
+    generates while the learner side scores and trains: each side gets half of the node.
+    `cap`: the most CPUs a node offers Ray."""
+    scorers = (cfg.reward.model_path is not None) + needs_reference_actor(cfg) + needs_prepare(cfg)
+    sides = 2 if is_async(cfg) else 1
+    shares = {"rollout": cfg.rollout.num_workers * sides, "learner": cfg.learner.num_workers * sides,
+              "reward": max(1, scorers) * sides, "reference": max(1, scorers) * sides}
     budgets = {}
     for role, share in shares.items():
         res: RoleResources = getattr(cfg.cluster, role)

@@ -18,12 +18,19 @@ from typing import Any
 import ray
 
 from rlfleet.common.config import RoleResources, RunConfig
-from rlfleet.common.data import PromptDataset, PromptSampler
+from rlfleet.common.data import Example, PromptDataset, PromptSampler
 from rlfleet.common.metrics import MetricsWriter
-from rlfleet.common.records import Experience, Prepared, Rollout, SamplingSpec
+from rlfleet.common.records import (
+    Experience,
+    Prepared,
+    Rollout,
+    RolloutBatch,
+    SamplingSpec,
+    StepResult,
+)
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
 from rlfleet.deploy.learner_group import LearnerGroup
-from rlfleet.learner.step_data import reuses_update_logprobs
+from rlfleet.learner.step_data import needs_prepare
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
 from rlfleet.services.reward_service import drop_unscorable
@@ -116,12 +123,33 @@ def push_weights(cfg: RunConfig, parts: Parts, version: int) -> None:
     parts.pool.push_weights(source)
 
 
+def draw(cfg: RunConfig, data: PromptDataset, sampler: PromptSampler) -> list[Example]:
+    """The next step's prompts."""
+    return [data.examples[i] for i in sampler.next_batch(cfg.rollout.prompts_per_step)]
+
+
 def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: PromptSampler, step: int) -> dict:
+    """One synchronous step: generate, score, train, push (every worker reports the new version)."""
     timer = PhaseTimer()
     began = time.perf_counter()
-    examples = [data.examples[i] for i in sampler.next_batch(cfg.rollout.prompts_per_step)]
+    examples = draw(cfg, data, sampler)
     with timer("generate"):
         batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step))
+    metrics, result = learn(cfg, parts, examples, batch, timer)
+    if result is None:
+        return {**metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+    with timer("push"):
+        push_weights(cfg, parts, result.version)
+    versions = parts.pool.versions()
+    metrics.update({"rollout/min_version": float(min(versions)), "rollout/max_version": float(max(versions)),
+                    "rollout/num_workers": float(len(versions))})
+    return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+
+
+def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutBatch,
+          timer: PhaseTimer) -> tuple[dict[str, Any], StepResult | None]:
+    """Score a generated batch (reward ∥ reference ∥ old log-probs) and train on it: the
+    metrics of the batch, and the learner's result (None: every group was unscorable)."""
     rollouts = batch.rollouts
     with timer("score"):
         scored, prepared, ref = _score_concurrently(cfg, parts, rollouts, examples, timer)
@@ -144,8 +172,8 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
         "rollout/policy_version": float(rollouts[0].policy_version) if rollouts else 0.0,
     }
     if not any(keep):
-        logger.warning("step %d: every group was dropped (unscorable); no update", step)
-        return {**metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+        logger.warning("every group of this step was dropped (unscorable); no update")
+        return metrics, None
     exp = Experience(
         rollouts=_pick(rollouts, keep),
         scores=_pick(scored.scores, keep),
@@ -156,18 +184,13 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
     )
     with timer("train"):
         result = parts.learner.train_step(exp)
-    with timer("push"):
-        push_weights(cfg, parts, result.version)
-    versions = parts.pool.versions()
-    metrics.update({"rollout/min_version": float(min(versions)), "rollout/max_version": float(max(versions)),
-                    "rollout/num_workers": float(len(versions)),
-                    "services/retries": float(parts.service_retries)})
-    return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+    metrics["services/retries"] = float(parts.service_retries)
+    return metrics, result
 
 
 def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples, timer: PhaseTimer):
     """Reward, reference and old log-probs as three concurrent actor calls (no old log-probs
-    when the update makes its own: `reuses_update_logprobs`). `timer` gets the latency of each
+    when the update makes its own or takes the engine's: `needs_prepare`). `timer` gets the latency of each
     (`reward`, `reference`, `old_logprobs`: submission to result; they overlap)."""
     prompts = [r.prompt_ids for r in rollouts]
     responses = [r.response_ids for r in rollouts]
@@ -182,7 +205,7 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     submitted = time.perf_counter()
     score_ref = score()
     ref_ref = reference() if parts.reference is not None else None
-    pending = [] if reuses_update_logprobs(cfg) else parts.learner.submit_prepare(rollouts)
+    pending = parts.learner.submit_prepare(rollouts) if needs_prepare(cfg) else []
     in_flight = {"reward": [score_ref]}
     if pending:
         in_flight["old_logprobs"] = [r for _, r in pending]
@@ -322,15 +345,16 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
     return state["step"]
 
 
-def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, sampler: PromptSampler,
-                    step: int) -> Path:
+def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, position: dict, step: int) -> Path:
+    """The learner, the sampler `position` (the overlapped loop's: before its batches in flight)
+    and the reward normaliser's state, as checkpoint `step`."""
     def write(folder: Path) -> None:
         parts.learner.save(str(folder / "learner"))
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(parts.tokenizer_path).save_pretrained(folder / "learner" / "policy")
 
-    return ckpts.save(step, write, {"data": sampler.state_dict(), "reward": parts.reward_state})
+    return ckpts.save(step, write, {"data": position, "reward": parts.reward_state})
 
 
 def checkpoint_due(cfg: RunConfig, step: int) -> bool:

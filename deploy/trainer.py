@@ -43,9 +43,11 @@ from rlfleet.deploy.checkpoints import CheckpointManager
 from rlfleet.deploy.control import find_control, run_key, start_control
 from rlfleet.deploy.guard import GoldWatch
 from rlfleet.deploy.learner_group import LearnerGroup
+from rlfleet.deploy.pipeline import Pipeline, Synchronous, build_loop
 from rlfleet.deploy.preflight import check_inputs
 
 logger = logging.getLogger(__name__)
+Loop = Synchronous | Pipeline
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class Trainer:
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
                                 cfg.model_dump(mode="json"))
         first = driver.resume(cfg, parts, sampler, ckpts, metrics) + 1
+        loop = build_loop(cfg, parts, data.train, sampler)
         watch = GoldWatch(cfg.guard, cfg.checkpoint)
         if first == 1:
             ckpts.forget_best()
@@ -161,20 +164,20 @@ class Trainer:
             if first == 1 and cfg.logging.eval_every_steps:
                 before = driver.evaluate(cfg, parts, data.eval, 0)  # the starting policy, as step 0
                 metrics.write(0, before)
-                self._watch(watch, ckpts, parts, sampler, 0, before)
+                self._watch(watch, ckpts, parts, loop, 0, before)
             for step in range(first, cfg.total_steps + 1):
                 driver.apply_control(cfg, parts, control, step - 1)
-                last = driver.train_step(cfg, parts, data.train, sampler, step)
+                last = loop.step(step)
                 evaluated = cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0
                 if evaluated:
                     last.update(driver.evaluate(cfg, parts, data.eval, step))
                 metrics.write(step, last)
                 if driver.checkpoint_due(cfg, step):
-                    driver.save_checkpoint(cfg, parts, ckpts, sampler, step)
+                    driver.save_checkpoint(cfg, parts, ckpts, loop.position(), step)
                 _report(progress, step, last)
-                stopped = self._watch(watch, ckpts, parts, sampler, step, last) if evaluated else None
+                stopped = self._watch(watch, ckpts, parts, loop, step, last) if evaluated else None
                 if stopped:
-                    self._save_once(ckpts, parts, sampler, step)  # the last state, beside the best
+                    self._save_once(ckpts, parts, loop, step)  # the last state, beside the best
                     break
         finally:
             metrics.close()
@@ -185,14 +188,14 @@ class Trainer:
                 "eval_before": before, "checkpoint": str(checkpoint) if checkpoint else None,
                 "best_checkpoint": best, "stopped_by_guard": stopped, "run_dir": str(self.run_dir)}
 
-    def _watch(self, watch: GoldWatch, ckpts: CheckpointManager, parts: driver.Parts, sampler: PromptSampler,
+    def _watch(self, watch: GoldWatch, ckpts: CheckpointManager, parts: driver.Parts, loop: Loop,
                step: int, evaluation: dict[str, Any]) -> str | None:
         """Keep the best checkpoint and apply the over-optimisation guard after an evaluation;
         the reason the run must stop, else None."""
         cfg = self.config
         verdict = watch.see(step, evaluation)
         if verdict.best:
-            self._save_once(ckpts, parts, sampler, step)
+            self._save_once(ckpts, parts, loop, step)
             ckpts.mark_best(step, cfg.checkpoint.keep_best, evaluation[cfg.checkpoint.keep_best])
             logger.info("step %d: best %s so far (%.4g), checkpoint kept", step, cfg.checkpoint.keep_best,
                         evaluation[cfg.checkpoint.keep_best])
@@ -208,10 +211,10 @@ class Trainer:
                        f", the result is the best checkpoint {best['path']}" if best else "")
         return verdict.act
 
-    def _save_once(self, ckpts: CheckpointManager, parts: driver.Parts, sampler: PromptSampler, step: int) -> None:
+    def _save_once(self, ckpts: CheckpointManager, parts: driver.Parts, loop: Loop, step: int) -> None:
         """A checkpoint of `step` unless this step already has a complete one."""
         if ckpts.latest() != ckpts.folder(step):
-            driver.save_checkpoint(self.config, parts, ckpts, sampler, step)
+            driver.save_checkpoint(self.config, parts, ckpts, loop.position(), step)
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:

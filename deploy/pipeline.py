@@ -1,0 +1,230 @@
+"""The overlapped loop (`rollout.max_staleness` = k ≥ 1): the fleet generates the batches of
+steps t+1 … t+k while the learner scores and trains step t.
+
+    step t:  queue generate(t+k) ─► wait for generate(t) ─► refuse records older than v−k
+             ─► score (reward ∥ reference ∥ prepare) ─► train ─► queue push(v+1)
+
+One background thread owns the rollout pool (`ThreadedPool`) and runs its calls in the order
+they were queued. So a push queued after generate(t+1) lands between that call and the next
+one on every worker: requests already running finish on the old weights (their records say
+so), later ones use the new weights, and the fleet never stops for the learner. Each record's
+staleness is the learner's version when it trains on it minus the version that generated it;
+nothing older than k is trained on (`rollout/refused_stale` counts what was refused).
+
+Every wait on the thread has a deadline (a backstop over the pool's own per-call deadlines);
+when it passes, the error names what was awaited. A queued push or rescale that failed is
+raised at the next wait, never lost.
+
+Checkpoints: the sampler position saved with step t is the one *before* the prompts of the
+batches still in flight were drawn, so a resumed run draws them again: no prompt group is
+trained twice or skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from typing import Any
+
+from rlfleet.common.config import RunConfig
+from rlfleet.common.data import Example, PromptDataset, PromptSampler
+from rlfleet.common.records import RolloutBatch
+from rlfleet.deploy import driver
+from rlfleet.rollout.pool import RolloutPool
+from rlfleet.rollout.weight_sources import WeightSource
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineTimeout(TimeoutError):
+    """A wait of the overlapped loop passed its deadline."""
+
+
+class ThreadedPool:
+    """A rollout pool driven from one background thread, with the pool's interface: `generate`
+    and `versions` wait (with a deadline), `push_weights` and `scale_to` are queued and checked
+    at the next wait, `generate_async` returns a future."""
+
+    def __init__(self, pool: RolloutPool, deadline_s: float):
+        self._pool = pool
+        self._deadline_s = deadline_s
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="rlfleet-rollout")
+        self._queued: deque[tuple[str, Future]] = deque()
+        """Pushes and rescales not yet checked (bounded: `check` drops the done ones first)."""
+        self._submitted: list[Future] = []
+
+    def _submit(self, fn: Callable, *args) -> Future:
+        self._submitted = [f for f in self._submitted if not f.done()]
+        future = self._thread.submit(fn, *args)
+        self._submitted.append(future)
+        return future
+
+    @property
+    def num_workers(self) -> int:
+        return self._pool.num_workers
+
+    @property
+    def stats(self):
+        return self._pool.stats
+
+    def handles(self) -> list[Any]:
+        return self._pool.handles()
+
+    def generate_async(self, prompts, spec) -> Future:
+        return self._submit(self._pool.generate, prompts, spec)
+
+    def generate(self, prompts, spec) -> RolloutBatch:
+        return self.wait(self.generate_async(prompts, spec), f"a generate call of {len(prompts)} prompts")
+
+    def versions(self) -> list[int]:
+        return self.wait(self._submit(self._pool.versions), "the rollout workers' versions")
+
+    def push_weights(self, source: WeightSource) -> None:
+        self._later(f"the push of policy v{source.version}", self._pool.push_weights, source)
+
+    def scale_to(self, k: int) -> None:
+        self._later(f"scaling the rollout fleet to {k} workers", self._pool.scale_to, k)
+
+    def _later(self, what: str, fn: Callable, *args) -> None:
+        self.check()
+        self._queued.append((what, self._submit(fn, *args)))
+
+    def check(self) -> None:
+        """Raise the error of a queued push or rescale that failed (forget those that are done)."""
+        while self._queued and self._queued[0][1].done():
+            what, future = self._queued.popleft()
+            error = future.exception()
+            if error is not None:
+                raise RuntimeError(f"{what} failed: {error}") from error
+
+    def wait(self, future: Future, what: str) -> Any:
+        """`future`'s result within the deadline; else PipelineTimeout naming `what`."""
+        try:
+            result = future.result(timeout=self._deadline_s)
+        except FutureTimeout as err:
+            raise PipelineTimeout(
+                f"waited {self._deadline_s:g} s for {what} on the rollout thread "
+                f"(queued before it: {[w for w, f in self._queued if not f.done()] or 'nothing'})"
+            ) from err
+        self.check()
+        return result
+
+    def close(self) -> None:
+        """Drop queued calls, let the running one end (up to the deadline), stop the workers."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        for future in [f for f in self._submitted if f.running()]:
+            try:
+                future.exception(timeout=min(self._deadline_s, 60.0))
+            except FutureTimeout:
+                logger.warning("a rollout call was still running at shutdown; stopping the workers under it")
+        self._pool.close()
+
+
+@dataclass
+class _InFlight:
+    step: int
+    examples: list[Example]
+    future: Future
+    position: dict
+    """The sampler's state before this batch's prompts were drawn."""
+    queued_at_version: int
+
+
+class Pipeline:
+    """Steps of the overlapped loop; generation for up to k later steps is always in flight."""
+
+    def __init__(self, cfg: RunConfig, parts: driver.Parts, data: PromptDataset, sampler: PromptSampler,
+                 version: int):
+        if not isinstance(parts.pool, ThreadedPool):
+            raise TypeError("the overlapped loop needs parts.pool to be a ThreadedPool")
+        self._cfg, self._parts, self._data, self._sampler = cfg, parts, data, sampler
+        self._pool: ThreadedPool = parts.pool
+        self._ahead: deque[_InFlight] = deque()
+        self.version = version
+        """The learner's version (the weights the next update starts from)."""
+        self.refused = 0
+
+    def position(self) -> dict:
+        """The sampler state to checkpoint: before the prompts of the batches still in flight."""
+        return self._ahead[0].position if self._ahead else self._sampler.state_dict()
+
+    def _fill(self, upto: int, first: int) -> None:
+        step = self._ahead[-1].step + 1 if self._ahead else first
+        while step <= upto:
+            position = self._sampler.state_dict()
+            examples = driver.draw(self._cfg, self._data, self._sampler)
+            future = self._pool.generate_async([e.prompt_ids for e in examples], driver.sampling_spec(self._cfg, step))
+            self._ahead.append(_InFlight(step, examples, future, position, self.version))
+            step += 1
+
+    def step(self, step: int) -> dict[str, Any]:
+        cfg, k = self._cfg, self._cfg.rollout.max_staleness
+        timer = driver.PhaseTimer()
+        began = time.perf_counter()
+        self._fill(step + k, step)
+        mine = self._ahead.popleft()
+        assert mine.step == step, (mine.step, step)
+        with timer("generate"):  # the wait: the engines' own time is timing/generate_busy
+            batch = self._pool.wait(mine.future, f"the rollouts of step {step} (queued at policy v{mine.queued_at_version})")
+        batch, refused = self._fresh(batch)
+        staleness = [self.version - r.policy_version for r in batch.rollouts]
+        metrics, result = driver.learn(cfg, self._parts, mine.examples, batch, timer)
+        metrics.update({
+            "rollout/staleness_mean": sum(staleness) / max(len(staleness), 1),
+            "rollout/staleness_max": float(max(staleness, default=0)),
+            "rollout/refused_stale": float(refused),
+            "rollout/num_workers": float(self._pool.num_workers),
+            "timing/generate_busy": batch.generate_seconds,
+        })
+        if result is None:
+            return {**metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+        with timer("push"):  # publish and queue: the workers load it after the calls queued before
+            driver.push_weights(cfg, self._parts, result.version)
+        self.version = result.version
+        return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+
+    def _fresh(self, batch: RolloutBatch) -> tuple[RolloutBatch, int]:
+        """Drop (and count) the records older than the bound; a group shares its worker call,
+        so whole groups go."""
+        oldest = self.version - self._cfg.rollout.max_staleness
+        keep = [r for r in batch.rollouts if r.policy_version >= oldest]
+        refused = len(batch.rollouts) - len(keep)
+        if refused:
+            self.refused += refused
+            logger.warning("refused %d records older than policy v%d (rollout.max_staleness=%d)",
+                           refused, oldest, self._cfg.rollout.max_staleness)
+        return replace(batch, rollouts=keep), refused
+
+
+def pipeline_deadline_s(cfg: RunConfig) -> float:
+    """The backstop over one wait on the rollout thread: every call queued before it (k + 2:
+    the batches ahead, a push, the awaited one) at its worst (all redispatches spent)."""
+    r = cfg.rollout
+    return (r.max_staleness + 2) * r.generate_timeout_s * (r.max_redispatch + 2)
+
+
+class Synchronous:
+    """The synchronous loop (`rollout.max_staleness: 0`), with the pipeline's interface."""
+
+    def __init__(self, cfg: RunConfig, parts: driver.Parts, data: PromptDataset, sampler: PromptSampler):
+        self._cfg, self._parts, self._data, self._sampler = cfg, parts, data, sampler
+
+    def step(self, step: int) -> dict[str, Any]:
+        return driver.train_step(self._cfg, self._parts, self._data, self._sampler, step)
+
+    def position(self) -> dict:
+        return self._sampler.state_dict()
+
+
+def build_loop(cfg: RunConfig, parts: driver.Parts, data: PromptDataset,
+               sampler: PromptSampler) -> Synchronous | Pipeline:
+    """The loop `cfg` asks for; the overlapped one takes the pool into its thread (after resume)."""
+    if cfg.rollout.max_staleness == 0:
+        return Synchronous(cfg, parts, data, sampler)
+    parts.pool = ThreadedPool(parts.pool, pipeline_deadline_s(cfg))
+    return Pipeline(cfg, parts, data, sampler, parts.learner.version())

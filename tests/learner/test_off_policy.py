@@ -1,0 +1,108 @@
+"""The learner at `rollout.max_staleness` >= 1 (in-process, no Ray): the staleness bound,
+decoupled PPO's IS weights made inside the update, and the ratio against the engine's log-probs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from rlfleet.common.config import RunConfig
+from rlfleet.common.records import Experience
+from rlfleet.learner.learner import Learner, StaleRolloutError
+from rlfleet.learner.step_data import DECOUPLED_IS_CAP, is_cap, needs_prepare, reuses_update_logprobs
+from tests.learner.test_learner import make_rollouts, record_gradients, single_update_batch, single_update_config
+
+pytestmark = pytest.mark.unit
+
+
+def async_config(**algorithm) -> RunConfig:
+    cfg = single_update_config()
+    return cfg.model_copy(update={
+        "rollout": cfg.rollout.model_copy(update={"max_staleness": 1}),
+        "algorithm": cfg.algorithm.model_copy(update=algorithm),
+    })
+
+
+def behaviour_logprobs(exp: Experience, shift: float = 0.7, seed: int = 3) -> Experience:
+    """The engine's log-probs: the policy's, moved by up to ±`shift` per token, so that some IS
+    weights π_prox/π_behav pass the cap and some do not."""
+    g = torch.Generator().manual_seed(seed)
+    rollouts = []
+    for r, old in zip(exp.rollouts, exp.old_logprobs, strict=True):
+        noise = (torch.rand(len(old), generator=g) * 2 - 1) * shift
+        rollouts.append(dataclasses.replace(r, logprobs=(torch.tensor(old) + noise).tolist()))
+    return dataclasses.replace(exp, rollouts=rollouts)
+
+
+def gradients_of(cfg: RunConfig, model_dir, exp: Experience, version: int = 1) -> tuple[dict, dict]:
+    learner = Learner(cfg, str(model_dir))
+    learner.version = version  # the learner has moved on since the rollouts' version 0
+    grads = record_gradients(learner)
+    metrics = learner.train_step(exp).metrics
+    (only,) = grads
+    return only, metrics
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_the_learner_takes_records_up_to_max_staleness_old_and_refuses_older(tiny_model_dir):
+    cfg = async_config()
+    learner = Learner(cfg, str(tiny_model_dir))
+    learner.version = 3
+    learner.prepare(make_rollouts(version=2))  # one version old: within the bound
+    with pytest.raises(StaleRolloutError, match=r"versions \[1\] reached a learner at version 3 "
+                                                r"\(rollout.max_staleness=1\)"):
+        learner.prepare(make_rollouts(version=1))
+    _, own = single_update_batch(Learner(single_update_config(), str(tiny_model_dir)), make_rollouts())
+    stale = [dataclasses.replace(r, policy_version=1) for r in own.rollouts]
+    with pytest.raises(StaleRolloutError, match=r"versions \[1\] reached a learner at version 3"):
+        learner.train_step(dataclasses.replace(own, rollouts=stale))
+
+
+def test_decoupled_ppo_weighs_tokens_in_the_update_as_with_prepare(tiny_model_dir):
+    """One update per batch: decoupled PPO needs no `prepare` — π_prox is the update's own
+    forward pass, and the IS weights min(π_prox/π_behav, cap) it computes there give the same
+    gradients as weights computed upfront from `prepare`'s log-probs. The weights matter: with
+    the engine agreeing with the learner the gradients differ."""
+    cfg = async_config()
+    assert reuses_update_logprobs(cfg) and not needs_prepare(cfg) and is_cap(cfg) == DECOUPLED_IS_CAP
+    prepared, own = single_update_batch(Learner(cfg, str(tiny_model_dir)), make_rollouts())
+    prepared = behaviour_logprobs(prepared)
+    own = dataclasses.replace(own, rollouts=prepared.rollouts)
+    want, want_metrics = gradients_of(cfg, tiny_model_dir, prepared)
+    got, got_metrics = gradients_of(cfg, tiny_model_dir, own)
+    assert_same(got, want)
+    assert got_metrics["loss/policy_avg"] == pytest.approx(want_metrics["loss/policy_avg"], abs=1e-6)
+    agreeing = dataclasses.replace(own, rollouts=behaviour_logprobs(prepared, shift=0.0).rollouts)
+    unweighted, _ = gradients_of(cfg, tiny_model_dir, agreeing)
+    assert max((unweighted[n] - got[n]).abs().max().item() for n in got) > 1e-4
+
+
+def test_behaviour_ratio_trains_against_the_engine_logprobs(tiny_model_dir):
+    """`algorithm.off_policy: behaviour`: the ratio's denominator is the engine's log-probs, no
+    `prepare` and no IS weight — the same update as a synchronous one handed those log-probs."""
+    cfg = async_config(off_policy="behaviour")
+    assert not needs_prepare(cfg) and is_cap(cfg) is None
+    prepared, own = single_update_batch(Learner(cfg, str(tiny_model_dir)), make_rollouts())
+    own = dataclasses.replace(own, rollouts=behaviour_logprobs(prepared).rollouts)
+    got, got_metrics = gradients_of(cfg, tiny_model_dir, own)
+    engine = [list(r.logprobs) for r in own.rollouts]
+    want, _ = gradients_of(single_update_config(), tiny_model_dir, dataclasses.replace(own, old_logprobs=engine),
+                           version=0)
+    assert_same(got, want)
+    assert got_metrics["policy/clipfrac_avg"] > 0  # the engine is ±0.7 nats off: the clip acts
+
+
+def test_async_prepare_needs(tiny_model_dir):
+    """Which async configs still call `prepare`: a critic (values) or a colocated reference."""
+    gae = async_config(off_policy="behaviour", advantage_estimator="gae", kl_in="reward")
+    assert needs_prepare(gae)
+    assert needs_prepare(async_config(advantage_estimator="gae", kl_in="reward"))
+    with pytest.raises(ValueError, match="rollout.sleep_between_steps=true"):
+        RunConfig.model_validate({"rollout": {"max_staleness": 1, "sleep_between_steps": True}})
