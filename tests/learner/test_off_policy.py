@@ -11,8 +11,18 @@ import torch
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience
 from rlfleet.learner.learner import Learner, StaleRolloutError
-from rlfleet.learner.step_data import DECOUPLED_IS_CAP, is_cap, needs_prepare, reuses_update_logprobs
-from tests.learner.test_learner import make_rollouts, record_gradients, single_update_batch, single_update_config
+from rlfleet.learner.step_data import (
+    DECOUPLED_IS_CAP,
+    is_cap,
+    needs_prepare,
+    reuses_update_logprobs,
+)
+from tests.learner.test_learner import (
+    make_rollouts,
+    record_gradients,
+    single_update_batch,
+    single_update_config,
+)
 
 pytestmark = pytest.mark.unit
 
