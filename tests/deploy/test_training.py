@@ -23,7 +23,7 @@ from rlfleet.common.config_io import config_from_dict, load_config
 from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.deploy import Trainer, cli
-from rlfleet.deploy.checkpoints import CheckpointManager
+from rlfleet.deploy.checkpoints import CheckpointManager, read_state
 from rlfleet.learner.step_data import reuses_update_logprobs
 from tests.procs import pids_titled
 
@@ -360,13 +360,16 @@ def test_a_killed_reward_actor_is_restarted_and_its_call_retried(ray_cluster, tm
 
 
 def test_a_sigkilled_driver_resumes_from_the_last_complete_checkpoint(tmp_path):
-    """`rlfleet train` (its own local Ray) is SIGKILLed with its whole process group after a
-    checkpoint; the same command continues from the newest complete checkpoint and ends with
-    every step exactly once in the metrics."""
+    """`rlfleet train` (its own local Ray) in the overlapped loop (max_staleness 1) is SIGKILLed
+    with its whole process group after a checkpoint; the same command continues from the newest
+    complete checkpoint and ends with every step exactly once in the metrics. Each checkpoint's
+    data position is the one after its own step's prompts: the batch in flight when it was
+    written is drawn again after the resume, so no prompt group is trained twice or skipped.
+    (The synchronous loop's resume: `test_resumed_run_repeats_the_uninterrupted_step`.)"""
     root = Path(__file__).resolve().parents[2]
     command = [str(Path(sys.executable).parent / "rlfleet"), "train", str(root / "examples" / "grpo_tiny.yaml"),
                "total_steps=8", "checkpoint.every_steps=2", f"logging.run_dir={tmp_path}",
-               "logging.progress_bar=false"]
+               "logging.progress_bar=false", "rollout.max_staleness=1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ckpts = CheckpointManager(tmp_path, keep_last=2)
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -385,5 +388,10 @@ def test_a_sigkilled_driver_resumes_from_the_last_complete_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["first_step"] == killed_after + 1 and summary["steps"] == 8
-    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
     assert ckpts.latest().name == "step_00000008"
+    assert rows[killed_after]["rollout/staleness_max"] == 0  # the first step after the resume: nothing in flight
+    for folder in ckpts.complete():
+        step, position = int(folder.name.split("_")[1]), read_state(folder)["data"]
+        assert position["epoch"] * position["size"] + position["index"] == step * 8, folder.name
