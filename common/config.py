@@ -353,6 +353,9 @@ class RoleResources(Section):
     the node's cores divided among the actors that compute at the same time in the role's
     phase (the synchronous loop runs one phase at a time); an actor with a GPU gets its
     `num_cpus` (at least 1). See rlfleet.common.threads."""
+    cores: list[int] | None = None
+    """Pin the role's actors to these cores of their node (Linux); the thread budget then
+    divides these cores instead of the node's. None: the scheduler places them."""
 
 
 class ClusterConfig(Section):

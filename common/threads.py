@@ -30,6 +30,8 @@ class ThreadBudget:
     share: int = 1
     gpu_cpus: float | None = None
     cap: int | None = None
+    cores: tuple[int, ...] | None = None
+    """Pin the actor to these cores (Linux); they are then the cores the budget divides."""
 
     def resolve(self, cores: int) -> int:
         if self.threads is not None:
@@ -46,7 +48,8 @@ class ThreadBudget:
             return f"{n} (set)"
         if self.gpu_cpus is not None:
             return f"{n} (the Ray CPU share of a GPU actor)"
-        return f"{n} ({min(cores, self.cap or cores)} cores / {self.share} at once)"
+        pinned = f" pinned to cores {list(self.cores)}" if self.cores else ""
+        return f"{n} ({min(cores, self.cap or cores)} cores / {self.share} at once{pinned})"
 
 
 def node_cores() -> int:
@@ -64,5 +67,7 @@ def apply_thread_budget(budget: ThreadBudget | None) -> int:
     import torch
 
     if budget is not None:
+        if budget.cores:  # before torch starts its thread pool: the pool's threads inherit it
+            os.sched_setaffinity(0, budget.cores)
         torch._C.set_num_threads(budget.resolve(node_cores()))
     return torch.get_num_threads()

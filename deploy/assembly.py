@@ -46,7 +46,11 @@ def thread_budgets(cfg: RunConfig, cap: int | None = None) -> dict[str, ThreadBu
     budgets = {}
     for role, share in shares.items():
         res: RoleResources = getattr(cfg.cluster, role)
-        budgets[role] = ThreadBudget(res.threads, share, res.num_cpus if res.num_gpus else None, cap)
+        if res.cores and sides > 1:
+            share //= sides  # pinned: the role's cores are its own, whatever else runs
+        cores = tuple(res.cores) if res.cores else None
+        budgets[role] = ThreadBudget(res.threads, share, res.num_cpus if res.num_gpus else None,
+                                     len(cores) if cores else cap, cores)
     return budgets
 
 

@@ -169,6 +169,7 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
         "rollout/dropped_prompts": float(len(batch.dropped)),
         "reward/unscorable": float(len(keep) - sum(keep)),
         "rollout/tokens_per_s": batch.num_tokens / max(batch.generate_seconds, 1e-9),
+        "timing/generate_busy": batch.generate_seconds,  # the engines' own time (the longest call)
         "rollout/policy_version": float(rollouts[0].policy_version) if rollouts else 0.0,
     }
     if not any(keep):

@@ -179,7 +179,6 @@ class Pipeline:
             "rollout/staleness_max": float(max(staleness, default=0)),
             "rollout/refused_stale": float(refused),
             "rollout/num_workers": float(self._pool.num_workers),
-            "timing/generate_busy": batch.generate_seconds,
         })
         if result is None:
             return {**metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
