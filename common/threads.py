@@ -67,7 +67,19 @@ def apply_thread_budget(budget: ThreadBudget | None) -> int:
     import torch
 
     if budget is not None:
-        if budget.cores:  # before torch starts its thread pool: the pool's threads inherit it
-            os.sched_setaffinity(0, budget.cores)
+        if budget.cores:
+            pin(budget.cores)
         torch._C.set_num_threads(budget.resolve(node_cores()))
     return torch.get_num_threads()
+
+
+def pin(cores: tuple[int, ...]) -> None:
+    """Confine this process to `cores`: every thread it has now (the affinity is per thread on
+    Linux), and through inheritance every thread it starts later."""
+    tasks = "/proc/self/task"
+    tids = [int(t) for t in os.listdir(tasks)] if os.path.isdir(tasks) else [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,13 +146,16 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
     return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
 
 
-def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutBatch,
-          timer: PhaseTimer) -> tuple[dict[str, Any], StepResult | None]:
-    """Score a generated batch (reward ∥ reference ∥ old log-probs) and train on it: the
-    metrics of the batch, and the learner's result (None: every group was unscorable)."""
+def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutBatch, timer: PhaseTimer,
+          scoring: Scoring | None = None, while_training: Callable[[list], None] | None = None,
+          ) -> tuple[dict[str, Any], StepResult | None]:
+    """Score a generated batch (reward ∥ reference ∥ old log-probs; `scoring`: already
+    submitted) and train on it: the metrics of the batch, and the learner's result (None: every
+    group was unscorable). `while_training(refs)` runs while the learner trains."""
     rollouts = batch.rollouts
     with timer("score"):
-        scored, prepared, ref = _score_concurrently(cfg, parts, rollouts, examples, timer)
+        scoring = scoring or submit_scoring(cfg, parts, rollouts, examples)
+        scored, prepared, ref = collect_scoring(parts, scoring, timer)
     group_ids = [r.prompt_index for r in rollouts]
     keep = drop_unscorable(scored, group_ids, cfg.reward.on_unscorable, cfg.reward.max_failures)
     per_group = Counter(group_ids)
@@ -184,15 +187,32 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
         ref_logprobs=_pick(ref, keep),
     )
     with timer("train"):
-        result = parts.learner.train_step(exp)
+        pending = parts.learner.submit_train(exp)
+        if while_training is not None:
+            while_training(pending)
+        result = ray.get(pending)[0]
     metrics["services/retries"] = float(parts.service_retries)
     return metrics, result
 
 
-def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples, timer: PhaseTimer):
+@dataclass
+class Scoring:
+    """A batch's reward, reference and old-log-prob calls in flight (submitted together)."""
+
+    rollouts: list[Rollout]
+    score: Callable[[], ray.ObjectRef]
+    reference: Callable[[], ray.ObjectRef] | None
+    score_ref: ray.ObjectRef
+    ref_ref: ray.ObjectRef | None
+    pending: list
+    submitted: float
+
+
+def submit_scoring(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples: list[Example]) -> Scoring:
     """Reward, reference and old log-probs as three concurrent actor calls (no old log-probs
-    when the update makes its own or takes the engine's: `needs_prepare`). `timer` gets the latency of each
-    (`reward`, `reference`, `old_logprobs`: submission to result; they overlap)."""
+    when the update makes its own or takes the engine's: `needs_prepare`). The reward call
+    carries the normaliser state the driver last saw: submit a batch's scoring only after the
+    previous batch's was collected."""
     prompts = [r.prompt_ids for r in rollouts]
     responses = [r.response_ids for r in rollouts]
     extras = [examples[r.prompt_index].extra for r in rollouts]
@@ -207,18 +227,26 @@ def _score_concurrently(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], e
     score_ref = score()
     ref_ref = reference() if parts.reference is not None else None
     pending = parts.learner.submit_prepare(rollouts) if needs_prepare(cfg) else []
-    in_flight = {"reward": [score_ref]}
-    if pending:
-        in_flight["old_logprobs"] = [r for _, r in pending]
-    if ref_ref is not None:
-        in_flight["reference"] = [ref_ref]
-    for name, seconds in _latencies(in_flight, submitted).items():
+    return Scoring(rollouts, score, reference if ref_ref is not None else None, score_ref, ref_ref, pending,
+                   submitted)
+
+
+def collect_scoring(parts: Parts, s: Scoring, timer: PhaseTimer):
+    """The results of `submit_scoring` (a dead service's call retried, see `call_service`);
+    `timer` gets the latency of each call (`reward`, `reference`, `old_logprobs`: submission
+    to result; they overlap)."""
+    in_flight = {"reward": [s.score_ref]}
+    if s.pending:
+        in_flight["old_logprobs"] = [r for _, r in s.pending]
+    if s.ref_ref is not None:
+        in_flight["reference"] = [s.ref_ref]
+    for name, seconds in _latencies(in_flight, s.submitted).items():
         timer.add(name, seconds)
-    prepared = parts.learner.collect_prepared(rollouts, pending) if pending else Prepared(None, None, None)
+    prepared = parts.learner.collect_prepared(s.rollouts, s.pending) if s.pending else Prepared(None, None, None)
     ref = prepared.ref_logprobs
-    if ref_ref is not None:
-        ref = call_service(parts, "reference", reference, ref_ref)
-    scored = call_service(parts, "reward", score, score_ref)
+    if s.ref_ref is not None:
+        ref = call_service(parts, "reference", s.reference, s.ref_ref)
+    scored = call_service(parts, "reward", s.score, s.score_ref)
     parts.reward_state = scored.state
     return scored, prepared, ref
 

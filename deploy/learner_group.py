@@ -90,8 +90,11 @@ class LearnerGroup:
         return Prepared(**fields)
 
     def train_step(self, exp: Experience) -> StepResult:
-        results = ray.get([h.train_step.remote(exp) for h in self.handles])
-        return results[0]
+        return ray.get(self.submit_train(exp))[0]
+
+    def submit_train(self, exp: Experience) -> list[ray.ObjectRef]:
+        """`train_step` in flight on every rank (rank 0's result first)."""
+        return [h.train_step.remote(exp) for h in self.handles]
 
     def publish_refs(self) -> tuple[ray.ObjectRef, ...]:
         """The current weights as safetensors chunks in the object store (from rank 0)."""

@@ -2,7 +2,8 @@
 steps t+1 … t+k while the learner scores and trains step t.
 
     step t:  queue generate(t+k) ─► wait for generate(t) ─► refuse records older than v−k
-             ─► score (reward ∥ reference ∥ prepare) ─► train ─► queue push(v+1)
+             ─► collect its scoring (reward ∥ reference ∥ prepare) ─► train, and meanwhile
+             submit the scoring of generate(t+1) as soon as it is done ─► queue push(v+1)
 
 One background thread owns the rollout pool (`ThreadedPool`) and runs its calls in the order
 they were queued. So a push queued after generate(t+1) lands between that call and the next
@@ -30,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Any
+
+import ray
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.data import Example, PromptDataset, PromptSampler
@@ -133,6 +136,8 @@ class _InFlight:
     position: dict
     """The sampler's state before this batch's prompts were drawn."""
     queued_at_version: int
+    scoring: driver.Scoring | None = None
+    """Its reward / reference / old-log-prob calls, once submitted (while the learner trained)."""
 
 
 class Pipeline:
@@ -173,7 +178,8 @@ class Pipeline:
             batch = self._pool.wait(mine.future, f"the rollouts of step {step} (queued at policy v{mine.queued_at_version})")
         batch, refused = self._fresh(batch)
         staleness = [self.version - r.policy_version for r in batch.rollouts]
-        metrics, result = driver.learn(cfg, self._parts, mine.examples, batch, timer)
+        scoring = mine.scoring if not refused else None  # scored early: the batch as generated
+        metrics, result = driver.learn(cfg, self._parts, mine.examples, batch, timer, scoring, self._score_next)
         metrics.update({
             "rollout/staleness_mean": sum(staleness) / max(len(staleness), 1),
             "rollout/staleness_max": float(max(staleness, default=0)),
@@ -186,6 +192,23 @@ class Pipeline:
             driver.push_weights(cfg, self._parts, result.version)
         self.version = result.version
         return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+
+    def _score_next(self, training: list) -> None:
+        """While the learner trains: submit the next batch's scoring as soon as the fleet has
+        generated it (on the cores the fleet and the services share), so that it is off the
+        learner's path. Returns when it is submitted or the learner is done."""
+        if not self._ahead:
+            return
+        nxt = self._ahead[0]
+        while True:
+            if nxt.future.done():
+                if nxt.future.exception() is None:
+                    batch = nxt.future.result()
+                    nxt.scoring = driver.submit_scoring(self._cfg, self._parts, batch.rollouts, nxt.examples)
+                return
+            ready, _ = ray.wait(training, num_returns=len(training), timeout=0.005)
+            if len(ready) == len(training):
+                return
 
     def _fresh(self, batch: RolloutBatch) -> tuple[RolloutBatch, int]:
         """Drop (and count) the records older than the bound; a group shares its worker call,

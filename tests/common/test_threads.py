@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -58,3 +60,31 @@ def test_applying_a_budget_sets_torchs_threads_and_none_leaves_them():
         assert apply_thread_budget(ThreadBudget()) == node_cores()
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_overlapped_loop_halves_the_node_between_the_fleet_and_the_learner_side():
+    asynchronous = {"rollout": {"max_staleness": 1}}
+    assert resolved(asynchronous, 8) == {"rollout": 4, "learner": 4, "reward": 4, "reference": 4}
+    assert resolved(asynchronous, 2) == {"rollout": 1, "learner": 1, "reward": 1, "reference": 1}
+    # pinned roles divide their own cores only
+    pinned = {**asynchronous, "cluster": {"rollout": {"cores": [0, 1, 2]}, "learner": {"cores": [3]}}}
+    got = resolved(pinned, 8)
+    assert got["rollout"] == 3 and got["learner"] == 1 and got["reward"] == 4
+    assert "pinned to cores [0, 1, 2]" in ThreadBudget(cap=3, cores=(0, 1, 2)).describe(8)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_a_pinned_budget_sets_the_process_affinity_its_threads_inherit():
+    """In a child process (the affinity is the process's): pinned to one core, torch computes
+    on one thread there, and the threads it starts are pinned too."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch\n"
+            "from rlfleet.common.threads import ThreadBudget, apply_thread_budget\n"
+            "n = apply_thread_budget(ThreadBudget(cap=1, cores=(0,)))\n"
+            "torch.ones(256, 256) @ torch.ones(256, 256)\n"
+            "tids = os.listdir('/proc/self/task')\n"
+            "print(n, sorted(os.sched_getaffinity(0)), {tuple(os.sched_getaffinity(int(t))) for t in tids})\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.split("\n")[0] == "1 [0] {(0,)}"
