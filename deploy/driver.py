@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from rlfleet.common.records import (
     StepResult,
 )
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
+from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, merge
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.step_data import needs_prepare
 from rlfleet.rollout.pool import RolloutPool
@@ -87,6 +89,12 @@ def sampling_spec(cfg: RunConfig, step: int, greedy: bool = False) -> SamplingSp
     )
 
 
+def extra_spec(cfg: RunConfig, step: int, i: int) -> SamplingSpec:
+    """The sampling of step `step`'s `i`-th extra batch (dynamic sampling): its own seeds."""
+    spec = sampling_spec(cfg, step)
+    return replace(spec, seed=spec.seed + 32_768 * i)
+
+
 def apply_control(cfg: RunConfig, parts: Parts, control: Any, done: int) -> None:
     """Between steps: report progress to the run's control actor and apply a pending request
     (rollout workers: new ones get the current weights before they generate)."""
@@ -135,7 +143,13 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
     examples = draw(cfg, data, sampler)
     with timer("generate"):
         batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step))
-    metrics, result = learn(cfg, parts, examples, batch, timer)
+    extra = itertools.count(1)
+
+    def more():  # dynamic sampling: the next prompts, generated now
+        drawn = draw(cfg, data, sampler)
+        return drawn, parts.pool.generate([e.prompt_ids for e in drawn], extra_spec(cfg, step, next(extra))), None
+
+    metrics, result = learn(cfg, parts, examples, batch, timer, more=more)
     if result is None:
         return {**metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
     with timer("push"):
@@ -146,16 +160,30 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
     return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
 
 
+More = Callable[[], "tuple[list[Example], RolloutBatch, Scoring | None]"]
+"""Another batch for the same step (dynamic sampling): its prompts, rollouts and scoring if submitted."""
+
+
 def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutBatch, timer: PhaseTimer,
           scoring: Scoring | None = None, while_training: Callable[[list], None] | None = None,
-          ) -> tuple[dict[str, Any], StepResult | None]:
+          more: More | None = None, version: int | None = None) -> tuple[dict[str, Any], StepResult | None]:
     """Score a generated batch (reward ∥ reference ∥ old log-probs; `scoring`: already
     submitted) and train on it: the metrics of the batch, and the learner's result (None: every
-    group was unscorable). `while_training(refs)` runs while the learner trains."""
-    rollouts = batch.rollouts
+    group was unscorable). With `algorithm.filter_groups`, batches from `more()` are added until
+    the step has `rollout.prompts_per_step` informative groups. `while_training(refs)` runs
+    while the learner trains. `version`: the learner's, to report the trained records' staleness."""
     with timer("score"):
-        scoring = scoring or submit_scoring(cfg, parts, rollouts, examples)
-        scored, prepared, ref = collect_scoring(parts, scoring, timer)
+        sb = _scored(cfg, parts, examples, batch, scoring, timer)
+    extra = filtered = 0
+    if cfg.algorithm.filter_groups:
+        wanted = cfg.rollout.prompts_per_step
+        with timer("extra_batches"):
+            while (more is not None and extra < cfg.algorithm.max_extra_batches
+                   and len(informative_groups(sb.scored.scores, [r.prompt_index for r in sb.rollouts])) < wanted):
+                sb = merge(sb, _scored(cfg, parts, *more(), timer))
+                extra += 1
+        sb, filtered = choose_groups(sb, wanted)
+    rollouts, scored, prepared = sb.rollouts, sb.scored, sb.prepared
     group_ids = [r.prompt_index for r in rollouts]
     keep = drop_unscorable(scored, group_ids, cfg.reward.on_unscorable, cfg.reward.max_failures)
     per_group = Counter(group_ids)
@@ -169,12 +197,18 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
         "rollout/replaced": float(stats.replaced),
         "rollout/resynced": float(stats.resynced),
         "rollout/timeouts": float(stats.timeouts),
-        "rollout/dropped_prompts": float(len(batch.dropped)),
+        "rollout/dropped_prompts": float(sb.dropped),
         "reward/unscorable": float(len(keep) - sum(keep)),
-        "rollout/tokens_per_s": batch.num_tokens / max(batch.generate_seconds, 1e-9),
-        "timing/generate_busy": batch.generate_seconds,  # the engines' own time (the longest call)
+        "rollout/tokens_per_s": sb.num_tokens / max(sb.generate_seconds, 1e-9),
+        "timing/generate_busy": sb.generate_seconds,  # the engines' own time (the longest call of each batch)
         "rollout/policy_version": float(rollouts[0].policy_version) if rollouts else 0.0,
     }
+    if version is not None:
+        staleness = [version - r.policy_version for r in rollouts]
+        metrics.update({"rollout/staleness_mean": sum(staleness) / max(len(staleness), 1),
+                        "rollout/staleness_max": float(max(staleness, default=0))})
+    if cfg.algorithm.filter_groups:
+        metrics.update({"rollout/extra_batches": float(extra), "rollout/filtered_groups": float(filtered)})
     if not any(keep):
         logger.warning("every group of this step was dropped (unscorable); no update")
         return metrics, None
@@ -184,7 +218,7 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
         group_ids=_pick(group_ids, keep),
         old_logprobs=_pick(prepared.old_logprobs, keep),
         values=_pick(prepared.values, keep),
-        ref_logprobs=_pick(ref, keep),
+        ref_logprobs=_pick(sb.ref, keep),
     )
     with timer("train"):
         pending = parts.learner.submit_train(exp)
@@ -193,6 +227,14 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
         result = ray.get(pending)[0]
     metrics["services/retries"] = float(parts.service_retries)
     return metrics, result
+
+
+def _scored(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutBatch, scoring: Scoring | None,
+            timer: PhaseTimer) -> ScoredBatch:
+    scoring = scoring or submit_scoring(cfg, parts, batch.rollouts, examples)
+    scored, prepared, ref = collect_scoring(parts, scoring, timer)
+    return ScoredBatch(examples, batch.rollouts, scored, prepared, ref, batch.generate_seconds, batch.num_tokens,
+                       len(batch.dropped))
 
 
 @dataclass

@@ -130,7 +130,8 @@ class ThreadedPool:
 
 @dataclass
 class _InFlight:
-    step: int
+    index: int
+    """The batch's number (its sampling seeds): steps, then each step's extra batches, in order."""
     examples: list[Example]
     future: Future
     position: dict
@@ -150,6 +151,7 @@ class Pipeline:
         self._cfg, self._parts, self._data, self._sampler = cfg, parts, data, sampler
         self._pool: ThreadedPool = parts.pool
         self._ahead: deque[_InFlight] = deque()
+        self._next_index: int | None = None
         self.version = version
         """The learner's version (the weights the next update starts from)."""
         self.refused = 0
@@ -158,32 +160,44 @@ class Pipeline:
         """The sampler state to checkpoint: before the prompts of the batches still in flight."""
         return self._ahead[0].position if self._ahead else self._sampler.state_dict()
 
-    def _fill(self, upto: int, first: int) -> None:
-        step = self._ahead[-1].step + 1 if self._ahead else first
-        while step <= upto:
+    def _fill(self, n: int) -> None:
+        """Keep `n` batches in flight (drawn in order, so a checkpoint's position is exact)."""
+        while len(self._ahead) < n:
             position = self._sampler.state_dict()
             examples = driver.draw(self._cfg, self._data, self._sampler)
-            future = self._pool.generate_async([e.prompt_ids for e in examples], driver.sampling_spec(self._cfg, step))
-            self._ahead.append(_InFlight(step, examples, future, position, self.version))
-            step += 1
+            spec = driver.sampling_spec(self._cfg, self._next_index)
+            future = self._pool.generate_async([e.prompt_ids for e in examples], spec)
+            self._ahead.append(_InFlight(self._next_index, examples, future, position, self.version))
+            self._next_index += 1
+
+    def _take(self, what: str) -> tuple[_InFlight, RolloutBatch, driver.Scoring | None]:
+        """The oldest batch in flight, once generated, without records past the bound."""
+        mine = self._ahead.popleft()
+        batch = self._pool.wait(mine.future, f"{what} (batch {mine.index}, queued at policy v{mine.queued_at_version})")
+        batch, refused = self._fresh(batch)
+        return mine, batch, mine.scoring if not refused else None  # scored early: the batch as generated
 
     def step(self, step: int) -> dict[str, Any]:
         cfg, k = self._cfg, self._cfg.rollout.max_staleness
         timer = driver.PhaseTimer()
         began = time.perf_counter()
-        self._fill(step + k, step)
-        mine = self._ahead.popleft()
-        assert mine.step == step, (mine.step, step)
+        if self._next_index is None:
+            self._next_index = step
+        refused_before = self.refused
+        self._fill(k + 1)
         with timer("generate"):  # the wait: the engines' own time is timing/generate_busy
-            batch = self._pool.wait(mine.future, f"the rollouts of step {step} (queued at policy v{mine.queued_at_version})")
-        batch, refused = self._fresh(batch)
-        staleness = [self.version - r.policy_version for r in batch.rollouts]
-        scoring = mine.scoring if not refused else None  # scored early: the batch as generated
-        metrics, result = driver.learn(cfg, self._parts, mine.examples, batch, timer, scoring, self._score_next)
+            mine, batch, scoring = self._take(f"the rollouts of step {step}")
+
+        def more():  # dynamic sampling: the next batch in flight, and another queued behind
+            self._fill(1)
+            extra, extra_batch, extra_scoring = self._take(f"an extra batch of step {step}")
+            self._fill(k)
+            return extra.examples, extra_batch, extra_scoring
+
+        metrics, result = driver.learn(cfg, self._parts, mine.examples, batch, timer, scoring, self._score_next,
+                                       more, version=self.version)
         metrics.update({
-            "rollout/staleness_mean": sum(staleness) / max(len(staleness), 1),
-            "rollout/staleness_max": float(max(staleness, default=0)),
-            "rollout/refused_stale": float(refused),
+            "rollout/refused_stale": float(self.refused - refused_before),
             "rollout/num_workers": float(self._pool.num_workers),
         })
         if result is None:

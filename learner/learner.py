@@ -81,6 +81,7 @@ from rlfleet.learner.step_data import (
     reuses_update_logprobs,
     scatter_rows,
     token_budget_batches,
+    trains_on,
 )
 from rlfleet.learner.step_metrics import UpdateMetrics, batch_metrics
 from rlfleet.learner.weights import WeightBroadcaster, check_finite, object_store_chunks
@@ -207,7 +208,7 @@ class Learner:
         rollouts = exp.rollouts
         width = max(max(len(r.response_ids) for r in rollouts), 1)
         dev = self.device
-        mask = pad_rows([[1.0] * len(r.response_ids) for r in rollouts], width).to(dev)
+        mask = pad_rows([[trains_on(r, algo)] * len(r.response_ids) for r in rollouts], width).to(dev)
         check_versions(rollouts, self.version, cfg.rollout.max_staleness)
         fill_old = exp.old_logprobs is None and not behaviour_ratio(cfg)
         if fill_old:

@@ -59,3 +59,23 @@ def test_async_ppo_with_a_critic_learns_with_a_slow_learner(ray_cluster, tmp_pat
     assert all(r["loss/value_avg"] is not None for r in rows)
     assert rows[0]["reward"] < 0.1
     assert sum(r["reward"] for r in rows[-3:]) / 3 >= 0.9
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_dynamic_sampling_trains_on_full_batches_of_informative_groups(ray_cluster, tmp_path, max_staleness):
+    """`algorithm.filter_groups`: about half the prompts get one constant reward for all their
+    responses (no signal for GRPO); the step draws and generates more batches until it has
+    `prompts_per_step` informative groups (at most `algorithm.max_extra_batches` more),
+    counting what it generated extra and what it left out."""
+    rule = {"rules": [{"function": "tests.services.rule_fixtures:constant_for_even_numbers"}]}
+    cfg = grpo_config(tmp_path, total_steps=3, reward=rule, rollout={"max_staleness": max_staleness},
+                      algorithm={"filter_groups": True, "max_extra_batches": 4},
+                      checkpoint={"every_steps": 0})
+    Trainer(cfg).fit()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["rollout/num_samples"] == 32 and row["rollout/complete_groups"] == 8
+        assert row["frac_reward_zero_std"] == 0.0  # every trained group carries a signal
+        assert row["rollout/extra_batches"] >= 1 and row["rollout/filtered_groups"] >= 1
+    assert sum(r["rollout/filtered_groups"] for r in rows) >= 6

@@ -116,3 +116,24 @@ def test_async_prepare_needs(tiny_model_dir):
     assert needs_prepare(async_config(advantage_estimator="gae", kl_in="reward"))
     with pytest.raises(ValueError, match="rollout.sleep_between_steps=true"):
         RunConfig.model_validate({"rollout": {"max_staleness": 1, "sleep_between_steps": True}})
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_truncated_responses_get_no_loss_with_mask_truncated(tiny_model_dir, loss_agg):
+    """`algorithm.mask_truncated`: what a response cut by the token limit says cannot move the
+    gradient (its tokens get no loss, KL or entropy), and the gradient stays finite."""
+    cfg = single_update_config()
+    cfg = cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(update={"mask_truncated": True,
+                                                                               "loss_agg": loss_agg})})
+    rollouts = [dataclasses.replace(r, finish_reason="stop" if i % 2 else "length")
+                for i, r in enumerate(make_rollouts())]
+    _, own = single_update_batch(Learner(cfg, str(tiny_model_dir)), rollouts)
+    other = [r if r.finish_reason == "stop" else dataclasses.replace(r, response_ids=[t % 50 + 7 for t in r.response_ids])
+             for r in rollouts]
+    got, _ = gradients_of(cfg, tiny_model_dir, own, version=0)
+    changed, _ = gradients_of(cfg, tiny_model_dir, dataclasses.replace(own, rollouts=other), version=0)
+    assert_same(changed, got)
+    assert all(torch.isfinite(g).all() for g in got.values())
+    plain = cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(update={"mask_truncated": False})})
+    unmasked, _ = gradients_of(plain, tiny_model_dir, own, version=0)
+    assert max((unmasked[n] - got[n]).abs().max().item() for n in got) > 1e-5

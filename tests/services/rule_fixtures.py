@@ -82,3 +82,14 @@ def without_letter_a(prompt, response, extra):
     """A gold checker that rejects the shortcut `char_fraction` pays for: 1 − the fraction of
     the response that is 'a'."""
     return 1.0 - (response.count("a") / len(response) if response else 0.0)
+
+
+def constant_for_even_numbers(prompt, response, extra):
+    """0.5 for every response to a prompt whose last number is even (a group with no signal),
+    else a value that differs between responses (a hash of the text)."""
+    import re
+
+    numbers = re.findall(r"\d+", prompt)
+    if numbers and int(numbers[-1]) % 2 == 0:
+        return 0.5
+    return (sum(map(ord, response)) % 97) / 97

@@ -1,0 +1,83 @@
+"""Scored batches as prompt groups: merging the batches of one step and choosing the groups
+it trains on (dynamic sampling, `algorithm.filter_groups`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from rlfleet.common.data import Example
+from rlfleet.common.records import Prepared, Rollout, ScoreBatch
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """Generated and scored responses of one or more batches; `Rollout.prompt_index` indexes
+    `examples` (a response's group)."""
+
+    examples: list[Example]
+    rollouts: list[Rollout]
+    scored: ScoreBatch
+    prepared: Prepared
+    ref: list[list[float]] | None
+    generate_seconds: float
+    num_tokens: int
+    dropped: int
+    """Prompts the fleet dropped (empty or too long: `rollout.on_bad_prompt: drop`)."""
+
+
+def _cat(a: list | None, b: list | None) -> list | None:
+    return None if a is None or b is None else a + b
+
+
+def merge(a: ScoredBatch, b: ScoredBatch) -> ScoredBatch:
+    """`a`'s groups, then `b`'s (their prompt indices shifted past `a`'s examples)."""
+    shift = len(a.examples)
+    sa, sb = a.scored, b.scored
+    scored = ScoreBatch(
+        sa.scores + sb.scores,
+        {k: sa.components[k] + sb.components.get(k, [None] * len(sb.scores)) for k in sa.components},
+        sa.reasons + sb.reasons, sa.raw_model + sb.raw_model, sb.state,
+    )
+    pa, pb = a.prepared, b.prepared
+    return ScoredBatch(
+        a.examples + b.examples,
+        a.rollouts + [replace(r, prompt_index=r.prompt_index + shift) for r in b.rollouts],
+        scored,
+        Prepared(_cat(pa.old_logprobs, pb.old_logprobs), _cat(pa.values, pb.values),
+                 _cat(pa.ref_logprobs, pb.ref_logprobs)),
+        _cat(a.ref, b.ref),
+        a.generate_seconds + b.generate_seconds, a.num_tokens + b.num_tokens, a.dropped + b.dropped,
+    )
+
+
+def informative_groups(scores: Sequence[float | None], group_ids: Sequence[int]) -> list[int]:
+    """Groups (in order of first appearance) whose scored responses do not all score alike:
+    the others give a group-relative estimator no signal (DAPO's dynamic sampling)."""
+    values: dict[int, set[float]] = {}
+    for score, group in zip(scores, group_ids, strict=True):
+        values.setdefault(group, set())
+        if score is not None:
+            values[group].add(score)
+    return [g for g, seen in values.items() if len(seen) > 1]
+
+
+def choose_groups(batch: ScoredBatch, wanted: int) -> tuple[ScoredBatch, int]:
+    """`wanted` groups, informative ones first (in order), then others where too few are; and
+    how many uninformative groups were left out."""
+    groups = list(dict.fromkeys(r.prompt_index for r in batch.rollouts))
+    good = informative_groups(batch.scored.scores, [r.prompt_index for r in batch.rollouts])
+    rest = [g for g in groups if g not in set(good)]
+    chosen = set((good + rest)[:wanted])
+    return select(batch, chosen), sum(g not in chosen for g in rest)
+
+
+def select(batch: ScoredBatch, groups: set[int]) -> ScoredBatch:
+    """The responses of `groups`, in their order."""
+    idx = [i for i, r in enumerate(batch.rollouts) if r.prompt_index in groups]
+    pick = lambda values: None if values is None else [values[i] for i in idx]  # noqa: E731
+    s, p = batch.scored, batch.prepared
+    scored = ScoreBatch(pick(s.scores), {k: pick(v) for k, v in s.components.items()}, pick(s.reasons),
+                        pick(s.raw_model) if s.raw_model else [], s.state)
+    return replace(batch, rollouts=pick(batch.rollouts), scored=scored,
+                   prepared=Prepared(pick(p.old_logprobs), pick(p.values), pick(p.ref_logprobs)), ref=pick(batch.ref))
