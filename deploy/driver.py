@@ -122,13 +122,18 @@ def missing_resources(res: RoleResources, extra: int) -> str:
 
 
 def push_weights(cfg: RunConfig, parts: Parts, version: int) -> None:
-    """Hand the learner's current weights to every rollout worker as `version`."""
-    if cfg.rollout.weight_sync == "broadcast":
-        source = BroadcastWeights(version, parts.learner.lead, cfg.rollout.tensor_parallel_size,
-                                  parts.learner.helpers)
-    else:
-        source = ObjectStoreWeights(version, parts.learner.publish_refs())
-    parts.pool.push_weights(source)
+    """Hand the learner's current weights to every rollout worker as `version` (the
+    overlapped loop: queued behind the generate calls already submitted)."""
+    try:
+        if cfg.rollout.weight_sync == "broadcast":
+            source = BroadcastWeights(version, parts.learner.lead, cfg.rollout.tensor_parallel_size,
+                                      parts.learner.helpers)
+        else:
+            source = ObjectStoreWeights(version, parts.learner.publish_refs())
+        parts.pool.push_weights(source)
+    except ray.exceptions.RayActorError as err:
+        raise RuntimeError(f"the push of policy v{version} failed: an actor died ({err}); the last "
+                           "checkpoint is untouched, and `rlfleet train` resumes from it") from err
 
 
 def draw(cfg: RunConfig, data: PromptDataset, sampler: PromptSampler) -> list[Example]:

@@ -117,7 +117,7 @@ class ThreadedPool:
         self.check()
         return result
 
-    def close(self) -> None:
+    def close(self, stop_workers: bool = True) -> None:
         """Drop queued calls, let the running one end (up to the deadline), stop the workers."""
         self._thread.shutdown(wait=False, cancel_futures=True)
         for future in [f for f in self._submitted if f.running()]:
@@ -125,7 +125,8 @@ class ThreadedPool:
                 future.exception(timeout=min(self._deadline_s, 60.0))
             except FutureTimeout:
                 logger.warning("a rollout call was still running at shutdown; stopping the workers under it")
-        self._pool.close()
+        if stop_workers:
+            self._pool.close()
 
 
 @dataclass

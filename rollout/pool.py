@@ -120,14 +120,25 @@ class RolloutPool:
 
     def push_weights(self, source: WeightSource) -> None:
         """Load `source`'s version into every worker concurrently, then verify that each one
-        reports it. A worker that dies during the push is recovered and re-synced."""
-        self._source = source
+        reports it. A worker that dies during the push is recovered and re-synced. A push that
+        fails otherwise (its weights gone with the learner that owned them) raises, and the pool
+        stays at the previous version (a worker that loaded the new one is re-synced back)."""
+        previous, self._source = self._source, source
         try:
-            reported = source.load_into(self.handles(), self._call_timeout_s)
-        except WorkerFailure:
+            try:
+                reported = source.load_into(self.handles(), self._call_timeout_s)
+            except WorkerFailure:
+                for slot in self._slots:
+                    self._recover(slot)  # re-syncs every worker that is not at `source.version`
+                reported = self.versions()
+        except Exception:
+            self._source = previous
             for slot in self._slots:
-                self._recover(slot)  # re-syncs every worker that is not at `source.version`
-            reported = self.versions()
+                try:
+                    self._ensure_current(slot)  # back to the previous version where it moved
+                except Exception:  # noqa: BLE001 - recovered before its next call instead
+                    slot.suspect = True
+            raise
         if any(v != source.version for v in reported):
             raise RolloutPoolError(f"after pushing v{source.version} the workers report {reported}")
 

@@ -195,3 +195,46 @@ def test_call_past_deadline_is_cut_and_retry_budget_bounds_the_wait(ray_cluster,
         assert info.pid != pid and info.policy_version == small.version
     finally:
         ray.kill(small.handles()[0], no_restart=True)
+
+
+class ChunkOwner:
+    """A learner's publishing side: the weights as object-store chunks this actor owns."""
+
+    def __init__(self, model_dir: str):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    def publish(self) -> list[ray.ObjectRef]:
+        return [ray.put(c) for c in object_store_chunks(self.model.state_dict(), chunk_bytes=300_000)]
+
+
+def test_a_push_whose_learner_died_fails_naming_it_and_the_fleet_keeps_generating(pool, tiny_model_v1_dir):
+    """The overlapped loop's pool thread: the learner publishes its weights as objects it owns
+    and dies before the workers fetched them. The queued push fails; the next wait on the thread
+    raises an error naming that push, well before the deadline; the workers stay at (or are
+    re-synced back to) the version they had and keep generating."""
+    from rlfleet.deploy.pipeline import ThreadedPool
+
+    owner = ray.remote(ChunkOwner).options(num_cpus=0).remote(str(tiny_model_v1_dir))
+    refs = ray.get(owner.publish.remote())
+    ray.kill(owner, no_restart=True)
+    deadline = time.monotonic() + 60
+    while True:  # until Ray has noticed: the chunks died with their owner
+        try:
+            ray.get(refs[0], timeout=10)
+        except ray.exceptions.ObjectLostError:
+            break
+        assert time.monotonic() < deadline, "the killed owner's objects are still readable"
+        time.sleep(0.2)
+    held = pool.version
+    threaded = ThreadedPool(pool, deadline_s=240)
+    try:
+        threaded.push_weights(ObjectStoreWeights(held + 1, tuple(refs)))
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=rf"the push of policy v{held + 1} failed"):
+            threaded.generate(PROMPTS[:2], SamplingSpec(n=1, max_tokens=4))
+        assert time.monotonic() - start < 120
+        assert threaded.versions() == [held] * pool.num_workers
+        batch = threaded.generate(PROMPTS[:2], SamplingSpec(n=2, max_tokens=4))
+        assert len(batch.rollouts) == 4 and {r.policy_version for r in batch.rollouts} == {held}
+    finally:
+        threaded.close(stop_workers=False)
