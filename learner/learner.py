@@ -83,7 +83,7 @@ from rlfleet.learner.step_data import (
     token_budget_batches,
     trains_on,
 )
-from rlfleet.learner.step_metrics import UpdateMetrics, batch_metrics
+from rlfleet.learner.step_metrics import UpdateMetrics, batch_metrics, check_mismatch
 from rlfleet.learner.weights import WeightBroadcaster, check_finite, object_store_chunks
 
 
@@ -260,6 +260,7 @@ class Learner:
         }
         if self.critic is None:
             metrics.update({"loss/value_avg": None, "val/clipfrac_avg": None})
+        metrics["rollout/logprob_diff_same_version"] = check_mismatch(cfg, rollouts, self.version, old, vllm_lp, mask)
         self.kl_controller.update(metrics["objective/kl"], len(rollouts))
         self.step += 1
         self.version += 1

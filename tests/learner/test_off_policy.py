@@ -137,3 +137,24 @@ def test_truncated_responses_get_no_loss_with_mask_truncated(tiny_model_dir, los
     plain = cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(update={"mask_truncated": False})})
     unmasked, _ = gradients_of(plain, tiny_model_dir, own, version=0)
     assert max((unmasked[n] - got[n]).abs().max().item() for n in got) > 1e-5
+
+
+def test_a_learner_engine_mismatch_on_the_same_weights_refuses_the_step(tiny_model_dir):
+    """`algorithm.max_logprob_diff`: measured on the records of the learner's own version
+    (`rollout/logprob_diff_same_version`); past the limit the step raises, naming the likely
+    causes, and the learner's version does not move. Records of an older version (the
+    overlapped loop) differ by the policy's own change too: they are not held to it."""
+    from rlfleet.learner.step_metrics import LogprobMismatchError
+
+    cfg = async_config(max_logprob_diff=0.5)
+    prepared, own = single_update_batch(Learner(cfg, str(tiny_model_dir)), make_rollouts())
+    close = dataclasses.replace(own, rollouts=behaviour_logprobs(prepared, shift=0.1).rollouts)
+    _, metrics = gradients_of(cfg, tiny_model_dir, close, version=0)
+    assert 0.01 < metrics["rollout/logprob_diff_same_version"] < 0.1
+    learner = Learner(cfg, str(tiny_model_dir))
+    far = dataclasses.replace(own, rollouts=behaviour_logprobs(prepared, shift=3.0).rollouts)
+    with pytest.raises(LogprobMismatchError, match=r"past algorithm.max_logprob_diff=0.5.*rollout.dtype=float32"):
+        learner.train_step(far)
+    assert learner.version == 0
+    _, stale = gradients_of(cfg, tiny_model_dir, far, version=1)  # version-0 records, learner at 1
+    assert stale["rollout/logprob_diff_same_version"] is None
