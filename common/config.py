@@ -345,10 +345,10 @@ class AlgorithmConfig(Section):
     """With filter_groups: the most extra batches a step generates (then it fills up with
     uninformative groups); counted in rollout/extra_batches."""
     mask_truncated: bool = False
+    """Overlong filtering: responses cut by rollout.max_response_tokens get no loss."""
     max_logprob_diff: float | None = Field(None, gt=0)
     """Refuse a step whose learner-vs-engine log-prob difference on the same weights (mean
     |Δ| per token, rollout/logprob_diff_same_version) passes this; None: only measured."""
-    """Overlong filtering: responses cut by rollout.max_response_tokens get no loss."""
 
 
 class RunConfig(Section):
