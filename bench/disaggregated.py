@@ -4,8 +4,9 @@ reward, reference) on the other, synchronous against overlapped (`rollout.max_st
 On a cluster rollout and training run on separate GPUs; here each side is pinned to its own
 core (`cluster.<role>.cores`, one thread each), so neither can borrow the other's compute
 and the synchronous loop leaves each side idle while the other works. Both modes run the same
-GRPO config from the same SFT warm start (bench/e2e_grpo.py's setting, with longer answers so
-that generation weighs about as much as training), alternating sync / async, async / sync.
+GRPO config on `char_fraction` from the tiny model's seed (a task it learns in these steps:
+the reward goes from ~0.01 towards 1), with answers long enough that generation weighs about
+as much as the learner side's work; they alternate sync / async, async / sync.
 
 Reported: trained samples per second (steps after the first, startup excluded), the ratio
 async ÷ sync, each role's busy fraction (the engines' generate time, the reference's latency,
@@ -25,12 +26,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_grpo import RESULTS, SETTINGS, run_rlfleet, warm_start  # noqa: E402
+from e2e_grpo import RESULTS, SETTINGS, run_rlfleet  # noqa: E402
 
 PINNED = {"rollout": {"cores": [0], "threads": 1},
           **{role: {"cores": [1], "threads": 1} for role in ("learner", "reward", "reference")}}
 """The fleet on core 0; the learner, the reward service and the reference actor on core 1."""
-DISAGGREGATED = {**SETTINGS, "max_response_tokens": 16}
+DISAGGREGATED = {**SETTINGS, "samples_per_prompt": 4, "max_response_tokens": 48, "lr": 3e-3}
+"""GRPO on `char_fraction` from the tiny model's seed (a task it learns within these steps),
+with answers long enough that generation weighs about as much as the learner side's work."""
 MODES = {"sync": 0, "async": 1}
 
 
@@ -55,11 +58,10 @@ def main() -> None:
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model = warm_start(tmp / "sft")
         for r in range(args.rounds):
             for mode in (list(MODES) if r % 2 == 0 else list(reversed(MODES))):
-                run = run_rlfleet(model, args.steps, tmp / f"{mode}_{r}", cluster=PINNED, settings=DISAGGREGATED,
-                                  max_staleness=MODES[mode])
+                run = run_rlfleet(None, args.steps, tmp / f"{mode}_{r}", cluster=PINNED, settings=DISAGGREGATED,
+                                  task="char_fraction", max_staleness=MODES[mode])
                 run["samples_per_s"] = batch * (len(run["step_seconds"]) - 1) / sum(run["step_seconds"][1:])
                 run["busy"] = busy(run)
                 runs[mode].append(run)

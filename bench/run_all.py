@@ -4,8 +4,10 @@
 
 Runs (each its own process, so one's Ray cluster and memory never touch the next's):
 
-- e2e_grpo.py: rlfleet against TRL's GRPOTrainer, seconds per step, reward curves, and
-  rlfleet's step breakdown;
+- e2e_grpo.py: rlfleet (synchronous and max_staleness 1) against TRL's GRPOTrainer, seconds
+  per step, reward curves (also against wall-clock time), and rlfleet's step breakdown;
+- disaggregated.py: the fleet and the learner side pinned to one core each, synchronous
+  against max_staleness 1: trained samples/s and each role's busy share;
 - rollout_throughput.py: vLLM against HF generation tokens/s, 1 against 2 vLLM workers;
 - weight_push.py: push latency and bytes/s at ~1M, ~10M and ~100M parameters;
 - learner_throughput.py: tokens/s and peak memory (tiny, ~100M), D = 1 against D = 2;
@@ -14,7 +16,7 @@ Runs (each its own process, so one's Ray cluster and memory never touch the next
 Writes bench/results/*.json (one per benchmark), bench/results/summary.md (the table, with the
 command behind each number) and bench/results/{step_breakdown,throughput_vs_workers,
 reward_curves}.png. `--only NAME[,NAME]` runs some; `--report` only rewrites the table and
-plots from the JSON already there. About 15 minutes on 2 CPU cores.
+plots from the JSON already there. About 20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ RESULTS = BENCH / "results"
 # defaults, made shorter where a full run would not fit the 20-minute budget on 2 cores
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "e2e_grpo": ("e2e_grpo", ["--steps", "30", "--rounds", "2"]),
+    "disaggregated": ("disaggregated", ["--steps", "20", "--rounds", "2"]),
     "rollout_throughput": ("rollout_throughput", ["--dtypes", "float32", "--rounds", "3"]),
     # a 21M-parameter model, where vLLM's engine pays for itself on CPU (pool: the tiny model's run)
     "rollout_throughput_21m": ("rollout_throughput", ["--dtypes", "float32", "--rounds", "2", "--no-pool",
@@ -83,6 +86,11 @@ def _e2e_rows(e2e: dict) -> list[Row]:
         ("GRPO end to end: rlfleet s/step", fmt(e2e["rlfleet_seconds_per_step"]), c),
         ("GRPO end to end: TRL GRPOTrainer s/step", fmt(e2e["trl_seconds_per_step"]), c),
         ("GRPO end to end: TRL s/step ÷ rlfleet s/step", fmt(e2e["ratio_trl_over_rlfleet_seconds_per_step"]), c),
+        ("GRPO end to end: rlfleet max_staleness 1 s/step", fmt(e2e["rlfleet_async_seconds_per_step"]), c),
+        ("GRPO end to end: rlfleet max_staleness 1 s/step ÷ TRL s/step",
+         fmt(e2e["ratio_async_over_trl_seconds_per_step"]), c),
+        ("GRPO reward, mean of the last 5 steps: sync / max_staleness 1 / TRL",
+         " / ".join(f"{e2e['reward_last5'][k]:.3f}" for k in ("rlfleet", "rlfleet_async", "trl")), c),
         ("GRPO startup: rlfleet / TRL (s)", f"{fmt(e2e['rlfleet_startup_seconds'])} / {fmt(e2e['trl_startup_seconds'])}", c),
         ("GRPO reward, first → last 5 steps: rlfleet",
          f"{_mean(e2e['reward_rlfleet'][:5]):.2f} → {_mean(e2e['reward_rlfleet'][-5:]):.2f}", c),
@@ -91,6 +99,21 @@ def _e2e_rows(e2e: dict) -> list[Row]:
         ("rlfleet step breakdown (share of a step)", ", ".join(f"{k} {v:.0%}" for k, v in shares.items()), c),
         ("inside `score` (concurrent calls), s",
          ", ".join(f"{k} {fmt(b[k])}" for k in ("reward", "reference", "old_logprobs") if k in b), c),
+    ]
+
+
+def _disaggregated_rows(dis: dict) -> list[Row]:
+    c = command("disaggregated")
+    busy = lambda mode: ", ".join(f"{k} {v:.0%}" for k, v in dis[f"{mode}_busy"].items())  # noqa: E731
+    return [
+        ("disaggregated (fleet on core 0, learner side on core 1): trained samples/s sync / max_staleness 1",
+         f"{fmt(dis['sync_samples_per_s'])} / {fmt(dis['async_samples_per_s'])}", c),
+        ("disaggregated: max_staleness 1 ÷ sync, trained samples/s", fmt(dis["ratio_async_over_sync"]), c),
+        ("disaggregated: busy share of the wall time, sync", busy("sync"), c),
+        ("disaggregated: busy share of the wall time, max_staleness 1", busy("async"), c),
+        ("disaggregated: reward first → mean of last 5 steps, sync / max_staleness 1",
+         f"{dis['sync_reward_first']:.2f} → {dis['sync_reward_last5']:.2f} / "
+         f"{dis['async_reward_first']:.2f} → {dis['async_reward_last5']:.2f}", c),
     ]
 
 
@@ -134,7 +157,7 @@ def _reward_rows(reward: dict) -> list[Row]:
 
 def table(results: dict[str, dict | None]) -> str:
     """The markdown summary: one row per number, each with the command that measured it."""
-    makers = {"e2e_grpo": _e2e_rows, "weight_push": _push_rows, "learner_throughput": _learner_rows,
+    makers = {"e2e_grpo": _e2e_rows, "disaggregated": _disaggregated_rows, "weight_push": _push_rows, "learner_throughput": _learner_rows,
               "reward_throughput": _reward_rows}
     rows: list[Row] = []
     for name, result in results.items():

@@ -71,17 +71,22 @@ def test_every_number_in_the_summary_names_the_command_that_measured_it(tmp_path
     run_all = bench_module("run_all")
     e2e = {"rlfleet_seconds_per_step": 0.5, "trl_seconds_per_step": 0.25, "ratio_trl_over_rlfleet_seconds_per_step": 0.5,
            "rlfleet_startup_seconds": 40.0, "trl_startup_seconds": 7.0, "reward_rlfleet": [0.3] * 6,
-           "reward_trl": [0.3] * 6, "setup": {"rounds": 2},
+           "reward_trl": [0.3] * 6, "setup": {"rounds": 2}, "rlfleet_async_seconds_per_step": 0.2,
+           "ratio_async_over_trl_seconds_per_step": 0.8, "reward_last5": {"rlfleet": 0.3, "rlfleet_async": 0.31, "trl": 0.3},
            "step_breakdown_seconds": {"step": 0.5, "generate": 0.2, "score": 0.1, "train": 0.15, "push": 0.04,
                                       "other": 0.01, "reward": 0.02, "reference": 0.1, "old_logprobs": 0.09}}
     roll = {"setup": {"parameters": 353920}, "vllm_float32": {"tokens_per_s": 9000.0},
             "hf_float32": {"tokens_per_s": 12000.0}, "ratio_vllm_over_hf_float32": 0.75}
-    table = run_all.table({"e2e_grpo": e2e, "rollout_throughput": roll})
+    dis = {"sync_samples_per_s": 100.0, "async_samples_per_s": 180.0, "ratio_async_over_sync": 1.8,
+           **{f"{m}_busy": {"fleet": 0.3, "reference": 0.2, "learner": 0.5} for m in ("sync", "async")},
+           **{f"{m}_reward_{k}": 0.5 for m in ("sync", "async") for k in ("first", "last5")}}
+    table = run_all.table({"e2e_grpo": e2e, "disaggregated": dis, "rollout_throughput": roll})
     rows = [line for line in table.splitlines()[2:] if line.strip()]
-    assert len(rows) == 8 + 3
+    assert len(rows) == 11 + 5 + 3
     for row in rows:
         script = re.search(r"`\.venv/bin/python (bench/\w+\.py)[^`]*`", row)
         assert script and (BENCH.parent / script.group(1)).is_file(), row
     assert "| GRPO end to end: TRL s/step ÷ rlfleet s/step | 0.5 |" in table
     assert "generate 40%" in table
+    assert "| disaggregated: max_staleness 1 ÷ sync, trained samples/s | 1.8 |" in table
     json.dumps(run_all.BENCHMARKS)  # the plan itself is plain data
