@@ -43,6 +43,8 @@ class TinyModelConfig(Section):
     """MLP width."""
     max_position_embeddings: int = Field(512, ge=16)
     """Longest sequence (prompt + response) the model accepts."""
+    tokenizer: Literal["char", "bpe"] = "char"
+    """One token per character, or byte-level BPE with role and tool-call tokens (rlfleet.common.bpe)."""
 
     @model_validator(mode="after")
     def _head_dim(self) -> TinyModelConfig:

@@ -1,7 +1,7 @@
 """Tiny models that rlfleet builds itself, deterministically from a seed, with no download.
 
 A character-level tokenizer (a `tokenizers` WordLevel model over single characters, wrapped
-in `PreTrainedTokenizerFast`), a small Llama or Qwen2 causal LM and a reward model with the
+in `PreTrainedTokenizerFast`) or a byte-level BPE one (`rlfleet.common.bpe`), a small Llama or Qwen2 causal LM and a reward model with the
 same backbone and a one-label sequence-classification head. Everything is saved with
 `save_pretrained`, so transformers, peft and vLLM load the same folder.
 """
@@ -41,6 +41,15 @@ CHAT_TEMPLATE = (
 )
 
 _ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def build_tokenizer(kind: str = "char") -> PreTrainedTokenizerFast:
+    """`TinyModelConfig.tokenizer`: the character tokenizer or the BPE one (rlfleet.common.bpe)."""
+    if kind == "bpe":
+        from rlfleet.common.bpe import build_bpe_tokenizer
+
+        return build_bpe_tokenizer()
+    return build_char_tokenizer()
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
@@ -83,7 +92,7 @@ def build_tiny_causal_lm(
     The same seed and shape give bit-identical weights.
     """
     shape = shape or TinyModelConfig()
-    tok = build_char_tokenizer()
+    tok = build_tokenizer(shape.tokenizer)
     config = _backbone_config(tok, shape)
     _, model_cls = _ARCHS[shape.arch]
     torch.manual_seed(seed)
@@ -98,7 +107,7 @@ def build_tiny_reward_model(
 ) -> Path:
     """Build and save a tiny reward model: same backbone, a 1-label sequence-classification head."""
     shape = shape or TinyModelConfig()
-    tok = build_char_tokenizer()
+    tok = build_tokenizer(shape.tokenizer)
     config = _backbone_config(tok, shape)
     config.num_labels = 1
     torch.manual_seed(seed)
