@@ -34,10 +34,13 @@ def import_path(path: str) -> Any:
 def _serve(conn: Connection, paths: Sequence[str], memory_bytes: int | None) -> None:
     """A worker process: import the paths, say ready, then answer (path, args) calls with
     ('ok', value) or ('error', description)."""
-    if memory_bytes is not None:
+    if memory_bytes is not None:  # on top of what the started interpreter already maps
+        import os
         import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        with open("/proc/self/statm") as statm:
+            mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + memory_bytes, mapped + memory_bytes))
     loaded: dict[str, Any] = {}
     for path in paths:
         try:
