@@ -77,3 +77,34 @@ def test_a_hanging_or_hogging_tool_is_cut_by_its_limits(box):
     assert hog.error in ("error", "crashed") and ("MemoryError" in hog.text or "crashed" in hog.text)
     assert box.call(ToolCall("hogs", {"megabytes": 20})).text == str(20 * 2**20)  # within the limit
     assert box.call(ToolCall("add", {"a": 3, "b": 4})).text == "7"
+
+
+def test_the_built_in_environments_play_whole_episodes(box):
+    from rlfleet.common.environment import Environment
+    from rlfleet.services.environments import CalculatorTask, GuessNumber
+    from rlfleet.services.tools import ToolBox
+
+    game = GuessNumber(high=20, max_guesses=4)
+    assert isinstance(game, Environment)
+    assert game.reset({"secret": 13}) == [{"role": "user", "content": "guess a number between 1 and 20"}]
+    assert game.step("10").observation == [{"role": "user", "content": "higher"}]
+    assert game.step("I say 15").observation == [{"role": "user", "content": "lower"}]
+    found = game.step("13")
+    assert found.done and found.reward == pytest.approx(0.8) and found.info == {"guesses": 3, "found": True}
+    game.reset({"secret": 2})
+    steps = [game.step("hmm") for _ in range(4)]
+    assert steps[0].observation[0]["content"] == "not a number" and steps[-1].done and steps[-1].reward == 0.0
+
+    tools = ToolBox(["rlfleet.services.tools:calculator"], timeout_s=5.0)
+    try:
+        env = CalculatorTask(tools, max_turns=3)
+        env.reset({"question": "what is 12*34?", "answer": 408})
+        call = env.step('<tool_call>{"name": "calculator", "arguments": {"expression": "12*34"}}</tool_call>')
+        assert call.observation == [{"role": "tool", "content": "408"}] and not call.done
+        assert call.info["tool_error"] is None
+        bad = env.step('<tool_call>{"name": "calculator", "arguments": {"expr": "1"}}</tool_call>')
+        assert bad.info["tool_error"] == "bad_arguments" and bad.observation[0]["content"].startswith("error")
+        final = env.step("the answer is 408")
+        assert final.done and final.reward == 1.0
+    finally:
+        tools.close()
