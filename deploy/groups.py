@@ -67,7 +67,8 @@ def choose_groups(batch: ScoredBatch, wanted: int) -> tuple[ScoredBatch, int]:
     how many uninformative groups were left out."""
     groups = list(dict.fromkeys(r.prompt_index for r in batch.rollouts))
     good = informative_groups(batch.scored.scores, [r.prompt_index for r in batch.rollouts])
-    rest = [g for g in groups if g not in set(good)]
+    informative = set(good)
+    rest = [g for g in groups if g not in informative]
     chosen = set((good + rest)[:wanted])
     return select(batch, chosen), sum(g not in chosen for g in rest)
 

@@ -118,7 +118,7 @@ class ThreadedPool:
         return result
 
     def close(self, stop_workers: bool = True) -> None:
-        """Drop queued calls, let the running one end (up to the deadline), stop the workers."""
+        """Drop queued calls, let the running one end (up to a minute), stop the workers."""
         self._thread.shutdown(wait=False, cancel_futures=True)
         for future in [f for f in self._submitted if f.running()]:
             try:

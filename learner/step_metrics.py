@@ -15,6 +15,7 @@ import torch
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Rollout
 from rlfleet.learner.algos import masked_mean, masked_sum
+from rlfleet.learner.step_data import behaviour_ratio
 
 
 class LogprobMismatchError(RuntimeError):
@@ -27,7 +28,7 @@ def check_mismatch(cfg: RunConfig, rollouts: Sequence[Rollout], version: int, le
     own version (the same weights on both sides; None when the step has none, or when the
     ratio is taken against the engine's log-probs). Past `algorithm.max_logprob_diff`:
     LogprobMismatchError, raised before the update is published or saved."""
-    if cfg.rollout.max_staleness and cfg.algorithm.off_policy == "behaviour":
+    if behaviour_ratio(cfg):
         return None
     same = torch.tensor([float(r.policy_version == version) for r in rollouts], device=mask_BT.device)
     mask = mask_BT * same[:, None]
