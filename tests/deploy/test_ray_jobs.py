@@ -122,18 +122,32 @@ def alive_rollout_pids(head: Head) -> set[int]:
     return pids_titled(b"ray::VLLMRolloutWorker", environ_entry=token, unless=b"__init__")
 
 
+def kill_one_of_two(ray_head, rng: random.Random, deadline: float) -> None:
+    """SIGKILL one of the job's 2 rollout workers, once both are up (not while a killed one is
+    still restarting)."""
+    while True:
+        assert time.monotonic() < deadline, "the 2 rollout workers were never both up"
+        pids = alive_rollout_pids(ray_head)
+        if len(pids) == 2:
+            try:
+                os.kill(rng.choice(sorted(pids)), signal.SIGKILL)
+                return
+            except ProcessLookupError:  # the state API lags a restart by a moment
+                pass
+        time.sleep(0.2)
+
+
 def test_a_submitted_job_scaled_to_2_workers_survives_them_killed_every_few_steps(ray_head, tmp_path):
     """`rlfleet scale` right after `rlfleet submit`, while the job is still starting: it waits
     for the job's control actor. The job's scoring is held (rule_fixtures.HOLD_MARKER) until the
     request is in, so the job cannot end before it, however loaded the machine is. Then the soak,
     in the overlapped loop (max_staleness 1: the pool works from its own thread while the
-    learner trains): every 4 steps one of the 2 workers, picked at random, is SIGKILLed (3 times). The job
+    learner trains): every 4 steps one of the 2 workers, picked at random, is SIGKILLed (3 times, the job held while the kill is
+    made). The job
     ends with every step, every step with all its groups complete (none lost or duplicated) and
     nothing trained on more than one version old. (The pool's recovery in the synchronous loop:
     tests/rollout/test_pool.py.)"""
-    # The overlapped loop's steps are short: a long enough run, and no kill in the last 4 steps,
-    # so that every killed worker is met (and re-synced) by a generate call of a logged step.
-    steps, prompts, samples = 24, 8, 4
+    steps, prompts, samples = 18, 8, 4
     HOLD_MARKER.touch()
     try:
         submitted = subprocess.run(
@@ -161,15 +175,17 @@ def test_a_submitted_job_scaled_to_2_workers_survives_them_killed_every_few_step
     while done < steps:  # watch the metrics file (cheap); ask for the job's status only now and then
         assert time.monotonic() < deadline, ray_head.logs(job)
         done = len(read_metrics(tmp_path)) if (tmp_path / "metrics.jsonl").is_file() else 0
-        if kills < 3 and next_kill <= done < steps - 4:  # three kills, each costs a restart
-            pids = alive_rollout_pids(ray_head)
-            if len(pids) == 2:  # not while a killed one is still restarting
-                try:
-                    os.kill(rng.choice(sorted(pids)), signal.SIGKILL)
-                except ProcessLookupError:  # the state API lags a restart by a moment
-                    continue
-                kills += 1
-                next_kill = done + 4
+        if kills < 3 and next_kill <= done:
+            # The overlapped loop's steps are short, and a machine under load restarts a worker
+            # slowly: the job is held at its next scoring until the kill is made, so that every
+            # kill lands mid-run however fast or slow the steps are.
+            HOLD_MARKER.touch()
+            try:
+                kill_one_of_two(ray_head, rng, deadline)
+            finally:
+                HOLD_MARKER.unlink(missing_ok=True)
+            kills += 1
+            next_kill = done + 4
         elif int(time.monotonic()) % 15 == 0:
             assert ray_head.status(job) == "RUNNING", ray_head.logs(job)
         time.sleep(0.2)
