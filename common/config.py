@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from rlfleet.common.config_base import Section
 from rlfleet.common.config_cluster import ClusterConfig, RoleResources  # noqa: F401  (re-exported)
+from rlfleet.common.config_env import EnvironmentConfig
 from rlfleet.common.config_run import CheckpointConfig, GuardConfig, LoggingConfig, StageConfig
 
 AdvantageEstimator = Literal[
@@ -110,7 +111,7 @@ class RuleRewardConfig(Section):
 class DataConfig(Section):
     """Where prompts come from."""
 
-    task: Literal["addition", "char_fraction", "reverse"] | None = "addition"
+    task: Literal["addition", "calculator", "char_fraction", "guess_number", "reverse"] | None = "addition"
     """Built-in generated task (it brings its own reward rule); ignored when `train_path` is given."""
     task_size: int = Field(1024, ge=1)
     """Training prompts generated for a built-in task."""
@@ -374,6 +375,8 @@ class RunConfig(Section):
     """Learner."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
     """Algorithm."""
+    environment: EnvironmentConfig = EnvironmentConfig()
+    """Multi-turn episodes against an environment and its tools (off by default)."""
     cluster: ClusterConfig = ClusterConfig()
     """Cluster and per-role resources."""
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -433,6 +436,9 @@ class RunConfig(Section):
         if self.learner.critic_init == "reward_model" and self.reward.model_path is None:
             raise ValueError("learner.critic_init='reward_model' needs reward.model_path (or set it to 'policy')")
         self._guard_needs()
+        if self.environment.enabled:
+            self._environment_needs()
+            return self
         task_checker = self.data.task is not None and self.data.train_path is None
         if not (self.reward.model_path or self.reward.rules or self.reward.remote or task_checker):
             raise ValueError(
@@ -441,11 +447,28 @@ class RunConfig(Section):
             )
         return self
 
+    def _environment_needs(self) -> None:
+        env = self.environment
+        sources = [name for name, on in (("reward.model_path", self.reward.model_path), ("reward.rules", self.reward.rules),
+                                         ("reward.remote", self.reward.remote)) if on]
+        if sources:
+            raise ValueError(f"environment.path={env.path!r} scores episodes with the environment's own rewards; "
+                             f"unset {', '.join(sources)}")
+        if self.learner.critic_init == "reward_model":
+            raise ValueError("learner.critic_init='reward_model' needs a reward model; an environment run has none")
+        if self.rollout.backend != "vllm":
+            raise ValueError(f"environment.path={env.path!r} needs rollout.backend='vllm' (the turn loop continues "
+                             "from token ids in the engine)")
+        if env.max_episode_tokens >= self.rollout.max_model_len:
+            raise ValueError(f"environment.max_episode_tokens={env.max_episode_tokens} must be < "
+                             f"rollout.max_model_len={self.rollout.max_model_len} (the prompt needs room too)")
+
     def _guard_needs(self) -> None:
         guard, every = self.guard, self.logging.eval_every_steps
         if guard.patience and not every:
             raise ValueError(f"guard.patience={guard.patience} needs evaluations: set logging.eval_every_steps")
-        has_gold = self.data.eval_reward is not None or (self.data.task is not None and self.data.train_path is None)
+        has_gold = (self.data.eval_reward is not None or self.environment.enabled
+                    or (self.data.task is not None and self.data.train_path is None))
         wants_gold = {guard.gold if guard.patience else None, self.checkpoint.keep_best}
         if "eval/gold" in wants_gold and not has_gold:
             raise ValueError("eval/gold needs a gold checker: set data.eval_reward (rule functions) "

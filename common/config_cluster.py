@@ -43,6 +43,8 @@ class ClusterConfig(Section):
     """Resources of the reward service."""
     reference: RoleResources = RoleResources()
     """Resources of the reference service."""
+    environment: RoleResources = RoleResources()
+    """Resources per environment host (multi-turn runs; their tools run in its subprocesses)."""
     service_restarts: int = Field(3, ge=0)
     """Times the reward and reference actors are restarted after a crash; the call in flight is
     retried after each restart (the reward normaliser's state restored first). Past it the run
@@ -53,7 +55,7 @@ class ClusterConfig(Section):
 
     @model_validator(mode="after")
     def _gpu_shares(self) -> ClusterConfig:
-        for role in ("rollout", "learner", "reward", "reference"):
+        for role in ("rollout", "learner", "reward", "reference", "environment"):
             gpus = getattr(self, role).num_gpus
             if gpus > 1 and gpus != int(gpus):
                 raise ValueError(f"cluster.{role}.num_gpus={gpus:g}: above 1 a share must be a whole number of GPUs")

@@ -74,7 +74,45 @@ class Rollout:
     finish_reason: Literal["stop", "length"]
     """'stop': EOS or a stop string ended it; 'length': it hit max_tokens."""
     policy_version: int
-    """Version of the weights that generated it (0 = initial weights)."""
+    """Version of the weights that generated it (0 = initial weights); the oldest of an
+    episode's turns."""
+    loss_mask: list[int] | None = None
+    """Multi-turn episodes: 1 on generated tokens, 0 on observation tokens (a tool's output, the
+    environment's feedback) [T]; None: every response token was generated."""
+    episode: Episode | None = None
+    """Multi-turn episodes: rewards, turns and tool use (None for a single response)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is not None and len(self.loss_mask) != len(self.response_ids):
+            raise ValueError(f"Rollout.loss_mask has {len(self.loss_mask)} entries for "
+                             f"{len(self.response_ids)} response tokens")
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What a multi-turn episode adds to its `Rollout` (the response holds every turn's
+    generated ids followed by the observation ids, each observation tokenized once)."""
+
+    reward: float
+    """The sum of the turns' rewards: the episode's score."""
+    turn_ends: list[int]
+    """Index in the response of each turn's last generated token."""
+    turn_rewards: list[float]
+    """Each turn's reward (the environment's answer to that turn)."""
+    turn_versions: list[int]
+    """The policy version that generated each turn."""
+    success: bool
+    """The environment's own verdict (`info['success']` of the last step, else reward > 0)."""
+    tool_calls: int = 0
+    """Turns whose answer was a tool result (or a tool error)."""
+    tool_errors: int = 0
+    """Turns whose tool call failed (`info['tool_error']` set)."""
+    restarts: int = 0
+    """Times this episode was re-run from its start (its environment actor died)."""
+
+    @property
+    def turns(self) -> int:
+        return len(self.turn_ends)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,13 @@ from rlfleet.common.config import (
     RuleRewardConfig,
     RunConfig,
 )
+from rlfleet.common.config_env import EnvironmentConfig
 from rlfleet.common.threads import ThreadBudget
 from rlfleet.learner.step_data import is_async, needs_prepare
 from rlfleet.rollout.hf_worker import HFRolloutWorker
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.vllm_worker import VLLMRolloutWorker
+from rlfleet.services.environment_host import EnvironmentHost
 from rlfleet.services.reference import ReferenceService
 from rlfleet.services.reward_service import RewardService
 
@@ -71,9 +73,10 @@ def actor_options(res: RoleResources, **extra: Any) -> dict[str, Any]:
 
 def rollout_worker_factory(
     model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0,
-    threads: ThreadBudget | None = None,
+    threads: ThreadBudget | None = None, environment: EnvironmentConfig | None = None, env_hosts: Sequence = (),
 ) -> Callable[[], ray.actor.ActorHandle]:
-    """A function that starts one rollout worker actor (engine built in its constructor).
+    """A function that starts one rollout worker actor (engine built in its constructor; with
+    `env_hosts`, it plays multi-turn episodes against them).
 
     Workers restart up to `rollout.max_restarts` times; a call in flight when one dies fails
     (no automatic retry) so that the pool re-runs its groups and re-syncs the worker.
@@ -89,6 +92,9 @@ def rollout_worker_factory(
 
     def spawn() -> ray.actor.ActorHandle:
         # Each worker gets its own engine seed so that unseeded requests differ across workers.
+        if env_hosts:
+            return cls.options(**options).remote(model_path, rollout, seed + next(counter), threads, environment,
+                                                 list(env_hosts))
         return cls.options(**options).remote(model_path, rollout, seed + next(counter), threads)
 
     return spawn
@@ -96,10 +102,10 @@ def rollout_worker_factory(
 
 def start_rollout_pool(
     model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0,
-    threads: ThreadBudget | None = None,
+    threads: ThreadBudget | None = None, environment: EnvironmentConfig | None = None, env_hosts: Sequence = (),
 ) -> RolloutPool:
     """A rollout pool of `rollout.num_workers` workers of `rollout.backend`."""
-    spawn = rollout_worker_factory(model_path, rollout, resources, seed, threads)
+    spawn = rollout_worker_factory(model_path, rollout, resources, seed, threads, environment, env_hosts)
     return RolloutPool(
         spawn,
         rollout.num_workers,
@@ -135,3 +141,16 @@ def start_reference_service(
     cls = ray.remote(ReferenceService).options(**actor_options(resources, max_restarts=restarts, max_task_retries=0))
     return cls.remote(model_path, reference.micro_batch_size, threads=threads, compute_dtype=compute_dtype)
 
+
+def start_environment_hosts(cfg: RunConfig) -> list[Any]:
+    """`environment.hosts` host actors; Ray restarts one that dies (its episodes are re-run)."""
+    env = cfg.environment
+    options = actor_options(cfg.cluster.environment, max_restarts=-1, max_task_retries=0)
+    cls = ray.remote(EnvironmentHost).options(**options)
+    hosts = [cls.remote(env.class_path, env.kwargs, env.tool_paths, env.tool_timeout_s, env.tool_memory_mb)
+             for _ in range(env.hosts)]
+    try:  # a bad environment or tool fails here, named
+        ray.get([h.health.remote() for h in hosts], timeout=300)
+    except ray.exceptions.GetTimeoutError as err:
+        raise RuntimeError(f"the {env.hosts} environment host(s) of {env.path!r} did not start within 300 s") from err
+    return hosts

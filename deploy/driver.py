@@ -29,6 +29,7 @@ from rlfleet.common.records import (
     SamplingSpec,
     StepResult,
 )
+from rlfleet.deploy import episodes
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
 from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, merge
 from rlfleet.deploy.learner_group import LearnerGroup
@@ -56,6 +57,8 @@ class Parts:
     service_retries: int = 0
     gold: bool = False
     """The reward service holds a gold checker (`data.eval_reward` or the task's own rule)."""
+    env_hosts: list = field(default_factory=list)
+    """The environment hosts of a multi-turn run (the rollout workers play episodes on them)."""
 
 
 @dataclass
@@ -147,12 +150,12 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
     began = time.perf_counter()
     examples = draw(cfg, data, sampler)
     with timer("generate"):
-        batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step))
+        batch = episodes.generate(cfg, parts.pool, examples, sampling_spec(cfg, step))
     extra = itertools.count(1)
 
     def more():  # dynamic sampling: the next prompts, generated now
         drawn = draw(cfg, data, sampler)
-        return drawn, parts.pool.generate([e.prompt_ids for e in drawn], extra_spec(cfg, step, next(extra))), None
+        return drawn, episodes.generate(cfg, parts.pool, drawn, extra_spec(cfg, step, next(extra))), None
 
     metrics, result = learn(cfg, parts, examples, batch, timer, more=more)
     if result is None:
@@ -214,6 +217,7 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
                         "rollout/staleness_max": float(max(staleness, default=0))})
     if cfg.algorithm.filter_groups:
         metrics.update({"rollout/extra_batches": float(extra), "rollout/filtered_groups": float(filtered)})
+    metrics.update(episodes.episode_metrics(rollouts))
     if not any(keep):
         logger.warning("every group of this step was dropped (unscorable); no update")
         return metrics, None
@@ -265,6 +269,8 @@ def submit_scoring(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], exampl
     extras = [examples[r.prompt_index].extra for r in rollouts]
 
     def score():
+        if cfg.environment.enabled:  # the environment's rewards, carried by the episodes
+            return ray.put(episodes.episode_scores(rollouts))
         return reward_call(parts, prompts, responses, extras)
 
     def reference():
@@ -376,6 +382,8 @@ def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -
     `eval/reward_model`, whose scale normalisation does not move) and, when the run has one,
     the gold checker (`eval/gold`)."""
     examples = data.examples[: cfg.data.eval_size]
+    if cfg.environment.enabled:
+        return episodes.evaluate_episodes(cfg, parts.pool, examples, sampling_spec(cfg, step, greedy=True))
     batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step, greedy=True))
     rollouts = batch.rollouts
     args = ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],

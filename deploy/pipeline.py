@@ -37,7 +37,7 @@ import ray
 from rlfleet.common.config import RunConfig
 from rlfleet.common.data import Example, PromptDataset, PromptSampler
 from rlfleet.common.records import RolloutBatch
-from rlfleet.deploy import driver
+from rlfleet.deploy import driver, episodes
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.weight_sources import WeightSource
 
@@ -78,11 +78,17 @@ class ThreadedPool:
     def handles(self) -> list[Any]:
         return self._pool.handles()
 
-    def generate_async(self, prompts, spec) -> Future:
-        return self._submit(self._pool.generate, prompts, spec)
+    def generate_async(self, call: Callable[[RolloutPool], RolloutBatch]) -> Future:
+        """Run `call(pool)` (a generate or run_episodes call) on the rollout thread."""
+        return self._submit(call, self._pool)
 
     def generate(self, prompts, spec) -> RolloutBatch:
-        return self.wait(self.generate_async(prompts, spec), f"a generate call of {len(prompts)} prompts")
+        return self.wait(self.generate_async(lambda pool: pool.generate(prompts, spec)),
+                         f"a generate call of {len(prompts)} prompts")
+
+    def run_episodes(self, examples, spec) -> RolloutBatch:
+        return self.wait(self.generate_async(lambda pool: pool.run_episodes(examples, spec)),
+                         f"a run_episodes call of {len(examples)} examples")
 
     def versions(self) -> list[int]:
         return self.wait(self._submit(self._pool.versions), "the rollout workers' versions")
@@ -167,7 +173,7 @@ class Pipeline:
             position = self._sampler.state_dict()
             examples = driver.draw(self._cfg, self._data, self._sampler)
             spec = driver.sampling_spec(self._cfg, self._next_index)
-            future = self._pool.generate_async([e.prompt_ids for e in examples], spec)
+            future = self._pool.generate_async(lambda pool, ex=examples, sp=spec: episodes.generate(self._cfg, pool, ex, sp))
             self._ahead.append(_InFlight(self._next_index, examples, future, position, self.version))
             self._next_index += 1
 

@@ -34,6 +34,7 @@ from rlfleet.deploy import driver
 from rlfleet.deploy.assembly import (
     largest_node_cpus,
     needs_reference_actor,
+    start_environment_hosts,
     start_reference_service,
     start_reward_service,
     start_rollout_pool,
@@ -250,7 +251,8 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
 def required_cpus(cfg: RunConfig) -> float:
     """Logical CPUs the run's actors ask Ray for."""
     c = cfg.cluster
-    total = cfg.learner.num_workers * c.learner.num_cpus + c.reward.num_cpus + cfg.rollout.num_workers * c.rollout.num_cpus
+    services = cfg.environment.hosts * c.environment.num_cpus if cfg.environment.enabled else c.reward.num_cpus
+    total = cfg.learner.num_workers * c.learner.num_cpus + services + cfg.rollout.num_workers * c.rollout.num_cpus
     return total + (c.reference.num_cpus if needs_reference_actor(cfg) else 0.0)
 
 
@@ -297,16 +299,23 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts
     learner = LearnerGroup.start(cfg, model, critic_path, threads=threads["learner"])
     restarts = cfg.cluster.service_restarts
     gold = gold_rules(cfg)
-    reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, restarts, gold,
-                                  threads["reward"], cfg.model.dtype)
+    reward = hosts = None
+    if cfg.environment.enabled:  # the environment's rewards score the episodes
+        hosts = start_environment_hosts(cfg)
+    else:
+        reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, restarts, gold,
+                                      threads["reward"], cfg.model.dtype)
     reference = None
     if needs_reference_actor(cfg):
         reference = start_reference_service(model, cfg.reference, cfg.cluster.reference, restarts,
                                             threads["reference"], cfg.model.dtype)
-    pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed, threads=threads["rollout"])
-    ray.get([reward.health.remote()] + ([reference.health.remote()] if reference is not None else []))
+    pool = start_rollout_pool(model, cfg.rollout, cfg.cluster.rollout, seed=cfg.seed, threads=threads["rollout"],
+                              environment=cfg.environment, env_hosts=hosts or ())
+    services = [h.health.remote() for h in (reward, reference) if h is not None]
+    ray.get(services, timeout=600)
     learner.version()  # the learners are built
-    return driver.Parts(learner, pool, reward, reference, tokenizer_path, restarts, gold=bool(gold))
+    return driver.Parts(learner, pool, reward, reference, tokenizer_path, restarts, gold=bool(gold) or bool(hosts),
+                        env_hosts=hosts or [])
 
 
 def _local_device() -> torch.device:
@@ -316,7 +325,7 @@ def _local_device() -> torch.device:
 def stop_parts(parts: driver.Parts) -> None:
     parts.pool.close()
     parts.learner.kill()
-    for handle in (parts.reward, parts.reference):
+    for handle in (parts.reward, parts.reference, *parts.env_hosts):
         if handle is not None:
             ray.kill(handle, no_restart=True)
 

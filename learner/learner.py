@@ -43,7 +43,6 @@ from rlfleet.learner.algos import (
     FixedKLController,
     agg_loss,
     kl_penalty,
-    token_level_rewards,
     truncated_is_weights,
     value_loss,
 )
@@ -78,10 +77,11 @@ from rlfleet.learner.step_data import (
     behaviour_ratio,
     check_versions,
     is_cap,
+    loss_mask_row,
     reuses_update_logprobs,
     scatter_rows,
+    step_rewards,
     token_budget_batches,
-    trains_on,
 )
 from rlfleet.learner.step_metrics import UpdateMetrics, batch_metrics, check_mismatch
 from rlfleet.learner.weights import WeightBroadcaster, check_finite, object_store_chunks
@@ -208,7 +208,7 @@ class Learner:
         rollouts = exp.rollouts
         width = max(max(len(r.response_ids) for r in rollouts), 1)
         dev = self.device
-        mask = pad_rows([[trains_on(r, algo)] * len(r.response_ids) for r in rollouts], width).to(dev)
+        mask = pad_rows([loss_mask_row(r, algo) for r in rollouts], width).to(dev)
         check_versions(rollouts, self.version, cfg.rollout.max_staleness)
         fill_old = exp.old_logprobs is None and not behaviour_ratio(cfg)
         if fill_old:
@@ -232,7 +232,7 @@ class Learner:
         beta = self.kl_controller.value
         reward_beta = beta if algo.kl_in == "reward" else 0.0
         inputs = AdvantageInputs(
-            token_level_rewards(scores, kl, mask, reward_beta), scores, group_ids, mask, values,
+            step_rewards(cfg, rollouts, scores, kl, mask, reward_beta), scores, group_ids, mask, values,
             algo.gamma, algo.lam,
         )
         advantages, returns = ADVANTAGE_ESTIMATORS[algo.advantage_estimator](inputs)

@@ -13,6 +13,7 @@ import torch
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Rollout
+from rlfleet.learner.algos import token_level_rewards
 
 DECOUPLED_IS_CAP = 2.0
 """The IS cap of decoupled PPO when `algorithm.tis_cap` is unset."""
@@ -74,6 +75,34 @@ def trains_on(rollout: Rollout, algorithm) -> float:
     """1 where a response's tokens get loss, 0 for one cut by the token limit when
     `algorithm.mask_truncated` (overlong filtering: no loss, KL or entropy on it)."""
     return 0.0 if algorithm.mask_truncated and rollout.finish_reason == "length" else 1.0
+
+
+def loss_mask_row(rollout: Rollout, algorithm) -> list[float]:
+    """The loss mask of one response [T]: 1 on tokens the policy generated, 0 on a multi-turn
+    episode's observation tokens (a tool's output, the environment's answer: no loss, KL or
+    entropy, and GAE steps over them), all 0 when `trains_on` says so."""
+    on = trains_on(rollout, algorithm)
+    if rollout.loss_mask is None:
+        return [on] * len(rollout.response_ids)
+    return [on * m for m in rollout.loss_mask]
+
+
+def step_rewards(cfg: RunConfig, rollouts: Sequence[Rollout], scores: torch.Tensor, kl: torch.Tensor,
+                 mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Token rewards [B, T]: −β·KL on every trained token, plus the score at the last one; with
+    `environment.reward_at: turn`, an episode's turns' rewards each at that turn's last
+    generated token instead (their sum is the score)."""
+    if cfg.environment.reward_at != "turn" or not any(r.episode for r in rollouts):
+        return token_level_rewards(scores, kl, mask, beta)
+    placed = token_level_rewards(torch.zeros_like(scores), kl, mask, beta)
+    for row, r in enumerate(rollouts):
+        if r.episode is None:
+            placed[row] += token_level_rewards(scores[row : row + 1], torch.zeros_like(kl[row : row + 1]),
+                                               mask[row : row + 1], 0.0)[0]
+            continue
+        for end, reward in zip(r.episode.turn_ends, r.episode.turn_rewards, strict=True):
+            placed[row, end] += reward * mask[row, end]
+    return placed
 
 
 def check_versions(rollouts: Sequence[Rollout], version: int, max_staleness: int) -> None:

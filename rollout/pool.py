@@ -48,6 +48,8 @@ class _Chunk:
     start: int
     """Index of the chunk's first prompt in the request."""
     prompts: list[PromptInput]
+    method: str = "generate"
+    """The worker method: `generate`, or `run_episodes` (prompts are then examples)."""
     attempts: int = 0
 
 
@@ -149,11 +151,19 @@ class RolloutPool:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[PromptInput], spec: SamplingSpec) -> RolloutBatch:
         """`spec.n` responses for every prompt, grouped by prompt, in prompt order."""
+        return self._run(list(prompts), spec, "generate")
+
+    def run_episodes(self, examples: Sequence[dict[str, Any]], spec: SamplingSpec) -> RolloutBatch:
+        """`spec.n` multi-turn episodes for every example (their fields go to the environment's
+        `reset`), grouped by example, in order; an episode is re-run whole when its worker dies."""
+        return self._run(list(examples), spec, "run_episodes")
+
+    def _run(self, prompts: list, spec: SamplingSpec, method: str) -> RolloutBatch:
         start = time.perf_counter()
         for slot in self._slots:
             if slot.suspect:
                 self._recover(slot)
-        chunks = self._split(list(prompts))
+        chunks = self._split(prompts, method)
         pending: dict[ray.ObjectRef, tuple[_Chunk, _Slot, float]] = {}
         for chunk in chunks:
             self._dispatch(chunk, spec, pending, avoid=None)
@@ -177,9 +187,9 @@ class RolloutPool:
         self.stats.last_generate_seconds = time.perf_counter() - start
         return batch
 
-    def _split(self, prompts: list[PromptInput]) -> list[_Chunk]:
+    def _split(self, prompts: list, method: str) -> list[_Chunk]:
         size = max(1, math.ceil(len(prompts) / len(self._slots)))
-        return [_Chunk(i, prompts[i : i + size]) for i in range(0, len(prompts), size)]
+        return [_Chunk(i, prompts[i : i + size], method) for i in range(0, len(prompts), size)]
 
     def _dispatch(self, chunk: _Chunk, spec: SamplingSpec, pending: dict, avoid: _Slot | None) -> None:
         chunk.attempts += 1
@@ -188,7 +198,7 @@ class RolloutPool:
         candidates = [s for s in self._slots if s is not avoid] or self._slots
         slot = min(candidates, key=lambda s: s.in_flight)
         seeded = spec if spec.seed is None else _offset_seed(spec, chunk.start)
-        ref = slot.handle.generate.remote(chunk.prompts, seeded)
+        ref = getattr(slot.handle, chunk.method).remote(chunk.prompts, seeded)
         slot.in_flight += 1
         pending[ref] = (chunk, slot, time.monotonic() + self._call_timeout_s)
 

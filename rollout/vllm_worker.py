@@ -26,10 +26,12 @@ from typing import Any
 
 from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
+from rlfleet.common.config_env import EnvironmentConfig
 from rlfleet.common.data import render_prompt
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
+from rlfleet.rollout.episodes import EpisodeRunner, Turn
 from rlfleet.rollout.prompts import (
     HALF_PRECISION_CPU_MIN_PROMPT,
     PromptLimits,
@@ -52,10 +54,25 @@ def _receive_broadcast(worker: Any, info: WeightGroupInfo, rank_offset: int) -> 
     worker.reload_weights(weights_iterator=receive_buckets(group, info, worker.device))
 
 
+def _sampling(spec: SamplingSpec) -> dict[str, Any]:
+    """vLLM SamplingParams arguments of `spec` (all but n and seed)."""
+    return dict(max_tokens=spec.max_tokens, min_tokens=spec.min_tokens, temperature=spec.temperature,
+                top_p=spec.top_p, top_k=spec.top_k, stop=list(spec.stop) or None,
+                stop_token_ids=list(spec.stop_token_ids) or None, logprobs=0)
+
+
+def _turn(comp: Any) -> Turn:
+    """A vLLM completion's (ids, log-probs of the sampled tokens, finish reason)."""
+    ids = list(comp.token_ids)
+    return (ids, [lp[tok].logprob for tok, lp in zip(ids, comp.logprobs, strict=True)],
+            "length" if comp.finish_reason == "length" else "stop")
+
+
 class VLLMRolloutWorker:
     """Generates responses with the old policy in a vLLM engine and reports its policy version."""
 
-    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0, threads: ThreadBudget | None = None):
+    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0, threads: ThreadBudget | None = None,
+                 environment: EnvironmentConfig | None = None, env_hosts: Sequence[Any] = ()):
         # Read by vLLM when the engine is built: KV cache size on CPU, and an in-process engine
         # core (on few cores the extra busy process competes with the model for CPU).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
@@ -95,6 +112,7 @@ class VLLMRolloutWorker:
         # a started or restarted worker meets its first deadline like any other call.
         warm_prompt = [self._tokenizer.eos_token_id or 0] * HALF_PRECISION_CPU_MIN_PROMPT
         self.generate([warm_prompt], SamplingSpec(n=1, max_tokens=1))
+        self._episodes = EpisodeRunner(env_hosts, environment, self._tokenizer, self._id) if env_hosts else None
 
     def info(self) -> WorkerInfo:
         """Identity, process, the weight version this worker holds and its threads."""
@@ -116,16 +134,7 @@ class VLLMRolloutWorker:
         keep, dropped = split_bad_prompts(
             ids, limits, len(self._tokenizer), drop=self._config.on_bad_prompt == "drop"
         )
-        base = dict(
-            max_tokens=spec.max_tokens,
-            min_tokens=spec.min_tokens,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            top_k=spec.top_k,
-            stop=list(spec.stop) or None,
-            stop_token_ids=list(spec.stop_token_ids) or None,
-            logprobs=0,
-        )
+        base = _sampling(spec)
         requests, params, owners = [], [], []
         for i in keep:
             if spec.seed is None:
@@ -142,19 +151,33 @@ class VLLMRolloutWorker:
         outputs = self._llm.generate(requests, params, use_tqdm=False) if requests else []
         seconds = time.perf_counter() - start
         rollouts = [
-            Rollout(
-                prompt_index=owner,
-                prompt_ids=ids[owner],
-                response_ids=list(comp.token_ids),
-                logprobs=[lp[tok].logprob for tok, lp in zip(comp.token_ids, comp.logprobs, strict=True)],
-                finish_reason="length" if comp.finish_reason == "length" else "stop",
-                policy_version=self._version,
-            )
+            Rollout(owner, ids[owner], *_turn(comp), policy_version=self._version)
             for owner, out in zip(owners, outputs, strict=True)
             for comp in out.outputs
         ]
         num_tokens = sum(len(r.response_ids) for r in rollouts)
         return RolloutBatch(rollouts, self._id, seconds, num_tokens, dropped)
+
+    def run_episodes(self, examples: Sequence[dict[str, Any]], spec: SamplingSpec) -> RolloutBatch:
+        """`spec.n` multi-turn episodes per example against the run's environment hosts
+        (`rollout/episodes.py`); records grouped by example, in request order."""
+        from vllm import SamplingParams
+
+        if self._episodes is None:
+            raise RuntimeError(f"{self._id} was started without environment hosts (environment.path is unset)")
+        self.wake_up()
+        base = _sampling(spec)
+        start = time.perf_counter()
+
+        def engine(prefixes: list[list[int]], limits: list[int], seeds: list[int | None]) -> list[Turn]:
+            params = [SamplingParams(n=1, seed=seed, **{**base, "max_tokens": limit, "min_tokens": 0})
+                      for limit, seed in zip(limits, seeds, strict=True)]
+            outputs = self._llm.generate([{"prompt_token_ids": p} for p in prefixes], params, use_tqdm=False)
+            return [_turn(out.outputs[0]) for out in outputs]
+
+        rollouts = self._episodes.run(examples, spec, engine, self._version, self._config.max_model_len)
+        seconds = time.perf_counter() - start
+        return RolloutBatch(rollouts, self._id, seconds, sum(sum(r.loss_mask or []) for r in rollouts))
 
     def load_weights(self, version: int, *chunks: bytes) -> int:
         """Load a full state dict (safetensors chunks) into the running engine; returns `version`."""

@@ -42,9 +42,9 @@ class GuessNumber:
         guess = first_int(response_text)
         info = {"guesses": self._guesses}
         if guess == self._secret:
-            return Step(None, max(0.1, 1.0 - 0.1 * (self._guesses - 1)), True, {**info, "found": True})
+            return Step(None, max(0.1, 1.0 - 0.1 * (self._guesses - 1)), True, {**info, "success": True})
         if self._guesses >= self.max_guesses:
-            return Step(None, 0.0, True, {**info, "found": False})
+            return Step(None, 0.0, True, {**info, "success": False})
         feedback = "not a number" if guess is None else ("higher" if guess < self._secret else "lower")
         return Step([{"role": "user", "content": feedback}], 0.0, False, info)
 
@@ -66,8 +66,9 @@ class CalculatorTask:
         self._turns += 1
         result = self._toolbox.run_turn(response_text)
         if result is None:  # a final answer
-            return Step(None, float(first_int(response_text) == self._answer), True, {"turns": self._turns})
+            right = first_int(response_text) == self._answer
+            return Step(None, float(right), True, {"turns": self._turns, "success": right})
         info = {"turns": self._turns, "tool_error": result.error}
         if self._turns >= self.max_turns:
-            return Step(None, 0.0, True, info)
+            return Step(None, 0.0, True, {**info, "success": False})
         return Step([{"role": "tool", "content": result.text}], 0.0, False, info)

@@ -90,7 +90,7 @@ def test_the_built_in_environments_play_whole_episodes(box):
     assert game.step("10").observation == [{"role": "user", "content": "higher"}]
     assert game.step("I say 15").observation == [{"role": "user", "content": "lower"}]
     found = game.step("13")
-    assert found.done and found.reward == pytest.approx(0.8) and found.info == {"guesses": 3, "found": True}
+    assert found.done and found.reward == pytest.approx(0.8) and found.info == {"guesses": 3, "success": True}
     game.reset({"secret": 2})
     steps = [game.step("hmm") for _ in range(4)]
     assert steps[0].observation[0]["content"] == "not a number" and steps[-1].done and steps[-1].reward == 0.0
