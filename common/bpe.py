@@ -2,7 +2,7 @@
 
 The character tokenizer gives one token per character, so a bug that splits or merges tokens
 at a turn boundary cannot show with it. This one has multi-character tokens (merges learned
-from a built-in corpus: the tasks' prompts, arithmetic, tool calls, feedback lines), special
+from a built-in corpus: the tasks' prompts, arithmetic, tool calls and tool schemas, feedback lines), special
 tokens for the roles and for tool calls, each always one id, and a chat template that renders
 `tools` (the JSON schemas transformers derives from Python functions) in a system turn:
 
@@ -49,7 +49,7 @@ def bpe_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
     for _ in range(lines):
         a, b = rng.randint(0, 999), rng.randint(0, 999)
         op = rng.choice("+-*")
-        kind = rng.randrange(5)
+        kind = rng.randrange(6)
         if kind == 0:
             out.append(f"what is {a}{op}{b}? the answer is {eval(f'{a}{op}{b}')}")  # noqa: S307 - our own digits
         elif kind == 1:
@@ -57,11 +57,25 @@ def bpe_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
                        f"{TOOL_CALL_END}")
         elif kind == 2:
             out.append(f"guess a number between 1 and {b + 2}: {a} is {rng.choice(['higher', 'lower', 'correct'])}")
+        elif kind == 5:  # a tool's JSON schema, as the chat template renders `tools`
+            out.append(_schema_line(rng))
         elif kind == 3:
             out.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))))
         else:
             out.append("".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))))
     return out
+
+
+def _schema_line(rng: random.Random) -> str:
+    name, arg = rng.choice(_WORDS), rng.choice(_WORDS)
+    kind = rng.choice(["string", "integer", "number"])
+    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 6)))
+    if rng.random() < 0.5:  # the built-in calculator tool's own schema
+        name, arg, kind = "calculator", "expression", "string"
+        words = 'integers with + - * // % and parentheses, e.g. \\"12*(3+4)\\".'
+    return (f'Tools: [{{"type": "function", "function": {{"name": "{name}", "description": "Evaluate an integer '
+            f'arithmetic expression.", "parameters": {{"type": "object", "properties": {{"{arg}": {{"type": "{kind}", '
+            f'"description": "{words}"}}}}, "required": ["{arg}"]}}, "return": {{"type": "{kind}"}}}}}}]')
 
 
 def build_bpe_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:

@@ -4,7 +4,7 @@ They need no files, so the demo and the tests run anywhere:
 - `addition`: "User: 12+7=" → the sum; checked by `math_answer` against `answer`.
 - `char_fraction`: asks for a target character; the reward is the fraction of the response
   made of it (`char_fraction`), a task a tiny model learns in a few dozen steps.
-- `calculator`: "what is 47*86?" (two 2-digit factors), for the `calculator` environment and
+- `calculator`: 'what is "47*86"?' (two 2-digit factors), for the `calculator` environment and
   its tool; `guess_number`: a secret in 1..20, for the `guess_number` environment.
 - `reverse`: "reverse: cab" → "bac" over 3 letters of a–j, checked by `exact_match`. Its 1000
   strings are split once (a fixed seed) into 900 train and 100 test strings, so held-out
@@ -65,7 +65,7 @@ def _calculator(rng: random.Random, n: int) -> list[dict[str, Any]]:
     rows = []
     for _ in range(n):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        question = f"what is {a}*{b}?"
+        question = f'what is "{a}*{b}"?'
         rows.append({"prompt": [{"role": "user", "content": question}], "question": question, "answer": str(a * b)})
     return rows
 

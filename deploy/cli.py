@@ -1,6 +1,6 @@
 """The `rlfleet` command line.
 
-    rlfleet demo [CONFIG] [key.path=value ...] [--rlhf] [--out DIR]
+    rlfleet demo [CONFIG] [key.path=value ...] [--rlhf | --agent] [--out DIR]
                                                    the built-in job: SFT → GRPO (→ RM → PPO), report
     rlfleet smoke [CONFIG] [key.path=value ...]    check the install: vLLM vs transformers log-probs
     rlfleet train CONFIG [key.path=value ...]      train; resumes from the newest checkpoint
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the built-in job: SFT then GRPO on the tiny model, with a report")
     _config_args(demo, required=False)
     demo.add_argument("--rlhf", action="store_true", help="also train a reward model and run PPO against it")
+    demo.add_argument("--agent", action="store_true",
+                      help="instead: multi-turn RL, a tiny BPE model learns to use a calculator tool")
     demo.add_argument("--out", default=None, help="run folder (default runs/demo; same as logging.run_dir=...)")
 
     smoke = sub.add_parser("smoke", help="check the install: vLLM in a Ray actor agrees with transformers")
@@ -119,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlfleet.deploy.demo import DEMO_DEFAULTS
 
             out = [f"logging.run_dir={args.out}"] if args.out else []
-            cfg = load_config(path, [*overrides, *out], base=DEMO_DEFAULTS)
+            if args.agent:
+                from rlfleet.deploy.agent_demo import AGENT_DEFAULTS
+            cfg = load_config(path, [*overrides, *out], base=AGENT_DEFAULTS if args.agent else DEMO_DEFAULTS)
         else:
             cfg = load_config(path, overrides)
     except ConfigError as err:
@@ -158,7 +162,12 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         from rlfleet.deploy.preflight import check_inputs
 
         check_inputs(cfg)
-        print_summary(run_demo(cfg, rlhf=args.rlhf))
+        if args.agent:
+            from rlfleet.deploy.agent_demo import print_agent_summary, run_agent_demo
+
+            print_agent_summary(run_agent_demo(cfg))
+        else:
+            print_summary(run_demo(cfg, rlhf=args.rlhf))
         return 0
     if args.command == "train":
         summary = Trainer(cfg).fit()

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.config_io import ConfigError
+from rlfleet.common.environment import EnvironmentLoadError, load_environment
 from rlfleet.services.rules import load_rule
+from rlfleet.services.sandbox import import_path
+from rlfleet.services.tools import tool_schema
 
 
 def folder_problem(field: str, path: str | None, marker: str | None = "config.json") -> str | None:
@@ -53,6 +56,7 @@ def check_inputs(cfg: RunConfig, stage: str | None = None, checkpoint: str | Non
             load_rule(rule.function, field=f"reward.rules[{i}].function")
         except ValueError as err:
             problems.append(str(err))
+    problems += _environment_problems(cfg)
     found = [p for p in problems if p is not None]
     if found:
         raise ConfigError("; ".join(found) if len(found) == 1 else "\n  " + "\n  ".join(found))
@@ -63,3 +67,21 @@ def _file_problem(field: str, path: str | None) -> str | None:
     if path is None or Path(path).exists():
         return None
     return f"{field}={path!r}: no such file or folder"
+
+
+def _environment_problems(cfg: RunConfig) -> list[str]:
+    """The environment class and every tool import, with the interface they need."""
+    env = cfg.environment
+    if not env.enabled:
+        return []
+    problems = []
+    try:
+        load_environment(env.class_path, "environment.path")
+    except EnvironmentLoadError as err:
+        problems.append(str(err))
+    for i, path in enumerate(env.tool_paths):
+        try:
+            tool_schema(import_path(path))
+        except (ImportError, AttributeError, ValueError) as err:
+            problems.append(f"environment.tools[{i}]={path!r}: {err}")
+    return problems

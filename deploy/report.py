@@ -22,6 +22,13 @@ PANELS = (
     ("completions/mean_length", "response length (tokens)"),
     ("eval/reward", "held-out (greedy): training reward"),
 )
+AGENT_PANELS = (
+    ("reward", "mean episode reward (train)"),
+    ("episode/turns", "model turns per episode (train)"),
+    ("episode/tool_error_rate", "tool-call error rate (train)"),
+    ("completions/mean_length", "episode length (tokens)"),
+    ("eval/reward", "held-out (greedy): episode reward"),
+)
 GOLD = "eval/gold"
 RAW_PROXY = "eval/reward_model"
 """Drawn instead of eval/reward where a run has it: normalisation does not move its scale."""
@@ -48,13 +55,14 @@ def _gold(ax, rows: Sequence[Mapping[str, Any]]) -> None:
         twin.set_ylabel("gold (task checker)", color="tab:red", fontsize=8)
 
 
-def write_report(runs: Mapping[str, str | Path], out: str | Path, title: str = "rlfleet run") -> Path:
+def write_report(runs: Mapping[str, str | Path], out: str | Path, title: str = "rlfleet run",
+                 panels: Sequence[tuple[str, str]] = PANELS) -> Path:
     """One row of panels per run (label → run folder), one panel per metric; noisy per-step
     curves get a 5-step running mean on top."""
     data = {label: read_metrics(folder) for label, folder in runs.items()}
-    fig, axes = plt.subplots(len(data), len(PANELS), figsize=(4.0 * len(PANELS), 3.2 * len(data)), squeeze=False)
+    fig, axes = plt.subplots(len(data), len(panels), figsize=(4.0 * len(panels), 3.2 * len(data)), squeeze=False)
     for row, (run, rows) in zip(axes, data.items(), strict=True):
-        for ax, (key, label) in zip(row, PANELS, strict=True):
+        for ax, (key, label) in zip(row, panels, strict=True):
             if key == "eval/reward" and any(r.get(RAW_PROXY) is not None for r in rows):
                 key, label = RAW_PROXY, "held-out (greedy): reward-model score (raw)"
             steps, values = _series(rows, key)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlfleet.common.collate import pack
+from rlfleet.common.collate import pack, pad_rows
 from rlfleet.learner.algos import (
     dpo_loss,
     logprobs_from_logits,
@@ -44,6 +44,8 @@ class Demonstration:
 
     prompt_ids: list[int]
     response_ids: list[int]
+    loss_mask: list[int] | None = None
+    """A multi-turn trace: 1 on the model's tokens, 0 on observation tokens (not imitated)."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,9 @@ def sft(model_path: str, out_dir: str | Path, train: Sequence[Demonstration], te
                        position_ids=batch.position_ids).logits[:, batch.prompt_width - 1 : -1].float()
         logprobs = logprobs_from_logits(logits, batch.response_ids)
         correct = (logits.argmax(-1) == batch.response_ids).float()
-        return -masked_mean(logprobs, batch.response_mask), masked_mean(correct, batch.response_mask)
+        mask = batch.response_mask * pad_rows([r.loss_mask or [1] * len(r.response_ids) for r in rows],
+                                              batch.response_mask.shape[1])
+        return -masked_mean(logprobs, mask), masked_mean(correct, mask)
 
     def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict]:
         loss, accuracy = token_stats([train[i] for i in idx])

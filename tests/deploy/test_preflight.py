@@ -84,3 +84,21 @@ def test_tiny_model_builds_the_depth_asked_and_names_a_bad_one(tmp_path, capsys)
         cli.main(["tiny-model", str(tmp_path / "none"), "--layers", "0"])
     assert exit_.value.code == 2 and "--layers: must be a whole number of at least 1 (got '0')" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_a_bad_environment_or_tool_is_named_before_anything_starts(tmp_path, capsys):
+    """`environment.path` and `environment.tools` (a config check, then the import and the
+    interface), every problem at once, nothing written."""
+    code, err = run_cli(["demo", "--agent", "environment.path=rlfleet.services.tools:ToolBox",
+                         "environment.tools=[no_such_module:f, 'rlfleet.services.tools:find_tool_call']",
+                         f"logging.run_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2
+    assert "environment.path='rlfleet.services.tools:ToolBox': ToolBox has no method reset()" in err
+    assert "environment.tools[0]='no_such_module:f': No module named 'no_such_module'" in err
+    assert "environment.tools[1]='rlfleet.services.tools:find_tool_call': tool 'find_tool_call'" in err
+    code, err = run_cli(["demo", "--agent", "environment.path=calc", f"logging.run_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and "environment.path='calc': expected a built-in name (calculator, guess_number)" in err
+    code, err = run_cli(["demo", "--agent", "reward.rules=[{function: 'rlfleet.services.rules:exact_match'}]",
+                         f"logging.run_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and "scores episodes with the environment's own rewards; unset reward.rules" in err
+    assert not (tmp_path / "run").exists()
