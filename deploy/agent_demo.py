@@ -33,7 +33,7 @@ from rlfleet.services.tools import tool_schema
 
 AGENT_DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "total_steps": 100,
+    "total_steps": 80,
     "model": {"tiny": {"tokenizer": "bpe"}},
     "data": {"task": "calculator", "task_size": 4096, "eval_size": 100},
     "environment": {"path": "calculator", "max_turns": 3, "max_episode_tokens": 96},

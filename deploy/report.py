@@ -26,7 +26,7 @@ AGENT_PANELS = (
     ("reward", "mean episode reward (train)"),
     ("episode/turns", "model turns per episode (train)"),
     ("episode/tool_error_rate", "tool-call error rate (train)"),
-    ("completions/mean_length", "episode length (tokens)"),
+    ("completions/mean_length", "generated tokens per episode"),
     ("eval/reward", "held-out (greedy): episode reward"),
 )
 GOLD = "eval/gold"

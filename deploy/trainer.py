@@ -228,21 +228,26 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
     tokenizer_path = str(model)
     own_ray = connect_ray(cfg)
     pool = reward = None
+    hosts: list = []
     try:
         data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))
         gold = gold_rules(cfg)
         threads = thread_budgets(cfg, largest_node_cpus())
-        reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, gold=gold,
-                                      threads=threads["reward"], compute_dtype=cfg.model.dtype)
+        if cfg.environment.enabled:  # episodes, scored by the environment
+            hosts = start_environment_hosts(cfg)
+        else:
+            reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, gold=gold,
+                                          threads=threads["reward"], compute_dtype=cfg.model.dtype)
         pool = start_rollout_pool(str(model), cfg.rollout, cfg.cluster.rollout, seed=cfg.seed,
-                                  threads=threads["rollout"])
-        parts = driver.Parts(None, pool, reward, None, tokenizer_path, gold=bool(gold))
+                                  threads=threads["rollout"], environment=cfg.environment, env_hosts=hosts)
+        parts = driver.Parts(None, pool, reward, None, tokenizer_path, gold=bool(gold), env_hosts=hosts)
         metrics = driver.evaluate(cfg, parts, data.eval)
     finally:
         if pool is not None:
             pool.close()
-        if reward is not None:
-            ray.kill(reward, no_restart=True)
+        for handle in (reward, *hosts):
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
         if own_ray:
             ray.shutdown()
     return {"checkpoint": str(folder), "policy": str(model), **metrics}
