@@ -104,5 +104,10 @@ def test_built_in_tasks_are_deterministic_and_carry_their_checker():
     a, b = (int(x) for x in t1.rows[0]["prompt"][0]["content"].rstrip("=").split("+"))
     assert t1.rows[0]["answer"] == str(a + b)
     assert build_task("char_fraction", 0, 3).rows[0]["target"] == "a"
-    with pytest.raises(ValueError, match="unknown data.task 'nope'; built-in tasks: addition, char_fraction"):
+    calc = build_task("calculator", 0, 3).rows[0]
+    a, b = (int(x) for x in calc["question"].removeprefix('what is "').removesuffix('"?').split("*"))
+    assert calc["answer"] == str(a * b) and calc["prompt"][0]["content"] == calc["question"]
+    assert 1 <= build_task("guess_number", 0, 3).rows[0]["secret"] <= 20
+    with pytest.raises(ValueError, match="unknown data.task 'nope'; built-in tasks: addition, calculator, "
+                                         "guess_number, char_fraction"):
         build_task("nope", 0, 1)
