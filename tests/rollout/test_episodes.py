@@ -37,7 +37,8 @@ def agent(ray_cluster, bpe_model_dir):
     from rlfleet.common.config import RoleResources, RunConfig
     from rlfleet.deploy.assembly import rollout_worker_factory, start_environment_hosts
 
-    os.environ["PYTHONPATH"] = f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"  # the hosts import the fixtures
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = f"{ROOT}:{saved or ''}"  # the hosts import the fixtures
     cfg = RunConfig.model_validate({
         "data": {"task": "guess_number"},
         "rollout": {"max_model_len": MAX_LEN},
@@ -49,9 +50,17 @@ def agent(ray_cluster, bpe_model_dir):
     worker = rollout_worker_factory(str(bpe_model_dir), cfg.rollout, RoleResources(num_cpus=1), 0, None,
                                     cfg.environment, hosts)()
     ray_cluster.get(worker.policy_version.remote())
-    yield worker, hosts
-    for handle in (worker, *hosts):
-        ray_cluster.kill(handle)
+    try:
+        yield worker, hosts
+    finally:
+        for handle in (worker, *hosts):
+            ray_cluster.kill(handle)
+        # The repository root holds `common/`, `deploy/`…: left on the path, later subprocesses
+        # would import them as top-level packages (tests/test_package.py checks they cannot).
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(scope="module")
