@@ -74,7 +74,8 @@ def run_agent_demo(cfg: RunConfig) -> dict[str, Any]:
     test = calculator_traces(build_task("calculator", cfg.seed, 64, "test").rows, tokenizer, tools)
     sc = cfg.sft
     sft_out = root / "models" / "sft"
-    sft_result = sft(base, sft_out, train, test, StageSettings(sc.steps, sc.lr, sc.batch_size, cfg.seed))
+    sft_result = sft(base, sft_out, train, test, StageSettings(sc.steps, sc.lr, sc.batch_size, cfg.seed,
+                                                                schedule=sc.lr_schedule, warmup_steps=sc.warmup_steps))
     grpo_cfg = RunConfig.model_validate({**cfg.model_dump(mode="python"), "model": {"path": str(sft_out)},
                                          "logging": {**cfg.logging.model_dump(), "run_dir": str(root / "grpo")}})
     (root / "grpo").mkdir(parents=True, exist_ok=True)
