@@ -26,8 +26,9 @@ from rlfleet.common.machine import describe_machine, machine_line
 from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tasks import build_task
 from rlfleet.deploy.report import AGENT_PANELS, write_report
+from rlfleet.deploy.stages import stage_settings
 from rlfleet.deploy.trainer import Trainer, policy_path
-from rlfleet.learner.supervised import Demonstration, StageSettings, sft
+from rlfleet.learner.supervised import Demonstration, sft
 from rlfleet.services.sandbox import import_path
 from rlfleet.services.tools import tool_schema
 
@@ -74,8 +75,7 @@ def run_agent_demo(cfg: RunConfig) -> dict[str, Any]:
     test = calculator_traces(build_task("calculator", cfg.seed, 64, "test").rows, tokenizer, tools)
     sc = cfg.sft
     sft_out = root / "models" / "sft"
-    sft_result = sft(base, sft_out, train, test, StageSettings(sc.steps, sc.lr, sc.batch_size, cfg.seed,
-                                                                schedule=sc.lr_schedule, warmup_steps=sc.warmup_steps))
+    sft_result = sft(base, sft_out, train, test, stage_settings(sc, cfg.seed))
     grpo_cfg = RunConfig.model_validate({**cfg.model_dump(mode="python"), "model": {"path": str(sft_out)},
                                          "logging": {**cfg.logging.model_dump(), "run_dir": str(root / "grpo")}})
     (root / "grpo").mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,12 @@ from rlfleet.learner.supervised import (
 Stage = Literal["sft", "rm", "dpo"]
 
 
+
+def stage_settings(sc: StageConfig, seed: int) -> StageSettings:
+    """How a supervised stage trains, from its config section."""
+    return StageSettings(sc.steps, sc.lr, sc.batch_size, seed, eval_every=sc.eval_every,
+                         schedule=sc.lr_schedule, warmup_steps=sc.warmup_steps)
+
 def _rows(cfg: RunConfig, stage: Stage, sc: StageConfig,
           start: str | None = None) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
     """(train, held-out) rows with text fields prompt / response / chosen / rejected; `sampled`
@@ -110,8 +116,7 @@ def run_stage(cfg: RunConfig, stage: Stage) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or start)
     train_rows, test_rows = _rows(cfg, stage, sc, start)
     train, test = _examples(train_rows, stage, tokenizer), _examples(test_rows, stage, tokenizer)
-    settings = StageSettings(sc.steps, sc.lr, sc.batch_size, cfg.seed, eval_every=sc.eval_every,
-                             schedule=sc.lr_schedule, warmup_steps=sc.warmup_steps)
+    settings = stage_settings(sc, cfg.seed)
     metrics = MetricsWriter(run_dir / stage)
     metrics.truncate_after(0)
     log = lambda row: metrics.write(row["step"], {k: v for k, v in row.items() if k != "step"})  # noqa: E731

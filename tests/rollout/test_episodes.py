@@ -37,30 +37,24 @@ def agent(ray_cluster, bpe_model_dir):
     from rlfleet.common.config import RoleResources, RunConfig
     from rlfleet.deploy.assembly import rollout_worker_factory, start_environment_hosts
 
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = f"{ROOT}:{saved or ''}"  # the hosts import the fixtures
-    cfg = RunConfig.model_validate({
-        "data": {"task": "guess_number"},
-        "rollout": {"max_model_len": MAX_LEN},
-        "environment": {"path": "tests.services.tool_fixtures:EpisodeProbe", "hosts": 2, "max_turns": 10,
-                        "max_episode_tokens": 640, "tool_timeout_s": 2.0, "tool_memory_mb": 200,
-                        "tools": [f"tests.services.tool_fixtures:{t}" for t in TOOLS]},
-    })
-    hosts = start_environment_hosts(cfg)
-    worker = rollout_worker_factory(str(bpe_model_dir), cfg.rollout, RoleResources(num_cpus=1), 0, None,
-                                    cfg.environment, hosts)()
-    ray_cluster.get(worker.policy_version.remote())
-    try:
+    # The hosts import the test tools from the repository root. Its `common/`, `deploy/`… must not
+    # stay importable as top-level packages after this module (tests/test_package.py checks it).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
+        cfg = RunConfig.model_validate({
+            "data": {"task": "guess_number"},
+            "rollout": {"max_model_len": MAX_LEN},
+            "environment": {"path": "tests.services.tool_fixtures:EpisodeProbe", "hosts": 2, "max_turns": 10,
+                            "max_episode_tokens": 640, "tool_timeout_s": 2.0, "tool_memory_mb": 200,
+                            "tools": [f"tests.services.tool_fixtures:{t}" for t in TOOLS]},
+        })
+        hosts = start_environment_hosts(cfg)
+        worker = rollout_worker_factory(str(bpe_model_dir), cfg.rollout, RoleResources(num_cpus=1), 0, None,
+                                        cfg.environment, hosts)()
+        ray_cluster.get(worker.policy_version.remote())
         yield worker, hosts
-    finally:
         for handle in (worker, *hosts):
             ray_cluster.kill(handle)
-        # The repository root holds `common/`, `deploy/`…: left on the path, later subprocesses
-        # would import them as top-level packages (tests/test_package.py checks they cannot).
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(scope="module")
