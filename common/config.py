@@ -196,6 +196,11 @@ class RolloutConfig(Section):
     max_staleness: int = Field(0, ge=0)
     """Bounded staleness k: 0 is the synchronous loop; k >= 1 lets the fleet generate the
     batches of steps t+1..t+k while the learner trains step t (records at most k versions old)."""
+    partial_rollout: bool = False
+    """With max_staleness >= 1 (vLLM): a push interrupts the requests running on a worker, loads
+    the new weights between two engine steps and continues them (the KV cache of their tokens so
+    far is recomputed with the new weights). Each token's version is recorded; a record's
+    version, and so its staleness, is that of its oldest token."""
 
     @model_validator(mode="after")
     def _lengths(self) -> RolloutConfig:
@@ -433,6 +438,12 @@ class RunConfig(Section):
         if self.rollout.max_staleness and self.rollout.sleep_between_steps:
             raise ValueError("rollout.max_staleness >= 1 generates while the learner trains; "
                              "rollout.sleep_between_steps=true (colocated) cannot: set one of them off")
+        if self.rollout.partial_rollout and not self.rollout.max_staleness:
+            raise ValueError("rollout.partial_rollout=true interrupts generation that overlaps a push; "
+                             "the synchronous loop (rollout.max_staleness=0) has none: set max_staleness >= 1")
+        if self.rollout.partial_rollout and self.rollout.backend != "vllm":
+            raise ValueError("rollout.partial_rollout=true needs rollout.backend='vllm' "
+                             f"(got '{self.rollout.backend}')")
         if self.learner.critic_init == "reward_model" and self.reward.model_path is None:
             raise ValueError("learner.critic_init='reward_model' needs reward.model_path (or set it to 'policy')")
         self._guard_needs()
@@ -459,6 +470,9 @@ class RunConfig(Section):
         if self.rollout.backend != "vllm":
             raise ValueError(f"environment.path={env.path!r} needs rollout.backend='vllm' (the turn loop continues "
                              "from token ids in the engine)")
+        if self.rollout.partial_rollout:
+            raise ValueError("rollout.partial_rollout=true is for single-turn generation; an environment run "
+                             "(environment.path) takes pushes between worker calls: set it to false")
         if env.max_episode_tokens >= self.rollout.max_model_len:
             raise ValueError(f"environment.max_episode_tokens={env.max_episode_tokens} must be < "
                              f"rollout.max_model_len={self.rollout.max_model_len} (the prompt needs room too)")

@@ -81,10 +81,16 @@ class Rollout:
     environment's feedback) [T]; None: every response token was generated."""
     episode: Episode | None = None
     """Multi-turn episodes: rewards, turns and tool use (None for a single response)."""
+    token_versions: list[int] | None = None
+    """`rollout.partial_rollout`: the version that generated each response token [T] (a push
+    may land mid-response); None: every token is `policy_version`'s."""
 
     def __post_init__(self) -> None:
         if self.loss_mask is not None and len(self.loss_mask) != len(self.response_ids):
             raise ValueError(f"Rollout.loss_mask has {len(self.loss_mask)} entries for "
+                             f"{len(self.response_ids)} response tokens")
+        if self.token_versions is not None and len(self.token_versions) != len(self.response_ids):
+            raise ValueError(f"Rollout.token_versions has {len(self.token_versions)} entries for "
                              f"{len(self.response_ids)} response tokens")
 
 

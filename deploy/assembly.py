@@ -87,6 +87,8 @@ def rollout_worker_factory(
         max_restarts=rollout.max_restarts,
         max_task_retries=0,
         scheduling_strategy=rollout.placement,
+        # partial_rollout: a push (a second call) reaches the worker while a generate call runs
+        **({"max_concurrency": 2} if rollout.partial_rollout else {}),
     )
     counter = itertools.count()
 
@@ -111,6 +113,7 @@ def start_rollout_pool(
         rollout.num_workers,
         call_timeout_s=rollout.generate_timeout_s,
         max_redispatch=rollout.max_redispatch,
+        interruptible=rollout.partial_rollout,
     )
 
 

@@ -37,6 +37,7 @@ from rlfleet.rollout.prompts import (
     PromptLimits,
     split_bad_prompts,
 )
+from rlfleet.rollout.stepped import PushGate, run_stepped
 from rlfleet.rollout.worker_info import WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class VLLMRolloutWorker:
             **no_chunks,
         )
         self._tokenizer = self._llm.get_tokenizer()
+        self._gate = PushGate(config.generate_timeout_s) if config.partial_rollout else None
+        """partial_rollout: the actor takes a push while a generate call runs (max_concurrency 2)."""
         cpu_half = current_platform.is_cpu() and config.dtype != "float32"
         self._min_prompt = HALF_PRECISION_CPU_MIN_PROMPT if cpu_half else 1
         # A new engine's first generate with log-probs pays one-off set-up (8 s for one token on
@@ -125,6 +128,10 @@ class VLLMRolloutWorker:
         import torch
 
         return WorkerInfo(self._id, "vllm", os.getpid(), self._version, torch.get_num_threads())
+
+    def generating(self) -> bool:
+        """Whether a generate call holds the engine now (known with partial_rollout only)."""
+        return self._gate is not None and self._gate.generating
 
     def policy_version(self) -> int:
         """Version of the weights this engine holds (0 = the initial weights)."""
@@ -154,15 +161,37 @@ class VLLMRolloutWorker:
                 params.append(SamplingParams(n=1, seed=spec.seed + i * spec.n + k, **base))
                 owners.append(i)
         start = time.perf_counter()
-        outputs = self._llm.generate(requests, params, use_tqdm=False) if requests else []
+        if self._gate is not None:
+            rollouts = self._generate_interruptible(ids, requests, params, owners)
+        else:
+            outputs = self._llm.generate(requests, params, use_tqdm=False) if requests else []
+            rollouts = [
+                Rollout(owner, ids[owner], *_turn(comp), policy_version=self._version)
+                for owner, out in zip(owners, outputs, strict=True)
+                for comp in out.outputs
+            ]
         seconds = time.perf_counter() - start
-        rollouts = [
-            Rollout(owner, ids[owner], *_turn(comp), policy_version=self._version)
-            for owner, out in zip(owners, outputs, strict=True)
-            for comp in out.outputs
-        ]
         num_tokens = sum(len(r.response_ids) for r in rollouts)
         return RolloutBatch(rollouts, self._id, seconds, num_tokens, dropped)
+
+    def _generate_interruptible(self, ids: list[list[int]], requests: list[dict], params: list, owners: list[int],
+                                ) -> list[Rollout]:
+        """partial_rollout: the engine stepped by hand; a push staged meanwhile lands between
+        two engine steps and the running requests continue under the new weights."""
+        flat_prompts, flat_params, flat_owners = [], [], []
+        for request, sp, owner in zip(requests, params, owners, strict=True):
+            for _ in range(sp.n):  # one request per sample: each continues on its own after a push
+                one = sp.clone()
+                one.n = 1
+                flat_prompts.append(request["prompt_token_ids"])
+                flat_params.append(one)
+                flat_owners.append(owner)
+        with self._gate.hold():
+            version = self._version
+            stretches = run_stepped(self._llm.llm_engine, flat_prompts, flat_params, version, self._gate.take)
+        return [Rollout(owner, ids[owner], st.ids, st.logprobs, st.finish or "length",
+                        policy_version=min(st.versions, default=version), token_versions=st.versions)
+                for owner, st in zip(flat_owners, stretches, strict=True)]
 
     def run_episodes(self, examples: Sequence[dict[str, Any]], spec: SamplingSpec) -> RolloutBatch:
         """`spec.n` multi-turn episodes per example against the run's environment hosts
@@ -195,7 +224,13 @@ class VLLMRolloutWorker:
         return self._load(version, _receive_broadcast, (info, rank_offset))
 
     def _load(self, version: int, loader, args: tuple) -> int:
-        """Run `loader` in every vLLM worker, drop KV blocks of the old weights, record `version`."""
+        """Run `loader` in every vLLM worker, drop KV blocks of the old weights, record `version`
+        (with partial_rollout: staged for the running generate call, if there is one)."""
+        if self._gate is not None:
+            return self._gate.load(lambda: self._apply(version, loader, args), f"the push of v{version}")
+        return self._apply(version, loader, args)
+
+    def _apply(self, version: int, loader, args: tuple) -> int:
         self.wake_up()
         start = time.perf_counter()
         self._llm.collective_rpc(loader, args=args)

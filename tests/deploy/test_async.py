@@ -33,9 +33,10 @@ def check_async_steps(rows: list[dict], steps: int, k: int) -> None:
 
 
 def test_async_grpo_learns_within_the_staleness_bound_while_the_fleet_keeps_generating(ray_cluster, tmp_path):
-    """GRPO at max_staleness 1 (decoupled PPO, the update's own π_prox): the fraction of 'a'
-    goes from ~1 % to >= 0.9, as in the synchronous run."""
-    cfg = grpo_config(tmp_path, total_steps=25, rollout={"max_staleness": 1},
+    """GRPO at max_staleness 1 (decoupled PPO, the update's own π_prox) with partial rollouts (a
+    push lands between two engine steps of a running call): the fraction of 'a' goes from ~1 %
+    to >= 0.9, as in the synchronous run; a record's staleness is that of its oldest token."""
+    cfg = grpo_config(tmp_path, total_steps=25, rollout={"max_staleness": 1, "partial_rollout": True},
                       checkpoint={"every_steps": 0})
     Trainer(cfg).fit()
     rows = read_metrics(tmp_path)

@@ -101,4 +101,7 @@ def test_a_bad_environment_or_tool_is_named_before_anything_starts(tmp_path, cap
     code, err = run_cli(["demo", "--agent", "reward.rules=[{function: 'rlfleet.services.rules:exact_match'}]",
                          f"logging.run_dir={tmp_path / 'run'}"], capsys)
     assert code == 2 and "scores episodes with the environment's own rewards; unset reward.rules" in err
+    code, err = run_cli(["demo", "--agent", "rollout.max_staleness=1", "rollout.partial_rollout=true",
+                         f"logging.run_dir={tmp_path / 'run'}"], capsys)
+    assert code == 2 and "rollout.partial_rollout=true is for single-turn generation" in err
     assert not (tmp_path / "run").exists()

@@ -158,3 +158,25 @@ def test_a_learner_engine_mismatch_on_the_same_weights_refuses_the_step(tiny_mod
     assert learner.version == 0
     _, stale = gradients_of(cfg, tiny_model_dir, far, version=1)  # version-0 records, learner at 1
     assert stale["rollout/logprob_diff_same_version"] is None
+
+
+def test_the_mismatch_guard_reads_a_partial_rollout_token_by_token(tiny_model_dir):
+    """`rollout.partial_rollout`: the tokens generated after a push are the learner's version's
+    even though the record (as old as its oldest token) is not; the guard holds them to the limit."""
+    from rlfleet.learner.step_metrics import LogprobMismatchError
+
+    cfg = async_config(max_logprob_diff=0.5)
+    prepared, own = single_update_batch(Learner(cfg, str(tiny_model_dir)), make_rollouts())
+    far = behaviour_logprobs(prepared, shift=3.0).rollouts
+    assert {r.policy_version for r in far} == {0}
+
+    def pushed_halfway(r):
+        half = len(r.response_ids) // 2
+        return dataclasses.replace(r, token_versions=[0] * half + [1] * (len(r.response_ids) - half))
+
+    with pytest.raises(LogprobMismatchError, match=r"past algorithm.max_logprob_diff=0.5"):
+        gradients_of(cfg, tiny_model_dir, dataclasses.replace(own, rollouts=[pushed_halfway(r) for r in far]),
+                     version=1)
+    whole = [dataclasses.replace(r, token_versions=[0] * len(r.response_ids)) for r in far]
+    _, metrics = gradients_of(cfg, tiny_model_dir, dataclasses.replace(own, rollouts=whole), version=1)
+    assert metrics["rollout/logprob_diff_same_version"] is None
