@@ -1,10 +1,14 @@
 """`rlfleet demo --agent`: a tiny model learns to use a calculator tool, on a laptop CPU.
 
 1. Build the tiny model with the BPE tokenizer (role and tool-call tokens; no download).
-2. SFT, deliberately short, on synthetic traces of the `calculator` task: the question, a
-   tool call with the product to compute, the tool's answer (an observation: not imitated),
-   the final answer. Traces are built token-exactly, as the rollout workers build episodes.
-3. GRPO against the `calculator` environment (its tool runs in a sandbox process); held-out
+2. SFT on synthetic traces of the `calculator` task, built token-exactly as the rollout
+   workers build episodes. 40 % use the tool: the question, a tool call with the product to
+   compute, the tool's answer (an observation: not imitated), the final answer. 60 % answer in
+   the head ("the answer is 4042"): the right product, which a 2-layer model cannot compute.
+   So the model leaves SFT knowing both ways and preferring the one that fails (greedy: "the
+   answer is …" comes first), and calling the tool in about 4 samples of 10.
+3. GRPO against the `calculator` environment (its tool runs in a sandbox process): only the
+   right final answer is rewarded, and RL has to find that the tool is what pays. Held-out
    success (the environment's own check of the final answer, greedy, on questions never
    trained on) before RL and every few steps, with turns per episode and the tool-error rate.
 4. Write `report.png` and print the before/after numbers.
@@ -12,6 +16,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 from pathlib import Path
@@ -41,25 +46,36 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "rollout": {"prompts_per_step": 32, "samples_per_prompt": 8, "max_response_tokens": 40},
     "learner": {"lr": 5e-4, "minibatch_size": 128},
     "algorithm": {"advantage_estimator": "grpo", "kl_in": "none"},
-    "sft": {"steps": 400, "lr": 3e-3, "batch_size": 16},
+    "sft": {"steps": 1200, "lr": 1e-3, "batch_size": 16, "lr_schedule": "cosine"},
     "logging": {"run_dir": "runs/demo_agent", "eval_every_steps": 20, "progress_bar": False},
     "checkpoint": {"every_steps": 0, "resume": "never"},
 }
 
 
-def calculator_traces(rows: list[dict[str, Any]], tokenizer, tools: list[dict[str, Any]]) -> list[Demonstration]:
-    """One ideal episode per row: call the calculator with the question's product, then answer
-    with its result; the observation tokens get loss mask 0."""
+IN_THE_HEAD = 0.6
+"""The fraction of SFT traces that answer without the tool."""
+
+
+def calculator_traces(rows: list[dict[str, Any]], tokenizer, tools: list[dict[str, Any]], in_the_head: float = 0.0,
+                      seed: int = 0) -> list[Demonstration]:
+    """One right episode per row: call the calculator with the question's product, then answer
+    with its result (the observation tokens get loss mask 0); or, for a fraction `in_the_head`
+    of the rows (drawn with `seed`), answer at once: "the answer is <product>"."""
     closing, eos = turn_closing(tokenizer), [tokenizer.eos_token_id]
+    draw = random.Random(f"in-the-head:{seed}")
     out = []
     for row in rows:
+        prompt = prompt_ids(tokenizer, [{"role": "user", "content": row["question"]}], tools)
+        if draw.random() < in_the_head:
+            said = tokenizer.encode(f"the answer is {row['answer']}", add_special_tokens=False) + eos
+            out.append(Demonstration(prompt, said, [1] * len(said)))
+            continue
         expression = row["question"].removeprefix('what is "').removesuffix('"?')
         call = f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}</tool_call>'
         first = tokenizer.encode(call, add_special_tokens=False) + eos
         observation = observation_ids(tokenizer, [{"role": "tool", "content": row["answer"]}], closing)
         final = tokenizer.encode(row["answer"], add_special_tokens=False) + eos
-        out.append(Demonstration(prompt_ids(tokenizer, [{"role": "user", "content": row["question"]}], tools),
-                                 first + observation + final, [1] * len(first) + [0] * len(observation) + [1] * len(final)))
+        out.append(Demonstration(prompt, first + observation + final, [1] * len(first) + [0] * len(observation) + [1] * len(final)))
     return out
 
 
@@ -71,8 +87,10 @@ def run_agent_demo(cfg: RunConfig) -> dict[str, Any]:
     base = policy_path(cfg, root)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tools = [tool_schema(import_path(p)) for p in cfg.environment.tool_paths]
-    train = calculator_traces(build_task("calculator", cfg.seed, cfg.data.task_size).rows, tokenizer, tools)
-    test = calculator_traces(build_task("calculator", cfg.seed, 64, "test").rows, tokenizer, tools)
+    train = calculator_traces(build_task("calculator", cfg.seed, cfg.data.task_size).rows, tokenizer, tools,
+                              IN_THE_HEAD, cfg.seed)
+    test = calculator_traces(build_task("calculator", cfg.seed, 64, "test").rows, tokenizer, tools,
+                             IN_THE_HEAD, cfg.seed + 1)
     sc = cfg.sft
     sft_out = root / "models" / "sft"
     sft_result = sft(base, sft_out, train, test, stage_settings(sc, cfg.seed))

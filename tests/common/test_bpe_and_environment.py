@@ -110,3 +110,29 @@ def test_an_environment_is_loaded_by_name_and_checked_with_the_field_named():
                           (f"{__name__}:WrongStep", "WrongStep.step must take exactly 1 argument")]:
         with pytest.raises(EnvironmentLoadError, match=rf"rollout.environment=.*{message}"):
             load_environment(path, "rollout.environment")
+
+
+def test_the_agent_demo_traces_mix_tool_use_and_answers_in_the_head_token_exactly(bpe):
+    """`rlfleet demo --agent`'s SFT data: a tool trace is the call, the observation exactly as
+    the rollout workers append it (loss mask 0) and the tool's result as the answer; the other
+    traces answer at once; the mix is `IN_THE_HEAD`."""
+    from rlfleet.common.chat import observation_ids, turn_closing
+    from rlfleet.common.tasks import build_task
+    from rlfleet.deploy.agent_demo import IN_THE_HEAD, calculator_traces
+    from rlfleet.services.tools import tool_schema
+
+    rows = build_task("calculator", 0, 400).rows
+    traces = calculator_traces(rows, bpe, [tool_schema(calculator)], IN_THE_HEAD, seed=0)
+    in_the_head = 0
+    for row, t in zip(rows, traces, strict=True):
+        text = bpe.decode(t.response_ids)
+        if TOOL_CALL_START not in text:
+            in_the_head += 1
+            assert text == f"the answer is {row['answer']}{bpe.eos_token}" and set(t.loss_mask) == {1}
+            continue
+        observation = observation_ids(bpe, [{"role": "tool", "content": row["answer"]}], turn_closing(bpe))
+        call_end = t.loss_mask.index(0)
+        assert t.response_ids[call_end : call_end + len(observation)] == observation
+        assert t.loss_mask == [1] * call_end + [0] * len(observation) + [1] * (len(t.response_ids) - call_end - len(observation))
+        assert bpe.decode(t.response_ids[call_end + len(observation):]) == f"{row['answer']}{bpe.eos_token}"
+    assert abs(in_the_head / len(rows) - IN_THE_HEAD) < 0.08
