@@ -25,7 +25,8 @@ pytestmark = pytest.mark.unit
 def make_config(estimator: str = "gae", lora: bool = False, **learner) -> RunConfig:
     group = estimator != "gae"
     return RunConfig.model_validate({
-        "model": {"lora": {"enabled": lora, "rank": 4}},
+        # fp32 stated: `auto` is bf16 autocast on a CPU with bf16 units (AVX-512 BF16, AMX)
+        "model": {"dtype": "float32", "lora": {"enabled": lora, "rank": 4}},
         "rollout": {"prompts_per_step": 3, "samples_per_prompt": 2},
         "learner": {"minibatch_size": 3, "lr": 1e-3, "critic_lr": 1e-3, "ppo_epochs": 2, **learner},
         "algorithm": {

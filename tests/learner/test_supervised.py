@@ -18,7 +18,8 @@ pytestmark = pytest.mark.unit
 
 
 def stage_config(tmp_path, **sections):
-    base = {"data": {"task": "reverse", "task_size": 256}, "logging": {"run_dir": str(tmp_path)}}
+    base = {"model": {"dtype": "float32"},  # stated: `auto` is bf16 autocast on a CPU with bf16 units
+            "data": {"task": "reverse", "task_size": 256}, "logging": {"run_dir": str(tmp_path)}}
     return config_from_dict({**base, **sections})
 
 
@@ -82,9 +83,9 @@ def sft_folder(tmp_path_factory):
 
 
 def test_reward_model_stage_ranks_held_out_pairs_better(tmp_path, sft_folder):
-    """From an SFT'd backbone, 60 Bradley–Terry steps lift held-out pairwise accuracy; the saved
+    """From an SFT'd backbone, 120 Bradley–Terry steps lift held-out pairwise accuracy; the saved
     folder is a one-label sequence classifier (LoRA merged)."""
-    cfg = stage_config(tmp_path, rm={"steps": 60, "lr": 1e-3, "init_from": sft_folder, "lora_rank": 8})
+    cfg = stage_config(tmp_path, rm={"steps": 120, "lr": 1e-3, "init_from": sft_folder, "lora_rank": 8})
     result = run_stage(cfg, "rm")
     assert result["after/loss"] < result["before/loss"]
     assert result["after/accuracy"] >= result["before/accuracy"] + 0.1

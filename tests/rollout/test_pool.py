@@ -151,7 +151,8 @@ def _kill_during_generate(pool, kill) -> None:
     n = 8
     timer = threading.Timer(0.5, fire)
     timer.start()
-    batch = pool.generate(PROMPTS, SamplingSpec(n=n, max_tokens=400))
+    # min_tokens: no early EOS, so the call outlasts the timer even on a fast machine
+    batch = pool.generate(PROMPTS, SamplingSpec(n=n, max_tokens=400, min_tokens=400))
     finished = time.monotonic()
     timer.join()
     assert killed_at and killed_at[0] < finished  # the kill happened while generate ran
