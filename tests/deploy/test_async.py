@@ -50,7 +50,7 @@ def test_async_ppo_with_a_critic_learns_with_a_slow_learner(ray_cluster, tmp_pat
     with the learner's current weights, the engine's log-probs are the behaviour policy. Two
     epochs of four minibatches make the learner the slow side; the fleet works ahead."""
     cfg = grpo_config(tmp_path, total_steps=30, rollout={"max_staleness": 1},
-                      learner={"ppo_epochs": 2, "minibatch_size": 8},
+                      learner={"ppo_epochs": 2, "minibatch_size": 8, "lr": 2e-3},
                       algorithm={"advantage_estimator": "gae", "kl_in": "reward", "kl_estimator": "k1",
                                  "kl_coef": 0.01},
                       checkpoint={"every_steps": 0})
