@@ -278,7 +278,7 @@ class RolloutPool:
             seconds = max(seconds, part.generate_seconds)
             dropped += [chunk.start + i for i in part.dropped]
             for r in part.rollouts:
-                newest = max(r.token_versions, default=r.policy_version) if r.token_versions else r.policy_version
+                newest = max(r.token_versions) if r.token_versions else r.policy_version
                 if r.policy_version < oldest or newest > self.version:
                     expected = f"v{oldest}" if oldest == self.version else f"v{oldest}..v{self.version}"
                     raise RolloutPoolError(

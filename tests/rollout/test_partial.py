@@ -73,8 +73,7 @@ def test_a_push_interrupts_running_requests_which_continue_token_exactly_on_the_
         pool.offer_push(ObjectStoreWeights(2, refs))
         pool.push_offered()
         after = pool.generate(PROMPTS[:2], SamplingSpec(n=1, max_tokens=8, temperature=1.0))
-        assert pool.versions() == [2] and all(r.token_versions == [2] * 8 or set(r.token_versions) == {2}
-                                              for r in after.rollouts)
+        assert pool.versions() == [2] and all(set(r.token_versions) == {2} for r in after.rollouts)
     finally:
         pool.close()
 
