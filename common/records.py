@@ -6,6 +6,7 @@ Every rollout record carries the policy version that produced it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -144,15 +145,13 @@ class ScoreBatch:
     scores: list[float | None]
     """Weighted sum of the sources per response; None where it is unscorable."""
     components: dict[str, list[float | None]]
-    """Each source's own (unweighted) value per response: 'model', 'rules[i]', 'remote'."""
+    """Each source's own (unweighted) value per response: 'model' (the reward model's raw
+    score), 'rules[i]', 'remote', 'environment'."""
     reasons: list[str | None]
     """Why a response is unscorable ('rules[0]:timeout', 'remote:error', …), else None."""
-    raw_model: list[float | None] = field(default_factory=list)
-    """The reward model's own scores, before normalisation and clipping (empty without a
-    model): a proxy on a scale that does not move during the run."""
-    state: dict[str, Any] = field(default_factory=dict)
-    """The service's normaliser state after this call (empty without one), returned by the
-    same actor call that scored, so a restart cannot separate the two."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Each source's weight in `scores`. `scores` holds the reward model's raw value; the
+    learner normalises it (`common/reward_scale.py`) and sums again."""
 
     @property
     def unscorable_counts(self) -> dict[str, int]:
@@ -178,21 +177,77 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class Held:
+    """Per-response rows (old log-probs, values, reference log-probs) that stay in Ray's object
+    store, where the actor that computed them put them, until the learner that trains on them
+    fetches them: the driver only selects rows. `parts`: (the batch rows an object holds, in its
+    order; its ObjectRef; the field of a `Prepared` to read, or None for a plain list of rows).
+    `rows`: the rows of this selection, in order."""
+
+    parts: tuple[tuple[tuple[int, ...], Any, str | None], ...]
+    rows: tuple[int, ...]
+
+    @classmethod
+    def of(cls, parts: list[tuple[list[int], Any]], name: str | None = None) -> Held:
+        """Every row the `parts` hold, in row order."""
+        spans = tuple((tuple(rows), ref, name) for rows, ref in parts)
+        return cls(spans, tuple(sorted(r for rows, _, _ in spans for r in rows)))
+
+    @property
+    def span(self) -> int:
+        """Rows covered by the parts (the next batch's rows are numbered from here)."""
+        return 1 + max((r for rows, _, _ in self.parts for r in rows), default=-1)
+
+    def take(self, idx: list[int]) -> Held:
+        """The selection's `idx`-th rows, in that order."""
+        return Held(self.parts, tuple(self.rows[i] for i in idx))
+
+    def then(self, other: Held) -> Held:
+        """This selection followed by `other`'s (its rows renumbered past this one's)."""
+        shift = self.span
+        moved = tuple((tuple(r + shift for r in rows), ref, name) for rows, ref, name in other.parts)
+        return Held(self.parts + moved, self.rows + tuple(r + shift for r in other.rows))
+
+    def fetch(self, get: Callable[[list], list], cache: dict | None = None) -> list[list[float]] | None:
+        """The rows (None when the objects hold none of this field: no critic, say), the
+        objects read with `get` (`ray.get`); `cache` keeps the objects read, for other
+        selections of the same objects."""
+        cache = {} if cache is None else cache
+        missing = [ref for _, ref, _ in self.parts if ref not in cache]
+        if missing:
+            cache.update(zip(missing, get(missing), strict=True))
+        objects = [cache[ref] for _, ref, _ in self.parts]
+        by_row: dict[int, list[float]] = {}
+        for (rows, _, name), obj in zip(self.parts, objects, strict=True):
+            data = getattr(obj, name) if name is not None else obj
+            if data is None:
+                return None
+            by_row.update(zip(rows, data, strict=True))
+        return [by_row[r] for r in self.rows]
+
+
+@dataclass(frozen=True)
 class Experience:
-    """One step's training data: B scored responses with everything the learner needs."""
+    """One step's training data: B scored responses with everything the learner needs. The
+    per-token rows may be `Held`: left in Ray's object store by the actor that computed them,
+    fetched by the learner (`Held.fetch`)."""
 
     rollouts: list[Rollout]
     """The responses (their prompt, tokens, vLLM log-probs, version and finish reason)."""
     scores: list[float]
-    """Sequence scores [B] from the reward service."""
+    """Sequence scores [B] from the reward service (the reward model's component raw)."""
     group_ids: list[int]
     """Prompt group of each response [B] (responses to one prompt share an id)."""
-    old_logprobs: list[list[float]] | None
+    old_logprobs: list[list[float]] | Held | None
     """From `Prepared`; None: the update's own log-probs, detached (one update per batch)."""
-    values: list[list[float]] | None
+    values: list[list[float]] | Held | None
     """From `Prepared` (None without a critic)."""
-    ref_logprobs: list[list[float]] | None
+    ref_logprobs: list[list[float]] | Held | None
     """Reference log-probs [B][T_b]; None when no KL term is used."""
+    components: dict[str, list[float | None]] | None = None
+    """`ScoreBatch.components` of the responses: the learner normalises the reward model's."""
+    weights: dict[str, float] | None = None
+    """`ScoreBatch.weights`."""
 
 
 @dataclass(frozen=True)

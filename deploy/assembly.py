@@ -131,7 +131,7 @@ def start_reward_service(
 ) -> ray.actor.ActorHandle:
     """The reward service actor (with the gold checker's rules, used only at evaluation); its
     constructor checks every source (bad config fails here). Ray restarts it up to `restarts`
-    times; the caller retries (`driver.call_service`)."""
+    times; its client re-makes a call whose actor died (`services/client.py`)."""
     options = actor_options(resources, max_restarts=restarts, max_task_retries=0)
     return ray.remote(RewardService).options(**options).remote(reward, tokenizer_path, gold, threads, compute_dtype)
 

@@ -2,6 +2,11 @@
 
     sample prompts → rollout pool → (reward ∥ reference ∥ learner.prepare) → learner.train_step
     → push weights (every worker must report the new version) → metrics → checkpoint → eval
+
+The per-token rows (old log-probs, values, reference log-probs) stay in Ray's object store
+from the actor that computed them to the learner that trains on them (`Held`); the driver
+handles scores, rollouts and row selections. Reward and reference calls go through one typed
+client each (`services/client.py`: restart-and-retry); the services are stateless.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from rlfleet.common.data import Example, PromptDataset, PromptSampler
 from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.records import (
     Experience,
-    Prepared,
+    Held,
     Rollout,
     RolloutBatch,
     SamplingSpec,
+    ScoreBatch,
     StepResult,
 )
+from rlfleet.common.reward_scale import MODEL, RewardScaler
 from rlfleet.deploy import episodes
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
 from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, merge
@@ -36,6 +43,7 @@ from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.step_data import needs_prepare
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
+from rlfleet.services.client import Call, ReferenceClient, RewardClient
 from rlfleet.services.reward_service import drop_unscorable
 
 logger = logging.getLogger(__name__)
@@ -47,18 +55,19 @@ class Parts:
 
     learner: LearnerGroup
     pool: RolloutPool
-    reward: Any
-    reference: Any | None
+    reward: RewardClient | None
+    """None in an environment run: the episodes carry their rewards."""
+    reference: ReferenceClient | None
     tokenizer_path: str
-    restarts: int = 0
-    """Retries of a reward or reference call whose actor died (`cluster.service_restarts`)."""
-    reward_state: dict = field(default_factory=dict)
-    """The reward service's state after its last completed call: restored into a restarted actor."""
-    service_retries: int = 0
     gold: bool = False
     """The reward service holds a gold checker (`data.eval_reward` or the task's own rule)."""
     env_hosts: list = field(default_factory=list)
     """The environment hosts of a multi-turn run (the rollout workers play episodes on them)."""
+
+    @property
+    def service_retries(self) -> int:
+        """Reward and reference calls made again because their actor died."""
+        return sum(c.retries for c in (self.reward, self.reference) if c is not None)
 
 
 @dataclass
@@ -191,7 +200,7 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
                 sb = merge(sb, _scored(cfg, parts, *more(), timer))
                 extra += 1
         sb, filtered = choose_groups(sb, wanted)
-    rollouts, scored, prepared = sb.rollouts, sb.scored, sb.prepared
+    rollouts, scored = sb.rollouts, sb.scored
     group_ids = [r.prompt_index for r in rollouts]
     keep = drop_unscorable(scored, group_ids, cfg.reward.on_unscorable, cfg.reward.max_failures)
     per_group = Counter(group_ids)
@@ -221,13 +230,17 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
     if not any(keep):
         logger.warning("every group of this step was dropped (unscorable); no update")
         return metrics, None
+    rows = [i for i, k in enumerate(keep) if k]
+    take = lambda held: None if held is None else held.take(rows)  # noqa: E731
     exp = Experience(
         rollouts=_pick(rollouts, keep),
         scores=_pick(scored.scores, keep),
         group_ids=_pick(group_ids, keep),
-        old_logprobs=_pick(prepared.old_logprobs, keep),
-        values=_pick(prepared.values, keep),
-        ref_logprobs=_pick(sb.ref, keep),
+        old_logprobs=take(sb.old_logprobs),
+        values=take(sb.values),
+        ref_logprobs=take(sb.ref),
+        components={name: _pick(values, keep) for name, values in scored.components.items()},
+        weights=dict(scored.weights),
     )
     with timer("train"):
         pending = parts.learner.submit_train(exp)
@@ -241,9 +254,9 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
 def _scored(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutBatch, scoring: Scoring | None,
             timer: PhaseTimer) -> ScoredBatch:
     scoring = scoring or submit_scoring(cfg, parts, batch.rollouts, examples)
-    scored, prepared, ref = collect_scoring(parts, scoring, timer)
-    return ScoredBatch(examples, batch.rollouts, scored, prepared, ref, batch.generate_seconds, batch.num_tokens,
-                       len(batch.dropped))
+    scored, (old, values, ref) = collect_scoring(parts, scoring, timer)
+    return ScoredBatch(examples, batch.rollouts, scored, old, values, ref, batch.generate_seconds,
+                       batch.num_tokens, len(batch.dropped))
 
 
 @dataclass
@@ -251,57 +264,52 @@ class Scoring:
     """A batch's reward, reference and old-log-prob calls in flight (submitted together)."""
 
     rollouts: list[Rollout]
-    score: Callable[[], ray.ObjectRef]
-    reference: Callable[[], ray.ObjectRef] | None
-    score_ref: ray.ObjectRef
-    ref_ref: ray.ObjectRef | None
+    score: Call | ScoreBatch
+    """The reward call, or the episodes' own rewards (an environment run)."""
+    reference: Call | None
     pending: list
+    """`LearnerGroup.submit_prepare`'s calls (none when the update makes its own old log-probs)."""
     submitted: float
 
 
 def submit_scoring(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples: list[Example]) -> Scoring:
     """Reward, reference and old log-probs as three concurrent actor calls (no old log-probs
-    when the update makes its own or takes the engine's: `needs_prepare`). The reward call
-    carries the normaliser state the driver last saw: submit a batch's scoring only after the
-    previous batch's was collected."""
+    when the update makes its own or takes the engine's: `needs_prepare`)."""
     prompts = [r.prompt_ids for r in rollouts]
     responses = [r.response_ids for r in rollouts]
-    extras = [examples[r.prompt_index].extra for r in rollouts]
-
-    def score():
-        if cfg.environment.enabled:  # the environment's rewards, carried by the episodes
-            return ray.put(episodes.episode_scores(rollouts))
-        return reward_call(parts, prompts, responses, extras)
-
-    def reference():
-        return parts.reference.logprobs.remote(prompts, responses, cfg.rollout.temperature)
-
     submitted = time.perf_counter()
-    score_ref = score()
-    ref_ref = reference() if parts.reference is not None else None
+    if cfg.environment.enabled:  # the environment's rewards, carried by the episodes
+        score: Call | ScoreBatch = episodes.episode_scores(rollouts)
+    else:
+        score = parts.reward.score(prompts, responses, [examples[r.prompt_index].extra for r in rollouts])
+    reference = None
+    if parts.reference is not None:
+        reference = parts.reference.logprobs(prompts, responses, cfg.rollout.temperature)
     pending = parts.learner.submit_prepare(rollouts) if needs_prepare(cfg) else []
-    return Scoring(rollouts, score, reference if ref_ref is not None else None, score_ref, ref_ref, pending,
-                   submitted)
+    return Scoring(rollouts, score, reference, pending, submitted)
 
 
-def collect_scoring(parts: Parts, s: Scoring, timer: PhaseTimer):
-    """The results of `submit_scoring` (a dead service's call retried, see `call_service`);
-    `timer` gets the latency of each call (`reward`, `reference`, `old_logprobs`: submission
-    to result; they overlap)."""
-    in_flight = {"reward": [s.score_ref]}
+def collect_scoring(parts: Parts, s: Scoring, timer: PhaseTimer) -> tuple[ScoreBatch, tuple[Held | None, ...]]:
+    """The scores of `submit_scoring` (a dead service's call re-made by its client) and the
+    old log-probs, values and reference log-probs left in the object store (None: not
+    computed); `timer` gets the latency of each call (`reward`, `reference`, `old_logprobs`:
+    submission to result; they overlap)."""
+    in_flight = {}
+    if isinstance(s.score, Call):
+        in_flight["reward"] = [s.score.ready]
     if s.pending:
         in_flight["old_logprobs"] = [r for _, r in s.pending]
-    if s.ref_ref is not None:
-        in_flight["reference"] = [s.ref_ref]
+    if s.reference is not None:
+        in_flight["reference"] = [s.reference.ready]
     for name, seconds in _latencies(in_flight, s.submitted).items():
         timer.add(name, seconds)
-    prepared = parts.learner.collect_prepared(s.rollouts, s.pending) if s.pending else Prepared(None, None, None)
-    ref = prepared.ref_logprobs
-    if s.ref_ref is not None:
-        ref = call_service(parts, "reference", s.reference, s.ref_ref)
-    scored = call_service(parts, "reward", s.score, s.score_ref)
-    parts.reward_state = scored.state
-    return scored, prepared, ref
+    old = values = ref = None
+    if s.pending:
+        old, values, ref = parts.learner.held(s.pending)
+    if s.reference is not None:
+        ref = parts.reference.held(s.reference)
+    scored = parts.reward.scores(s.score) if isinstance(s.score, Call) else s.score
+    return scored, (old, values, ref)
 
 
 def _latencies(in_flight: dict[str, list[ray.ObjectRef]], since: float) -> dict[str, float]:
@@ -310,7 +318,7 @@ def _latencies(in_flight: dict[str, list[ray.ObjectRef]], since: float) -> dict[
     waiting = {name: set(refs) for name, refs in in_flight.items()}
     done: dict[str, float] = {}
     while waiting:
-        ready, _ = ray.wait([r for refs in waiting.values() for r in refs], num_returns=1)
+        ready, _ = ray.wait([r for refs in waiting.values() for r in refs], num_returns=1, fetch_local=False)
         now = time.perf_counter() - since
         for name in list(waiting):
             waiting[name] -= set(ready)
@@ -318,58 +326,6 @@ def _latencies(in_flight: dict[str, list[ray.ObjectRef]], since: float) -> dict[
                 done[name] = now
                 del waiting[name]
     return done
-
-
-def reward_call(parts: Parts, *args, **kwargs) -> ray.ObjectRef:
-    """`score` on the reward service, carrying the normaliser state the driver last saw (a
-    reward model with running normalisation; empty otherwise). The service loads it in the
-    same actor call that scores, so one that Ray restarted, after a crash mid-call or silently
-    between calls, scores with the statistics it had before dying; `ScoreBatch.state` brings
-    the new statistics back with the scores."""
-    return parts.reward.score.remote(*args, state=parts.reward_state or None, **kwargs)
-
-
-class ServiceError(RuntimeError):
-    """A reward or reference actor kept dying."""
-
-
-def _wait_until_back(handle: Any, name: str, timeout_s: float = 600.0) -> None:
-    """Block until a restarting service actor answers again (its model loads in its constructor)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ray.get(handle.health.remote(), timeout=60)
-            return
-        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as err:
-            if time.monotonic() > deadline:
-                raise ServiceError(f"the {name} actor did not come back within {timeout_s:g} s") from err
-            time.sleep(0.5)
-        except ray.exceptions.ActorDiedError as err:
-            raise ServiceError(f"the {name} actor died and was not restarted: {err}") from err
-
-
-def call_service(parts: Parts, name: str, call, first: ray.ObjectRef | None = None):
-    """The result of `call()` (an actor call of the reward or reference service; `first` is one
-    already in flight). When the actor died, Ray restarts it and the call is made again (the
-    reward normaliser's state travels with each call, see `reward_call`), up to
-    `parts.restarts` times; then ServiceError."""
-    pending = first if first is not None else call()
-    deaths = 0
-    while True:
-        try:
-            return ray.get(pending)
-        except ray.exceptions.RayActorError as err:
-            deaths += 1
-            if deaths > parts.restarts:
-                raise ServiceError(
-                    f"the {name} actor died {deaths} time(s) (cluster.service_restarts={parts.restarts}); "
-                    f"stopping, the last checkpoint is untouched: {err}"
-                ) from err
-            parts.service_retries += 1
-            logger.warning("the %s actor died (%s); retrying after Ray restarts it (%d/%d)",
-                           name, type(err).__name__, deaths, parts.restarts)
-            _wait_until_back(getattr(parts, name), name)
-            pending = call()
 
 
 def _pick(values, keep: list[bool]):
@@ -388,17 +344,21 @@ def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -
     rollouts = batch.rollouts
     args = ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
             [examples[r.prompt_index].extra for r in rollouts])
-    scored = call_service(parts, "reward", lambda: reward_call(parts, *args, update_stats=False))
+    scored = parts.reward.scores(parts.reward.score(*args))
+    if parts.learner is not None:  # normalised as the learner trains (no statistics move)
+        scores = parts.learner.scale_scores(scored)
+    else:  # a saved policy alone (`rlfleet eval`): fixed normalisation and clipping still apply
+        scores = RewardScaler.of(cfg.reward)(scored.scores, scored.components, scored.weights, update=False)
     out = {
-        **_mean_of(scored.scores, "eval/reward", "eval/unscorable"),
+        **_mean_of(scores, "eval/reward", "eval/unscorable"),
         "eval/mean_length": sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1),
         "eval/num_prompts": float(len(rollouts)),
     }
-    raw = [v for v in scored.raw_model if v is not None]
+    raw = [v for v in scored.components.get(MODEL, []) if v is not None]
     if raw:
         out["eval/reward_model"] = sum(raw) / len(raw)
     if parts.gold:
-        gold = call_service(parts, "reward", lambda: parts.reward.gold.remote(*args))
+        gold = parts.reward.gold(*args)
         out.update(_mean_of(gold, "eval/gold", "eval/gold_unscorable"))
     return out
 
@@ -420,9 +380,8 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
         metrics.truncate_after(-1)  # a fresh run starts a fresh file
         return 0
     state = read_state(latest)
-    version = parts.learner.load(str(latest / "learner"))
+    version = parts.learner.load(str(latest / "learner"), state.get("reward"))  # "reward": an older checkpoint's
     sampler.load_state_dict(state["data"])
-    parts.reward_state = state.get("reward", {})  # travels with every score call
     metrics.truncate_after(state["step"])
     push_weights(cfg, parts, version)
     logger.info("resumed from %s (step %d, policy version %d)", latest, state["step"], version)
@@ -430,15 +389,15 @@ def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: Checkpoi
 
 
 def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, position: dict, step: int) -> Path:
-    """The learner, the sampler `position` (the overlapped loop's: before its batches in flight)
-    and the reward normaliser's state, as checkpoint `step`."""
+    """The learner (with the reward normaliser's statistics) and the sampler `position` (the
+    overlapped loop's: before its batches in flight), as checkpoint `step`."""
     def write(folder: Path) -> None:
         parts.learner.save(str(folder / "learner"))
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(parts.tokenizer_path).save_pretrained(folder / "learner" / "policy")
 
-    return ckpts.save(step, write, {"data": position, "reward": parts.reward_state})
+    return ckpts.save(step, write, {"data": position})
 
 
 def checkpoint_due(cfg: RunConfig, step: int) -> bool:

@@ -32,7 +32,7 @@ def episode_scores(rollouts: Sequence[Rollout]) -> ScoreBatch:
     """The environment's rewards as a reward-service answer (every episode is scorable)."""
     scores = [float(r.episode.reward) if r.episode else None for r in rollouts]
     reasons = [None if r.episode else "no episode" for r in rollouts]
-    return ScoreBatch(scores, {"environment": list(scores)}, reasons)
+    return ScoreBatch(scores, {"environment": list(scores)}, reasons, {"environment": 1.0})
 
 
 def episode_metrics(rollouts: Sequence[Rollout], prefix: str = "episode") -> dict[str, float]:

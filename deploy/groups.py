@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from rlfleet.common.data import Example
-from rlfleet.common.records import Prepared, Rollout, ScoreBatch
+from rlfleet.common.records import Held, Rollout, ScoreBatch
 
 
 @dataclass(frozen=True)
@@ -18,16 +18,18 @@ class ScoredBatch:
     examples: list[Example]
     rollouts: list[Rollout]
     scored: ScoreBatch
-    prepared: Prepared
-    ref: list[list[float]] | None
+    old_logprobs: Held | None
+    """Rows left in the object store (None: not computed)."""
+    values: Held | None
+    ref: Held | None
     generate_seconds: float
     num_tokens: int
     dropped: int
     """Prompts the fleet dropped (empty or too long: `rollout.on_bad_prompt: drop`)."""
 
 
-def _cat(a: list | None, b: list | None) -> list | None:
-    return None if a is None or b is None else a + b
+def _cat(a: Held | None, b: Held | None) -> Held | None:
+    return None if a is None or b is None else a.then(b)
 
 
 def merge(a: ScoredBatch, b: ScoredBatch) -> ScoredBatch:
@@ -37,16 +39,13 @@ def merge(a: ScoredBatch, b: ScoredBatch) -> ScoredBatch:
     scored = ScoreBatch(
         sa.scores + sb.scores,
         {k: sa.components[k] + sb.components.get(k, [None] * len(sb.scores)) for k in sa.components},
-        sa.reasons + sb.reasons, sa.raw_model + sb.raw_model, sb.state,
+        sa.reasons + sb.reasons, {**sb.weights, **sa.weights},
     )
-    pa, pb = a.prepared, b.prepared
     return ScoredBatch(
         a.examples + b.examples,
         a.rollouts + [replace(r, prompt_index=r.prompt_index + shift) for r in b.rollouts],
         scored,
-        Prepared(_cat(pa.old_logprobs, pb.old_logprobs), _cat(pa.values, pb.values),
-                 _cat(pa.ref_logprobs, pb.ref_logprobs)),
-        _cat(a.ref, b.ref),
+        _cat(a.old_logprobs, b.old_logprobs), _cat(a.values, b.values), _cat(a.ref, b.ref),
         a.generate_seconds + b.generate_seconds, a.num_tokens + b.num_tokens, a.dropped + b.dropped,
     )
 
@@ -77,8 +76,8 @@ def select(batch: ScoredBatch, groups: set[int]) -> ScoredBatch:
     """The responses of `groups`, in their order."""
     idx = [i for i, r in enumerate(batch.rollouts) if r.prompt_index in groups]
     pick = lambda values: None if values is None else [values[i] for i in idx]  # noqa: E731
-    s, p = batch.scored, batch.prepared
-    scored = ScoreBatch(pick(s.scores), {k: pick(v) for k, v in s.components.items()}, pick(s.reasons),
-                        pick(s.raw_model) if s.raw_model else [], s.state)
-    return replace(batch, rollouts=pick(batch.rollouts), scored=scored,
-                   prepared=Prepared(pick(p.old_logprobs), pick(p.values), pick(p.ref_logprobs)), ref=pick(batch.ref))
+    s = batch.scored
+    scored = ScoreBatch(pick(s.scores), {k: pick(v) for k, v in s.components.items()}, pick(s.reasons), s.weights)
+    take = lambda held: None if held is None else held.take(idx)  # noqa: E731
+    return replace(batch, rollouts=pick(batch.rollouts), scored=scored, old_logprobs=take(batch.old_logprobs),
+                   values=take(batch.values), ref=take(batch.ref))

@@ -1,7 +1,8 @@
 """D learner actors as one learner: a Ray placement group, one torch.distributed group.
 
 The driver talks to the group as to a single learner. `prepare` shards the rollouts over the
-ranks by token count and gathers the results in order; `train_step` gives every rank the whole
+ranks by token count; its results stay in the object store (`held`) until `train_step`
+fetches them, in order; `train_step` gives every rank the whole
 batch (each trains its balanced share of every minibatch, see `learner/parallel.py`) and
 returns rank 0's result. Rank 0 publishes and writes checkpoints; with `learner.strategy: fsdp`
 the other ranks take part (they hold shards of the weights, gathered tensor by tensor), with
@@ -20,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlfleet.common.collate import balanced_shards
 from rlfleet.common.config import RunConfig
-from rlfleet.common.records import Experience, Prepared, Rollout, StepResult
+from rlfleet.common.records import Experience, Held, Prepared, Rollout, ScoreBatch, StepResult
 from rlfleet.common.threads import ThreadBudget
 from rlfleet.learner.learner import Learner
 
@@ -64,7 +65,9 @@ class LearnerGroup:
 
     def prepare(self, rollouts: Sequence[Rollout]) -> Prepared:
         """Old log-probs (and values, colocated reference) of every rollout, computed by all ranks."""
-        return self.collect_prepared(rollouts, self.submit_prepare(rollouts))
+        held = self.held(self.submit_prepare(rollouts))
+        cache: dict = {}
+        return Prepared(*(h.fetch(ray.get, cache) for h in held))
 
     def submit_prepare(self, rollouts: Sequence[Rollout]) -> list[tuple[list[int], ray.ObjectRef]]:
         """`prepare` in flight: (the rollout indices of a rank's shard, its result) per rank used."""
@@ -73,21 +76,11 @@ class LearnerGroup:
         return [(s, h.prepare.remote([rollouts[i] for i in s]))
                 for h, s in zip(self.handles, shards, strict=True) if s or self.helpers]
 
-    def collect_prepared(self, rollouts: Sequence[Rollout], pending: list[tuple[list[int], ray.ObjectRef]]) -> Prepared:
-        """The results of `submit_prepare`, merged back into the rollouts' order."""
-        used = [s for s, _ in pending]
-        parts = ray.get([ref for _, ref in pending])
-        fields = {}
-        for name in ("old_logprobs", "values", "ref_logprobs"):
-            if getattr(parts[0], name) is None:
-                fields[name] = None
-                continue
-            merged: list[list[float]] = [[] for _ in rollouts]
-            for shard, part in zip(used, parts, strict=True):
-                for i, row in zip(shard, getattr(part, name), strict=True):
-                    merged[i] = row
-            fields[name] = merged
-        return Prepared(**fields)
+    @staticmethod
+    def held(pending: list[tuple[list[int], ray.ObjectRef]]) -> tuple[Held, Held, Held]:
+        """The old log-probs, values and reference log-probs of `submit_prepare`, left in the
+        object store for `train_step` (each `Held.fetch` gives None where prepare made none)."""
+        return tuple(Held.of(pending, name) for name in ("old_logprobs", "values", "ref_logprobs"))
 
     def train_step(self, exp: Experience) -> StepResult:
         return ray.get(self.submit_train(exp))[0]
@@ -105,6 +98,10 @@ class LearnerGroup:
                 pass
         return refs
 
+    def scale_scores(self, scored: ScoreBatch) -> list[float | None]:
+        """`scored`'s scores normalised as the learner trains on them (no statistics move)."""
+        return ray.get(self.lead.scale_scores.remote(scored))
+
     def scale_kl_coef(self, factor: float) -> float:
         """β × `factor` on every rank (they must agree); the new β."""
         return ray.get([h.scale_kl_coef.remote(factor) for h in self.handles])[0]
@@ -112,8 +109,8 @@ class LearnerGroup:
     def save(self, folder: str) -> None:
         ray.get([h.save.remote(folder) for h in (self.lead, *self.helpers)])
 
-    def load(self, folder: str) -> int:
-        versions = ray.get([h.load.remote(folder) for h in self.handles])
+    def load(self, folder: str, reward_state: dict | None = None) -> int:
+        versions = ray.get([h.load.remote(folder, reward_state) for h in self.handles])
         return versions[0]
 
     def kill(self) -> None:

@@ -46,6 +46,7 @@ from rlfleet.deploy.guard import GoldWatch
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.deploy.pipeline import Pipeline, Synchronous, build_loop
 from rlfleet.deploy.preflight import check_inputs
+from rlfleet.services.client import ReferenceClient, RewardClient
 
 logger = logging.getLogger(__name__)
 Loop = Synchronous | Pipeline
@@ -240,7 +241,8 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
                                           threads=threads["reward"], compute_dtype=cfg.model.dtype)
         pool = start_rollout_pool(str(model), cfg.rollout, cfg.cluster.rollout, seed=cfg.seed,
                                   threads=threads["rollout"], environment=cfg.environment, env_hosts=hosts)
-        parts = driver.Parts(None, pool, reward, None, tokenizer_path, gold=bool(gold), env_hosts=hosts)
+        parts = driver.Parts(None, pool, reward and RewardClient(reward), None, tokenizer_path, gold=bool(gold),
+                             env_hosts=hosts)
         metrics = driver.evaluate(cfg, parts, data.eval)
     finally:
         if pool is not None:
@@ -319,8 +321,9 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts
     services = [h.health.remote() for h in (reward, reference) if h is not None]
     ray.get(services, timeout=600)
     learner.version()  # the learners are built
-    return driver.Parts(learner, pool, reward, reference, tokenizer_path, restarts, gold=bool(gold) or bool(hosts),
-                        env_hosts=hosts or [])
+    return driver.Parts(learner, pool, reward and RewardClient(reward, restarts),
+                        reference and ReferenceClient(reference, restarts), tokenizer_path,
+                        gold=bool(gold) or bool(hosts), env_hosts=hosts or [])
 
 
 def _local_device() -> torch.device:
@@ -330,7 +333,7 @@ def _local_device() -> torch.device:
 def stop_parts(parts: driver.Parts) -> None:
     parts.pool.close()
     parts.learner.kill()
-    for handle in (parts.reward, parts.reference, *parts.env_hosts):
+    for handle in (parts.reward and parts.reward.handle, parts.reference and parts.reference.handle, *parts.env_hosts):
         if handle is not None:
             ray.kill(handle, no_restart=True)
 

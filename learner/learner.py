@@ -32,7 +32,8 @@ from torch.distributed.tensor import DTensor
 
 from rlfleet.common.collate import pack, pad_rows
 from rlfleet.common.config import RunConfig
-from rlfleet.common.records import Experience, Prepared, Rollout, StepResult
+from rlfleet.common.records import Experience, Prepared, Rollout, ScoreBatch, StepResult
+from rlfleet.common.reward_scale import RewardScaler
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.common.weights import WeightGroupInfo
 from rlfleet.learner.algos import (
@@ -54,6 +55,7 @@ from rlfleet.learner.models import (
     iter_full_weights,
     load_critic,
     load_policy,
+    load_reference,
     response_logprobs,
     response_values,
     trainable_parameters,
@@ -78,6 +80,7 @@ from rlfleet.learner.step_data import (
     check_versions,
     is_cap,
     loss_mask_row,
+    resolved,
     reuses_update_logprobs,
     scatter_rows,
     step_rewards,
@@ -108,7 +111,10 @@ class Learner:
         self.critic = None
         if config.algorithm.advantage_estimator == "gae":
             self.critic = load_critic(critic_path or policy_path, self.device, ckpt)
-        self._reference = self._colocated_reference(policy_path)
+        colocated = config.reference.enabled and config.reference.colocate_with_learner
+        self._reference = load_reference(policy_path, self.policy, self.device) if colocated else None
+        self.rewards = RewardScaler.of(config.reward)
+        """The reward model's score normalisation (its statistics are checkpointed here)."""
         self._build_optimizers()
         algo = config.algorithm
         if algo.kl_target is None:
@@ -135,17 +141,6 @@ class Learner:
                 trainable_parameters(self.critic), lc.critic_lr, lc, total
             )
 
-    def _colocated_reference(self, policy_path: str):
-        if not (self._cfg.reference.enabled and self._cfg.reference.colocate_with_learner):
-            return None
-        if is_lora(self.policy):
-            return "base"  # the policy with its adapter disabled
-        from transformers import AutoModelForCausalLM
-
-        ref = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(self.device).eval()
-        ref.requires_grad_(False)
-        return ref
-
     # ------------------------------------------------------------------ queries
     def scale_kl_coef(self, factor: float) -> float:
         """Multiply the KL coefficient β by `factor` (the over-optimisation guard); the new β."""
@@ -154,6 +149,10 @@ class Learner:
 
     def policy_version(self) -> int:
         return self.version
+
+    def scale_scores(self, scored: ScoreBatch) -> list[float | None]:
+        """`scored`'s scores as this learner would train on them (evaluation: no statistics move)."""
+        return self.rewards(scored.scores, scored.components, scored.weights, update=False)
 
     def parameter_snapshot(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter (policy and critic) by name, on the CPU: for tests and audits."""
@@ -205,6 +204,7 @@ class Learner:
         """One PPO-family update on a scored batch; returns the new version and the metrics.
         `exp.old_logprobs` None: the update's own log-probs serve (`reuses_update_logprobs`)."""
         cfg, algo = self._cfg, self._cfg.algorithm
+        exp = resolved(exp, self.rewards)
         rollouts = exp.rollouts
         width = max(max(len(r.response_ids) for r in rollouts), 1)
         dev = self.device
@@ -461,10 +461,12 @@ class Learner:
             "scheduler": scheduler_state(self.scheduler),
             "critic_scheduler": scheduler_state(self.critic_scheduler),
             "kl_controller": self.kl_controller.state_dict(),
+            "reward_normalizer": self.rewards.state_dict(),
         })
 
-    def load(self, folder: str) -> int:
-        """Restore everything `save` wrote, with any number of ranks; returns the restored version."""
+    def load(self, folder: str, reward_state: dict | None = None) -> int:
+        """Restore everything `save` wrote, with any number of ranks; returns the restored version.
+        `reward_state`: a checkpoint's normaliser written by the reward service (before 2026-11)."""
         src = Path(folder)
         if is_lora(self.policy):
             saved = load_file(str(src / "adapter" / "adapter_model.safetensors"))
@@ -483,6 +485,7 @@ class Learner:
         if self.critic_scheduler is not None:
             self.critic_scheduler.load_state_dict(state["critic_scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
+        self.rewards.load_state_dict(state.get("reward_normalizer") or (reward_state or {}).get("normalizer", {}))
         self.step, self.version, self.skipped_steps = state["step"], state["version"], state["skipped_steps"]
         load_rng(src)
         return self.version

@@ -67,6 +67,16 @@ def load_critic(path: str, device: torch.device, gradient_checkpointing: bool = 
     return critic
 
 
+def load_reference(path: str, policy: torch.nn.Module, device: torch.device):
+    """The reference model colocated with the learner: the policy with its adapter disabled
+    ('base') under LoRA, else a frozen fp32 copy of the initial policy."""
+    if is_lora(policy):
+        return "base"
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
 def response_logprobs(
     model: torch.nn.Module, batch: PackedBatch, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -7,16 +7,27 @@ Notation: B responses, T longest response in the step; P prompt length.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import ray
 import torch
 
 from rlfleet.common.config import RunConfig
-from rlfleet.common.records import Rollout
+from rlfleet.common.records import Experience, Held, Rollout
+from rlfleet.common.reward_scale import RewardScaler
 from rlfleet.learner.algos import token_level_rewards
 
 DECOUPLED_IS_CAP = 2.0
 """The IS cap of decoupled PPO when `algorithm.tis_cap` is unset."""
+
+
+def resolved(exp: Experience, rewards: RewardScaler) -> Experience:
+    """`exp` with its held rows fetched from the object store and its scores as trained on:
+    the reward model's component normalised (the batch moves the running statistics)."""
+    cache: dict = {}
+    rows = {name: value.fetch(ray.get, cache) if isinstance(value, Held) else value
+            for name in ("old_logprobs", "values", "ref_logprobs") if (value := getattr(exp, name)) is not None}
+    return replace(exp, **rows, scores=rewards(exp.scores, exp.components, exp.weights))
 
 
 class StaleRolloutError(ValueError):

@@ -65,6 +65,13 @@ class ReferenceService:
                 out[i] = row
         return out
 
+    def counted_logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                         temperature: float = 1.0) -> tuple[int, list[list[float]]]:
+        """`logprobs` and their count, as two return values (`num_returns=2`): the caller learns
+        that the call succeeded from the count and leaves the rows in the object store."""
+        out = self.logprobs(prompt_ids, response_ids, temperature)
+        return len(out), out
+
     def _forward(self, prompts: list[Sequence[int]], responses: list[Sequence[int]], temperature: float) -> list[list[float]]:
         device = next(self._model.parameters()).device
         batch = pack(prompts, responses, self._pad_id).to(device)

@@ -17,6 +17,7 @@ from typing import Any
 
 from rlfleet.common.config import RewardConfig, RuleRewardConfig
 from rlfleet.common.records import ScoreBatch
+from rlfleet.common.reward_scale import MODEL, weighted_sum
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.services.decoding import TextDecoder
 from rlfleet.services.info import ServiceInfo
@@ -44,11 +45,10 @@ class RewardService:
         self._model = None
         if config.model_path is not None:
             # torch and transformers only where there is a model
-            from rlfleet.services.reward_model import RewardModelScorer, ScoreNormalizer
+            from rlfleet.services.reward_model import RewardModelScorer
 
             apply_thread_budget(threads)
             self._model = RewardModelScorer(config.model_path, config.micro_batch_size, compute_dtype=compute_dtype)
-            self._normalize = ScoreNormalizer(config.normalize, config.norm_mean, config.norm_std, config.clip)
         for i, rule in enumerate(config.rules):
             load_rule(rule.function, field=f"reward.rules[{i}].function")
         for i, rule in enumerate(self._gold):
@@ -72,38 +72,25 @@ class RewardService:
         prompt_ids: Sequence[Sequence[int]],
         response_ids: Sequence[Sequence[int]],
         extras: Sequence[Mapping[str, Any]] | None = None,
-        update_stats: bool = True,
-        state: Mapping[str, Any] | None = None,
     ) -> ScoreBatch:
         """Score B responses; `extras` are the examples' other fields (e.g. a reference answer).
 
-        `update_stats=False` (evaluation) leaves the running reward normalisation unchanged.
-        `state` (from an earlier `ScoreBatch.state`) is loaded first, in this same call: an
-        actor that Ray restarted between two calls scores with the statistics it had."""
-        if state:
-            self.load_state_dict(state)
+        Stateless: the same call gives the same scores on any actor, a restarted one too. The
+        reward model's score comes raw; the learner normalises it (`common/reward_scale.py`)."""
         extras = extras if extras is not None else [{}] * len(prompt_ids)
         components: dict[str, list[float | None]] = {}
         reasons: list[str | None] = [None] * len(prompt_ids)
         weights: dict[str, float] = {}
-        raw: list[float] = []
         if self._model is not None:
             raw = self._model.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
-            values = self._normalize(raw, update=update_stats)
-            components["model"] = [v if math.isfinite(v) else None for v in values]
-            weights["model"] = self._config.model_weight
+            components[MODEL] = [v if math.isfinite(v) else None for v in raw]
+            weights[MODEL] = self._config.model_weight
             _mark(reasons, "model", ["non_finite" if v is None else None for v in components["model"]])
         if self._runner is not None or self._remote is not None:
             prompts = self._decoder.batch_decode(prompt_ids)
             responses = self._decoder.batch_decode(response_ids)
             self._score_text(prompts, responses, extras, components, weights, reasons)
-        scores = [
-            None if reasons[i] is not None
-            else sum(weights[name] * values[i] for name, values in components.items())  # type: ignore[operator]
-            for i in range(len(prompt_ids))
-        ]
-        raw_model = [v if math.isfinite(v) else None for v in raw]
-        return ScoreBatch(scores, components, reasons, raw_model, self.state_dict())
+        return ScoreBatch(weighted_sum(components, weights, reasons), components, reasons, weights)
 
     def gold(
         self,
@@ -112,7 +99,7 @@ class RewardService:
         extras: Sequence[Mapping[str, Any]],
     ) -> list[float | None]:
         """The gold checker's weighted sum per response (None where a rule could not score
-        it); used at evaluation only, it never moves the normaliser."""
+        it); used at evaluation only."""
         if not self._gold:
             raise ValueError("this reward service has no gold checker (data.eval_reward)")
         prompts = self._decoder.batch_decode(prompt_ids)
@@ -135,14 +122,6 @@ class RewardService:
             components["remote"] = [o.value for o in outcomes]
             weights["remote"] = self._config.remote.weight
             _mark(reasons, "remote", [o.reason for o in outcomes])
-
-    def state_dict(self) -> dict[str, Any]:
-        """The running normalisation statistics (part of a run's checkpoint)."""
-        return {"normalizer": self._normalize.state_dict()} if self._model is not None else {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self._model is not None and "normalizer" in state:
-            self._normalize.load_state_dict(state["normalizer"])
 
     def close(self) -> None:
         if self._runner is not None:

@@ -339,7 +339,7 @@ def test_a_killed_reward_actor_is_restarted_and_its_call_retried(ray_cluster, tm
     it, the driver retries the call and the run completes every step. With no restarts allowed
     the same fault stops the run with an error naming the actor and the setting, and the
     step-1 checkpoint stays the newest complete one."""
-    from rlfleet.deploy.driver import ServiceError
+    from rlfleet.services.client import ServiceError
     from tests.services.rule_fixtures import KILL_MARKER
 
     fired = Path(f"{KILL_MARKER}.fired")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -319,6 +320,39 @@ def test_saved_and_loaded_learner_continues_exactly(tiny_model_dir, tmp_path, es
             assert step2[1].metrics[key] == pytest.approx(value, abs=1e-6), key
     assert resumed.kl_controller.value == first.kl_controller.value
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))  # no pickles
+
+
+def test_the_learner_normalises_the_reward_models_score_and_checkpoints_the_statistics(tiny_model_dir, tmp_path):
+    """The reward service is stateless: the learner folds each trained batch's raw model scores
+    into the running statistics, trains on the normalised sum (a rule's component unchanged),
+    and saves the statistics with its checkpoint; an older checkpoint's (written by the
+    reward service into the run's state) is loaded when the learner's own has none."""
+    cfg = make_config("grpo")
+    cfg = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"normalize": "running"})})
+    raw, rule = [2.0, -1.0, 0.5, 3.0, 1.0, 1.5], [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    scores = [0.5 * m + r for m, r in zip(raw, rule, strict=True)]
+    learner = Learner(cfg, str(tiny_model_dir))
+    rollouts = make_rollouts()
+    exp = dataclasses.replace(experience(learner, rollouts, scores), components={"model": raw, "rules[0]": rule},
+                              weights={"model": 0.5, "rules[0]": 1.0})
+    result = learner.train_step(exp)
+    mean, std = sum(raw) / 6, torch.tensor(raw).std().item()
+    trained = [0.5 * (m - mean) / std + r for m, r in zip(raw, rule, strict=True)]
+    assert result.metrics["reward"] == pytest.approx(sum(trained) / 6, abs=1e-5)
+    assert learner.rewards.state_dict()["count"] == 6 and learner.rewards.normalizer.mean == pytest.approx(mean)
+    learner.save(str(tmp_path / "ckpt"))
+    resumed = Learner(cfg, str(tiny_model_dir))
+    resumed.load(str(tmp_path / "ckpt"))
+    assert resumed.rewards.state_dict() == learner.rewards.state_dict()
+    # a checkpoint from before the move: no statistics in learner.json, the reward service's in the run state
+    folder = tmp_path / "ckpt" / "learner.json"
+    state = json.loads(folder.read_text())
+    del state["reward_normalizer"]
+    folder.write_text(json.dumps(state))
+    legacy = {"normalizer": {"mean": 1.25, "std": 2.0, "count": 40, "m2": 156.0}}
+    older = Learner(cfg, str(tiny_model_dir))
+    older.load(str(tmp_path / "ckpt"), legacy)
+    assert older.rewards.state_dict() == legacy["normalizer"]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from rlfleet.common.reward_scale import ScoreNormalizer
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.learner.algos import logprobs_from_logits
 from rlfleet.services.reference import ReferenceService
-from rlfleet.services.reward_model import RewardModelScorer, ScoreNormalizer
+from rlfleet.services.reward_model import RewardModelScorer
 
 pytestmark = pytest.mark.unit
 
@@ -101,31 +102,42 @@ def test_service_info(tiny_model_dir, rm_dir):
     assert RewardModelScorer(str(rm_dir)).info().parameters < params  # a 1-label head, no LM head
 
 
-def test_running_normalisation_is_checkpointed_and_untouched_by_evaluation(rm_dir):
+def test_the_reward_service_is_stateless_and_the_learners_scaler_normalises_its_model_score(rm_dir):
+    """The service returns the reward model's raw score (weighted in `scores`); the same call
+    gives the same scores on a fresh service (what a restart gives). The learner's scaler folds
+    each trained batch into the running statistics and normalises the model's component;
+    evaluation moves nothing; its state round-trips (the learner's checkpoint)."""
     from rlfleet.common.config import RewardConfig
+    from rlfleet.common.reward_scale import RewardScaler
     from rlfleet.services.reward_service import RewardService
 
-    config = RewardConfig(model_path=str(rm_dir), normalize="running")
+    config = RewardConfig(model_path=str(rm_dir), normalize="running", model_weight=2.0)
     seqs = mixed_sequences(5)
     prompts, responses = [s[:3] for s in seqs], [s[3:] for s in seqs]
     service = RewardService(config, str(rm_dir))
-    state = service.score(prompts[:6], responses[:6]).state
-    assert state == service.state_dict() and state["normalizer"]["count"] == 6
-    evaluated = service.score(prompts[6:], responses[6:], update_stats=False)
-    assert service.state_dict() == state == evaluated.state  # evaluation does not move the statistics
-    mean, std = state["normalizer"]["mean"], state["normalizer"]["std"]  # the raw scores come along
-    assert [(r - mean) / std for r in evaluated.raw_model] == pytest.approx(evaluated.scores, abs=1e-5)
-    restored = RewardService(config, str(rm_dir))
+    first = service.score(prompts[:6], responses[:6])
+    raw = first.components["model"]
+    assert first.weights == {"model": 2.0} and first.scores == pytest.approx([2 * r for r in raw], abs=1e-6)
+    assert service.score(prompts[:6], responses[:6]).scores == pytest.approx(first.scores, abs=1e-6)
+    assert RewardService(config, str(rm_dir)).score(prompts[:6], responses[:6]).scores == pytest.approx(
+        first.scores, abs=1e-6)
+    scaler = RewardScaler.of(config)
+    mean, std = statistics.mean(raw), statistics.stdev(raw)
+    trained = scaler(first.scores, first.components, first.weights)
+    assert trained == pytest.approx([2 * (r - mean) / std for r in raw], abs=1e-5)
+    state = scaler.state_dict()
+    assert state["count"] == 6
+    second = service.score(prompts[6:], responses[6:])
+    evaluated = scaler(second.scores, second.components, second.weights, update=False)
+    assert scaler.state_dict() == state  # evaluation does not move the statistics
+    assert evaluated == pytest.approx([2 * (r - mean) / std for r in second.components["model"]], abs=1e-5)
+    restored = RewardScaler.of(config)
     restored.load_state_dict(state)
-    again = restored.score(prompts[6:], responses[6:], update_stats=False)
-    assert again.scores == pytest.approx(evaluated.scores, abs=1e-6)
-    assert restored.score(prompts[6:], responses[6:]).scores == pytest.approx(
-        service.score(prompts[6:], responses[6:]).scores, abs=1e-6)
-    # The state can come with the score call itself (what the driver does: one actor call,
-    # so a restart between loading and scoring cannot happen).
-    fresh = RewardService(config, str(rm_dir))
-    carried = fresh.score(prompts[6:], responses[6:], update_stats=False, state=state)
-    assert carried.scores == pytest.approx(evaluated.scores, abs=1e-6)
+    assert restored(second.scores, second.components, second.weights) == pytest.approx(
+        scaler(second.scores, second.components, second.weights), abs=1e-9)
+    # without normalisation the service's sums are what the learner trains on
+    plain = RewardScaler.of(RewardConfig(model_path=str(rm_dir)))
+    assert plain(first.scores, first.components, first.weights) == first.scores
 
 
 def test_the_reward_services_decoder_equals_the_tokenizers_batch_decode(tiny_model_dir, tiny_tokenizer, tmp_path):

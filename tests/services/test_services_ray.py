@@ -11,6 +11,7 @@ from rlfleet.common.config import ReferenceConfig, RewardConfig, RoleResources, 
 from rlfleet.common.threads import ThreadBudget, node_cores
 from rlfleet.common.tiny_models import build_tiny_reward_model
 from rlfleet.deploy.assembly import start_reference_service, start_reward_service
+from rlfleet.services.client import ReferenceClient
 from rlfleet.services.reference import ReferenceService
 from rlfleet.services.reward_model import RewardModelScorer
 
@@ -50,6 +51,10 @@ def test_reference_service_actor_equals_in_process(ray_cluster, tiny_model_dir):
     prompts, responses = [[20, 21, 22], [30], [40, 41]], [[50, 51], [52, 53, 54, 55], [56]]
     remote = ray.get(ref.logprobs.remote(prompts, responses))
     assert remote == ReferenceService(str(tiny_model_dir), micro_batch_size=2).logprobs(prompts, responses)
+    client = ReferenceClient(ref)  # the driver's path: the rows stay in the object store
+    held = client.held(client.logprobs(prompts, responses, 1.0))
+    assert held.rows == (0, 1, 2) and held.fetch(ray.get) == remote
+    assert held.take([2, 0]).fetch(ray.get) == [remote[2], remote[0]]
     info = ray.get(ref.info.remote())
     assert info.device == "cpu" and info.threads == node_cores()
     ray.kill(ref)
@@ -76,13 +81,12 @@ def test_256_responses_are_scored_in_bounded_micro_batches(rm_dir):
     assert scores[:8] == pytest.approx(alone, abs=1e-5)
 
 
-def test_a_restarted_reward_service_scores_with_the_normaliser_state_it_had(ray_cluster, rm_dir, tiny_model_dir):
-    """Running normalisation keeps statistics in the actor. Killed between two calls (Ray
-    restarts it silently) or during one, the driver's next call brings the state it last saw,
-    so the scores equal those of a service that never died. (`ray.kill` is asynchronous: the
-    kill may land before, during or after the next call; every case must give these scores,
-    which is why the state travels inside the score call.)"""
-    from rlfleet.deploy.driver import Parts, call_service, reward_call
+def test_a_restarted_reward_service_scores_like_one_that_never_died(ray_cluster, rm_dir, tiny_model_dir):
+    """The reward service is stateless (the learner owns the normalisation). Killed between two
+    calls (Ray restarts it silently) or during one, the client makes the call again and gets
+    the scores of a service that never died. (`ray.kill` is asynchronous: the kill may land
+    before, during or after the next call; every case must give these scores.)"""
+    from rlfleet.services.client import RewardClient
 
     cfg = RewardConfig(model_path=str(rm_dir), normalize="running")
     g = torch.Generator().manual_seed(9)
@@ -91,20 +95,14 @@ def test_a_restarted_reward_service_scores_with_the_normaliser_state_it_had(ray_
     steady = start_reward_service(cfg, str(tiny_model_dir), RoleResources(num_cpus=0))
     want = [ray.get(steady.score.remote(*b)).scores for b in batches]
     flaky = start_reward_service(cfg, str(tiny_model_dir), RoleResources(num_cpus=0), restarts=2)
-    parts = Parts(None, None, flaky, None, str(tiny_model_dir), restarts=2)
+    client = RewardClient(flaky, restarts=2)
     got = []
     for i, batch in enumerate(batches):
-        if i:  # killed after every completed call; the next call meets a restarted actor
+        if i:  # killed after every completed call; the next call meets a restarting actor
             ray.kill(flaky, no_restart=False)
-        scored = call_service(parts, "reward", lambda b=batch: reward_call(parts, *b))
-        got.append(scored.scores)
-        parts.reward_state = scored.state
+        got.append(client.scores(client.score(*batch)).scores)
     for g_scores, w_scores in zip(got, want, strict=True):
         assert g_scores == pytest.approx(w_scores, abs=1e-6)
-    # The statistics do matter: a fresh service (what a restart gives without the state)
-    # scores the last batch differently.
-    fresh = start_reward_service(cfg, str(tiny_model_dir), RoleResources(num_cpus=0))
-    assert ray.get(fresh.score.remote(*batches[-1])).scores != pytest.approx(want[-1], abs=1e-3)
-    ray.kill(fresh, no_restart=True)
+    assert client.retries <= 2
     for handle in (steady, flaky):
         ray.kill(handle, no_restart=True)

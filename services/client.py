@@ -1,0 +1,141 @@
+"""One typed client for the reward and reference actors.
+
+A call is submitted and collected separately (so that reward, reference and the learner's
+`prepare` run at once). When the actor died under a call, Ray restarts it (the actors are
+started with `max_restarts = cluster.service_restarts`), the client waits until it answers,
+and makes the same call again; past `restarts` deaths it raises `ServiceError`, naming the
+actor and the setting. The services are stateless, so a re-made call needs nothing back.
+
+The reference's log-probs stay in the object store (`Held`): the driver only learns that the
+call succeeded (a row count, a second return value) and the learner fetches the rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from rlfleet.common.records import Held, ScoreBatch
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(RuntimeError):
+    """A reward or reference actor kept dying, or did not come back."""
+
+
+@dataclass
+class Call:
+    """A service call in flight: `make()` submits it (again); `ready` is the object whose value
+    says it is done; `kept`, where there is one, the result left in the object store."""
+
+    make: Callable[[], tuple[ray.ObjectRef, ray.ObjectRef | None]]
+    ready: ray.ObjectRef
+    kept: ray.ObjectRef | None
+    submitted: float
+
+    @property
+    def refs(self) -> list[ray.ObjectRef]:
+        return [self.ready] if self.kept is None else [self.ready, self.kept]
+
+
+class ServiceClient:
+    """Calls to one service actor, retried after Ray restarts it."""
+
+    def __init__(self, handle: Any, name: str, restarts: int = 0, back_timeout_s: float = 600.0):
+        self.handle = handle
+        self.name = name
+        self.restarts = restarts
+        self.retries = 0
+        """Calls made again because the actor died (cumulative)."""
+        self._back_timeout_s = back_timeout_s
+
+    def submit(self, method: str, *args: Any, kept: bool = False, **kwargs: Any) -> Call:
+        """`method(*args, **kwargs)` in flight; `kept`: the method returns (a small value, the
+        result), and the result stays in the object store."""
+        def make() -> tuple[ray.ObjectRef, ray.ObjectRef | None]:
+            fn = getattr(self.handle, method)
+            if kept:
+                ready, result = fn.options(num_returns=2).remote(*args, **kwargs)
+                return ready, result
+            return fn.remote(*args, **kwargs), None
+
+        ready, result = make()
+        return Call(make, ready, result, time.perf_counter())
+
+    def result(self, call: Call) -> Any:
+        """The value of `call.ready` (the call re-made while the actor died and came back)."""
+        deaths = 0
+        while True:
+            try:
+                return ray.get(call.ready)
+            except ray.exceptions.RayActorError as err:
+                deaths += 1
+                if deaths > self.restarts:
+                    raise ServiceError(
+                        f"the {self.name} actor died {deaths} time(s) (cluster.service_restarts={self.restarts}); "
+                        f"stopping, the last checkpoint is untouched: {err}"
+                    ) from err
+                self.retries += 1
+                logger.warning("the %s actor died (%s); retrying after Ray restarts it (%d/%d)",
+                               self.name, type(err).__name__, deaths, self.restarts)
+                self._wait_until_back()
+                call.ready, call.kept = call.make()
+
+    def health(self, timeout_s: float = 600.0) -> bool:
+        return ray.get(self.handle.health.remote(), timeout=timeout_s)
+
+    def _wait_until_back(self) -> None:
+        """Block until a restarting actor answers again (its model loads in its constructor)."""
+        deadline = time.monotonic() + self._back_timeout_s
+        while True:
+            try:
+                ray.get(self.handle.health.remote(), timeout=60)
+                return
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as err:
+                if time.monotonic() > deadline:
+                    raise ServiceError(
+                        f"the {self.name} actor did not come back within {self._back_timeout_s:g} s") from err
+                time.sleep(0.5)
+            except ray.exceptions.ActorDiedError as err:
+                raise ServiceError(f"the {self.name} actor died and was not restarted: {err}") from err
+
+
+class RewardClient(ServiceClient):
+    """The reward service (`services/reward_service.py`)."""
+
+    def __init__(self, handle: Any, restarts: int = 0):
+        super().__init__(handle, "reward", restarts)
+
+    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+              extras: Sequence[dict]) -> Call:
+        return self.submit("score", prompts, responses, extras)
+
+    def scores(self, call: Call) -> ScoreBatch:
+        return self.result(call)
+
+    def gold(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+             extras: Sequence[dict]) -> list[float | None]:
+        """The gold checker's verdicts (evaluation)."""
+        return self.result(self.submit("gold", prompts, responses, extras))
+
+
+class ReferenceClient(ServiceClient):
+    """The reference model (`services/reference.py`)."""
+
+    def __init__(self, handle: Any, restarts: int = 0):
+        super().__init__(handle, "reference", restarts)
+
+    def logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                 temperature: float) -> Call:
+        return self.submit("counted_logprobs", prompts, responses, temperature, kept=True)
+
+    def held(self, call: Call) -> Held:
+        """The call's log-probs, left in the object store for the learner."""
+        count = self.result(call)
+        return Held.of([(list(range(count)), call.kept)])
