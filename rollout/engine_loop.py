@@ -70,8 +70,12 @@ class _Op:
 class EngineLoop:
     """A vLLM `LLMEngine` stepped by one thread for every call of its worker."""
 
-    def __init__(self, engine: Any, version: int, deadline_s: float, interrupt: bool = False):
+    def __init__(self, engine: Any, version: int, deadline_s: float, interrupt: bool = False,
+                 threads: int | None = None):
+        """`threads`: the intra-op threads the engine was built with; OpenMP's thread count is
+        per calling thread, and vLLM's CPU attention checks that each step uses the same."""
         self._engine = engine
+        self._threads = threads
         self.version = version
         """The version of the weights the engine holds (a load's function returns the new one)."""
         self._deadline_s = deadline_s
@@ -151,6 +155,10 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ the loop's thread
     def _run(self) -> None:
+        if self._threads:
+            import torch
+
+            torch._C.set_num_threads(self._threads)  # vLLM's CPU worker made the public setter a no-op
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._closed or self._live or self._incoming

@@ -120,7 +120,10 @@ class VLLMRolloutWorker:
         warm_prompt = [self._tokenizer.eos_token_id or 0] * HALF_PRECISION_CPU_MIN_PROMPT
         self._llm.generate([{"prompt_token_ids": warm_prompt}], SamplingParams(n=1, max_tokens=1, logprobs=0),
                            use_tqdm=False)
-        self._loop = EngineLoop(self._llm.llm_engine, 0, config.generate_timeout_s, config.partial_rollout)
+        import torch
+
+        self._loop = EngineLoop(self._llm.llm_engine, 0, config.generate_timeout_s, config.partial_rollout,
+                                threads=torch.get_num_threads())
         """Every call's requests share the engine (continuous batching across calls); a push
         lands between two requests, or with partial_rollout between two engine steps."""
         self._episodes = EpisodeRunner(env_hosts, environment, self._tokenizer, self._id) if env_hosts else None
