@@ -38,7 +38,7 @@ from rlfleet.common.records import (
 from rlfleet.common.reward_scale import MODEL, RewardScaler
 from rlfleet.deploy import episodes
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
-from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, merge
+from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, join, merge
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.step_data import needs_prepare
 from rlfleet.rollout.pool import RolloutPool
@@ -251,10 +251,13 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
     return metrics, result
 
 
-def _scored(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutBatch, scoring: Scoring | None,
-            timer: PhaseTimer) -> ScoredBatch:
-    scoring = scoring or submit_scoring(cfg, parts, batch.rollouts, examples)
-    scored, (old, values, ref) = collect_scoring(parts, scoring, timer)
+def _scored(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutBatch,
+            scoring: Scoring | Streamed | None, timer: PhaseTimer) -> ScoredBatch:
+    if isinstance(scoring, Streamed):
+        scored, (old, values, ref) = collect_streamed(parts, scoring, timer)
+    else:
+        scoring = scoring or submit_scoring(cfg, parts, batch.rollouts, examples)
+        scored, (old, values, ref) = collect_scoring(parts, scoring, timer)
     return ScoredBatch(examples, batch.rollouts, scored, old, values, ref, batch.generate_seconds,
                        batch.num_tokens, len(batch.dropped))
 
@@ -270,6 +273,40 @@ class Scoring:
     pending: list
     """`LearnerGroup.submit_prepare`'s calls (none when the update makes its own old log-probs)."""
     submitted: float
+
+
+@dataclass
+class Streamed:
+    """A batch's scoring submitted part by part as the fleet completed its groups (the
+    overlapped loop): each part scores the records of some groups, in its own order."""
+
+    parts: list[Scoring]
+    order: list[int]
+    """For each record of the batch as trained, its row among the parts' records (joined)."""
+
+    @staticmethod
+    def rows_of(parts: list[Scoring], rollouts: list[Rollout]) -> list[int]:
+        """Each record's row among the parts' records (a group's records in the same order)."""
+        where: dict[int, list[int]] = {}
+        for row, r in enumerate(r for s in parts for r in s.rollouts):
+            where.setdefault(r.prompt_index, []).append(row)
+        seen: Counter = Counter()
+        out = []
+        for r in rollouts:
+            out.append(where[r.prompt_index][seen[r.prompt_index]])
+            seen[r.prompt_index] += 1
+        return out
+
+
+def collect_streamed(parts: Parts, s: Streamed, timer: PhaseTimer) -> tuple[ScoreBatch, tuple[Held | None, ...]]:
+    """The parts' results joined in the batch's order; `timer` gets each call's longest latency."""
+    collected = []
+    for part in s.parts:
+        own = PhaseTimer()
+        collected.append(collect_scoring(parts, part, own))
+        for name, seconds in own.seconds.items():
+            timer.seconds[name] = max(timer.seconds.get(name, 0.0), seconds)
+    return join(collected, s.order)
 
 
 def submit_scoring(cfg: RunConfig, parts: Parts, rollouts: list[Rollout], examples: list[Example]) -> Scoring:

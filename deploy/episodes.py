@@ -8,7 +8,7 @@ service call. The environment's own verdict (`info['success']`) is the gold chec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlfleet.common.config import RunConfig
@@ -21,11 +21,13 @@ def episode_inputs(examples: Sequence[Example]) -> list[dict[str, Any]]:
     return [dict(e.extra) for e in examples]
 
 
-def generate(cfg: RunConfig, pool: Any, examples: Sequence[Example], spec: SamplingSpec) -> RolloutBatch:
-    """The step's records: single responses, or episodes when the run has an environment."""
+def generate(cfg: RunConfig, pool: Any, examples: Sequence[Example], spec: SamplingSpec,
+             on_group: Callable | None = None) -> RolloutBatch:
+    """The step's records: single responses (`on_group` hears of each group as it comes
+    back), or episodes when the run has an environment."""
     if cfg.environment.enabled:
         return pool.run_episodes(episode_inputs(examples), spec)
-    return pool.generate([e.prompt_ids for e in examples], spec)
+    return pool.generate([e.prompt_ids for e in examples], spec, on_group)
 
 
 def episode_scores(rollouts: Sequence[Rollout]) -> ScoreBatch:

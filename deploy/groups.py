@@ -50,6 +50,26 @@ def merge(a: ScoredBatch, b: ScoredBatch) -> ScoredBatch:
     )
 
 
+def join(collected: list[tuple[ScoreBatch, tuple[Held | None, ...]]], order: list[int],
+         ) -> tuple[ScoreBatch, tuple[Held | None, ...]]:
+    """Scoring results of consecutive row ranges joined, then the rows `order` (of the joined rows)."""
+    pick = lambda values: [values[i] for i in order]  # noqa: E731
+    batches = [b for b, _ in collected]
+    names = list(batches[0].components) if batches else []
+    scored = ScoreBatch(pick([s for b in batches for s in b.scores]),
+                        {k: pick([v for b in batches for v in b.components[k]]) for k in names},
+                        pick([r for b in batches for r in b.reasons]),
+                        {k: w for b in batches for k, w in b.weights.items()})
+    rows = []
+    for i in range(3):  # old log-probs, values, reference log-probs
+        held = [h[i] for _, h in collected]
+        joined = None if not held or any(h is None for h in held) else held[0]
+        for h in held[1:] if joined is not None else []:
+            joined = joined.then(h)
+        rows.append(None if joined is None else joined.take(order))
+    return scored, tuple(rows)
+
+
 def informative_groups(scores: Sequence[float | None], group_ids: Sequence[int]) -> list[int]:
     """Groups (in order of first appearance) whose scored responses do not all score alike:
     the others give a group-relative estimator no signal (DAPO's dynamic sampling)."""

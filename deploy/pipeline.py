@@ -15,6 +15,12 @@ requests on it (`rollout/stepped.py`). Each record's staleness is the learner's 
 trains on it minus the version of its oldest token; nothing older than k is trained on
 (`rollout/refused_stale` counts what was refused).
 
+Streaming (vLLM, single-turn): the pool hands each prompt group on as it comes back
+(`RolloutPool.generate(on_group=...)`), and the driver's thread submits the scoring of the
+groups back so far (reward ∥ reference ∥ prepare) while it waits for the batch or while the
+learner trains, so a group's scoring starts about when the group is complete; the batch is
+trained on the parts joined in its order (`driver.Streamed`, `rollout/scoring_parts`).
+
 Every wait on the thread has a deadline (a backstop over the pool's own per-call deadlines);
 when it passes, the error names what was awaited. A queued push or rescale that failed is
 raised at the next wait, never lost.
@@ -32,7 +38,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -78,6 +85,10 @@ class ThreadedPool:
     def stats(self):
         return self._pool.stats
 
+    @property
+    def streaming(self) -> bool:
+        return self._pool.streaming
+
     def handles(self) -> list[Any]:
         return self._pool.handles()
 
@@ -118,10 +129,16 @@ class ThreadedPool:
             if error is not None:
                 raise RuntimeError(f"{what} failed: {error}") from error
 
-    def wait(self, future: Future, what: str) -> Any:
-        """`future`'s result within the deadline; else PipelineTimeout naming `what`."""
+    def wait(self, future: Future, what: str, while_waiting: Callable[[], None] | None = None) -> Any:
+        """`future`'s result within the deadline; else PipelineTimeout naming `what`.
+        `while_waiting()` runs every 10 ms until it is done."""
+        deadline = time.monotonic() + self._deadline_s
         try:
-            result = future.result(timeout=self._deadline_s)
+            if while_waiting is not None:
+                while not future.done() and time.monotonic() < deadline:
+                    while_waiting()
+                    wait_futures([future], timeout=0.01)
+            result = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout as err:
             raise PipelineTimeout(
                 f"waited {self._deadline_s:g} s for {what} on the rollout thread "
@@ -153,6 +170,11 @@ class _InFlight:
     queued_at_version: int
     scoring: driver.Scoring | None = None
     """Its reward / reference / old-log-prob calls, once submitted (while the learner trained)."""
+    done_groups: deque = field(default_factory=deque)
+    """Streaming: (first prompt index, records) of each call back from the fleet, not yet scored
+    (appended on the rollout thread, taken on the driver's)."""
+    streamed: list[driver.Scoring] = field(default_factory=list)
+    """Streaming: the scoring calls submitted for its groups so far."""
 
 
 class Pipeline:
@@ -169,6 +191,10 @@ class Pipeline:
         self.version = version
         """The learner's version (the weights the next update starts from)."""
         self.refused = 0
+        self._streaming = parts.pool.streaming and not cfg.environment.enabled
+        """Each group's scoring starts when the fleet hands it back (vLLM, single-turn)."""
+        self.streamed_parts = 0
+        """Scoring calls submitted group-wise so far (a metric: how finely scoring streamed)."""
 
     def position(self) -> dict:
         """The sampler state to checkpoint: before the prompts of the batches still in flight."""
@@ -180,16 +206,39 @@ class Pipeline:
             position = self._sampler.state_dict()
             examples = driver.draw(self._cfg, self._data, self._sampler)
             spec = driver.sampling_spec(self._cfg, self._next_index)
-            future = self._pool.generate_async(lambda pool, ex=examples, sp=spec: episodes.generate(self._cfg, pool, ex, sp))
-            self._ahead.append(_InFlight(self._next_index, examples, future, position, self.version))
+            done: deque = deque()
+            on_group = (lambda start, part, d=done: d.append((start, part))) if self._streaming else None
+            future = self._pool.generate_async(
+                lambda pool, ex=examples, sp=spec, og=on_group: episodes.generate(self._cfg, pool, ex, sp, og))
+            self._ahead.append(_InFlight(self._next_index, examples, future, position, self.version, done_groups=done))
             self._next_index += 1
+
+    def _score_groups(self, batch: _InFlight) -> None:
+        """Streaming: submit the scoring of the groups the fleet sent back since the last look
+        (one call per service for all of them), on the driver's thread: every learner call is
+        made from this thread, so data-parallel ranks see them in one order."""
+        taken = []
+        while batch.done_groups:
+            taken.append(batch.done_groups.popleft())
+        rollouts = [replace(r, prompt_index=r.prompt_index + start) for start, part in taken for r in part.rollouts]
+        if rollouts:
+            batch.streamed.append(driver.submit_scoring(self._cfg, self._parts, rollouts, batch.examples))
 
     def _take(self, what: str) -> tuple[_InFlight, RolloutBatch, driver.Scoring | None]:
         """The oldest batch in flight, once generated, without records past the bound."""
         mine = self._ahead.popleft()
-        batch = self._pool.wait(mine.future, f"{what} (batch {mine.index}, queued at policy v{mine.queued_at_version})")
-        batch, refused = self._fresh(batch)
-        return mine, batch, mine.scoring if not refused else None  # scored early: the batch as generated
+        score = (lambda: self._score_groups(mine)) if self._streaming else None
+        batch = self._pool.wait(mine.future, f"{what} (batch {mine.index}, queued at policy v{mine.queued_at_version})",
+                                score)
+        if self._streaming:
+            self._score_groups(mine)  # the last groups
+            rows = driver.Streamed.rows_of(mine.streamed, batch.rollouts)
+        generated = len(batch.rollouts)
+        batch, kept = self._fresh(batch)
+        if self._streaming:  # the groups' scoring, without the records refused
+            self.streamed_parts += len(mine.streamed)
+            return mine, batch, driver.Streamed(mine.streamed, [rows[i] for i in kept])
+        return mine, batch, mine.scoring if len(kept) == generated else None  # scored early: the batch as generated
 
     def step(self, step: int) -> dict[str, Any]:
         cfg, k = self._cfg, self._cfg.rollout.max_staleness
@@ -197,7 +246,7 @@ class Pipeline:
         began = time.perf_counter()
         if self._next_index is None:
             self._next_index = step
-        refused_before = self.refused
+        refused_before, parts_before = self.refused, self.streamed_parts
         self._fill(k + 1)
         with timer("generate"):  # the wait: the engines' own time is timing/generate_busy
             mine, batch, scoring = self._take(f"the rollouts of step {step}")
@@ -212,6 +261,8 @@ class Pipeline:
                                        more, version=self.version)
         metrics.update({
             "rollout/refused_stale": float(self.refused - refused_before),
+            # streaming: scoring calls this step's batches were scored in (1: the whole batch at once)
+            "rollout/scoring_parts": float(self.streamed_parts - parts_before),
             # partial_rollout: records whose tokens span a push (generated by two versions)
             "rollout/interrupted": float(sum(1 for r in batch.rollouts
                                              if r.token_versions and r.token_versions[0] != r.token_versions[-1])),
@@ -232,26 +283,31 @@ class Pipeline:
             return
         nxt = self._ahead[0]
         while True:
+            if self._streaming:
+                self._score_groups(nxt)
             if nxt.future.done():
-                if nxt.future.exception() is None:
+                if nxt.future.exception() is None and not self._streaming:
                     batch = nxt.future.result()
                     nxt.scoring = driver.submit_scoring(self._cfg, self._parts, batch.rollouts, nxt.examples)
+                elif nxt.future.exception() is None:
+                    self._score_groups(nxt)
                 return
             ready, _ = ray.wait(training, num_returns=len(training), timeout=0.005)
             if len(ready) == len(training):
                 return
 
-    def _fresh(self, batch: RolloutBatch) -> tuple[RolloutBatch, int]:
-        """Drop (and count) the records older than the bound; a group shares its worker call,
-        so whole groups go."""
+    def _fresh(self, batch: RolloutBatch) -> tuple[RolloutBatch, list[int]]:
+        """Drop (and count) the records older than the bound (a group shares its worker call,
+        so whole groups go); the indices of those kept."""
         oldest = self.version - self._cfg.rollout.max_staleness
-        keep = [r for r in batch.rollouts if r.policy_version >= oldest]
+        kept = [i for i, r in enumerate(batch.rollouts) if r.policy_version >= oldest]
+        keep = [batch.rollouts[i] for i in kept]
         refused = len(batch.rollouts) - len(keep)
         if refused:
             self.refused += refused
             logger.warning("refused %d records older than policy v%d (rollout.max_staleness=%d)",
                            refused, oldest, self._cfg.rollout.max_staleness)
-        return replace(batch, rollouts=keep), refused
+        return replace(batch, rollouts=keep), kept
 
 
 def pipeline_deadline_s(cfg: RunConfig) -> float:

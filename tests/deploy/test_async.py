@@ -25,6 +25,8 @@ def check_async_steps(rows: list[dict], steps: int, k: int) -> None:
         # version 0 fills the first k + 1 batches; then each batch is exactly k versions old
         assert row["rollout/staleness_max"] == row["rollout/staleness_mean"] == min(step - 1, k)
         assert row["rollout/policy_version"] == max(0, step - 1 - k)
+        # streaming: the batch was scored in the calls submitted as its groups came back
+        assert row["rollout/scoring_parts"] >= 1
     later = rows[1:]
     # Overlap: a serial loop spends at least generate + score + train on each step; here the
     # engines' generation of the next batches runs while the learner scores and trains.
