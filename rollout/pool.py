@@ -107,7 +107,8 @@ class RolloutPool:
         """partial_rollout: a push offered from another thread lands during a generate call."""
         self.streaming = streaming
         """Each prompt group of a generate call is its own worker call (vLLM workers)."""
-        self._groups_in_flight = groups_in_flight
+        self.groups_in_flight = groups_in_flight
+        """Streaming: calls in flight per worker (0: enough groups for `ENGINE_SEQUENCES`)."""
         self._offered: WeightSource | None = None
         self._offer_lock = threading.Lock()
         self.stats = PoolStats()
@@ -209,7 +210,7 @@ class RolloutPool:
         oldest = self.version
         chunks = self._split(prompts, method)
         queue = deque(chunks)
-        window = self._groups_in_flight or max(1, ENGINE_SEQUENCES // spec.n)
+        window = self.groups_in_flight or max(1, ENGINE_SEQUENCES // spec.n)
         pending: dict[ray.ObjectRef, tuple[_Chunk, _Slot, float, int]] = {}
         self._fill(queue, spec, pending, window)
         results: dict[int, RolloutBatch] = {}

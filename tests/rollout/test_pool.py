@@ -131,6 +131,28 @@ def test_groups_complete_and_in_order_while_scaling(pool, tiny_tokenizer):
     check_complete(pool.generate(PROMPTS, spec), 4, pool.version, tiny_tokenizer)
 
 
+def test_groups_go_one_by_one_to_the_least_loaded_worker_and_are_handed_on_as_they_come_back(pool, tiny_tokenizer):
+    """Streaming: every prompt group is its own call. With one group in flight per worker, a
+    group comes back (and is handed on) before the groups after it are sent: no fixed chunks,
+    both workers share the batch, and the batch is still complete and in order."""
+    heard = []
+
+    def on_group(start, part):  # in flight elsewhere when it came back, and its records
+        heard.append((start, sum(s.in_flight for s in pool._slots), [r.prompt_index for r in part.rollouts]))
+
+    before = dict(pool.stats.per_worker_tokens)
+    pool.groups_in_flight = 1
+    try:
+        batch = pool.generate(PROMPTS, SamplingSpec(n=2, max_tokens=16, seed=5), on_group)
+    finally:
+        pool.groups_in_flight = 0
+    check_complete(batch, 2, pool.version, tiny_tokenizer)
+    assert sorted(start for start, _, _ in heard) == list(range(len(PROMPTS)))
+    assert all(others <= 1 and indices == [0, 0] for _, others, indices in heard)
+    used = {w for w, n in pool.stats.per_worker_tokens.items() if n > before.get(w, 0)}
+    assert len(used) == 2
+
+
 def test_bad_prompts_dropped_and_counted(pool):
     batch = pool.generate(["1+1=", "", "2+2=", "x" * 600], SamplingSpec(n=2, max_tokens=8))
     assert batch.dropped == [1, 3]
