@@ -11,7 +11,7 @@ one on every worker: requests already running finish on the old weights (their r
 so), later ones use the new weights, and the fleet never stops for the learner. With
 `rollout.partial_rollout` the push is offered to the generate call running on the thread, which
 hands it to the workers at once; they load it between two engine steps and continue the running
-requests on it (`rollout/stepped.py`). Each record's staleness is the learner's version when it
+requests on it (`rollout/engine_loop.py`). Each record's staleness is the learner's version when it
 trains on it minus the version of its oldest token; nothing older than k is trained on
 (`rollout/refused_stale` counts what was refused).
 
