@@ -82,14 +82,12 @@ def test_a_push_interrupts_running_requests_which_continue_token_exactly_on_the_
 
 
 def test_without_partial_rollouts_a_push_lands_between_requests_of_calls_sharing_the_engine(
-        ray_cluster, tiny_model_dir, tiny_model_v1_dir, tiny_tokenizer):
+        vllm_worker, tiny_model_v1_dir, tiny_policy, tiny_tokenizer):
     """A worker takes many calls at once (one per prompt group), all on one engine. A push
-    that arrives while they run waits until the running requests finish (their records say
-    v0), holds back calls that arrive meanwhile, and these run wholly on v1."""
-    from rlfleet.deploy.assembly import start_vllm_worker
-
-    cfg = RolloutConfig(num_workers=1, generate_timeout_s=300, max_model_len=512)
-    worker = start_vllm_worker(str(tiny_model_dir), cfg, RoleResources(num_cpus=1))
+    that arrives while requests run waits until they finish (their records say v0), holds back
+    calls that arrive meanwhile, and these run wholly on v1: every record is of one version,
+    and its log-probs are that version's."""
+    worker = vllm_worker  # the session's worker (default config), back on the initial weights after
     try:
         pushed = AutoModelForCausalLM.from_pretrained(tiny_model_v1_dir, dtype=torch.float32).eval()
         chunks = tuple(object_store_chunks(pushed.state_dict(), chunk_bytes=300_000))
@@ -101,21 +99,20 @@ def test_without_partial_rollouts_a_push_lands_between_requests_of_calls_sharing
             time.sleep(0.02)
         push = worker.load_weights.remote(1, *chunks)
         time.sleep(0.2)  # the push is waiting for the running requests
-        later = worker.generate.remote(PROMPTS[3:4], SamplingSpec(n=2, max_tokens=8, temperature=1.0, seed=4))
+        later = worker.generate.remote(PROMPTS[3:4], SamplingSpec(n=2, max_tokens=8, min_tokens=8, seed=4))
         assert ray.get(push) == 1
-        for batch in ray.get(first):
-            assert [len(r.response_ids) for r in batch.rollouts] == [200, 200]
-            assert all(r.policy_version == 0 and r.token_versions is None for r in batch.rollouts)
-        after = ray.get(later).rollouts
-        assert all(r.policy_version == 1 for r in after)
-        for r in after:  # and its tokens were sampled from the pushed weights
-            ids = torch.tensor([r.prompt_ids + r.response_ids])
-            with torch.no_grad():
-                logits = pushed(ids).logits[0, len(r.prompt_ids) - 1 : -1].float()
-            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(r.response_ids)[:, None])[:, 0]
-            assert torch.allclose(torch.tensor(r.logprobs), want, rtol=0, atol=1e-3)
+        calls = [b.rollouts for b in ray.get(first)] + [ray.get(later).rollouts]
+        models = {0: tiny_policy, 1: pushed}
+        versions = []
+        for records in calls:
+            assert len({r.policy_version for r in records}) == 1 and all(r.token_versions is None for r in records)
+            versions.append(records[0].policy_version)
+            for r in records:  # each token was sampled from its record's version
+                want = logprobs_without_eos(models[r.policy_version], r, tiny_tokenizer.eos_token_id)
+                assert torch.allclose(torch.tensor(r.logprobs), want, rtol=0, atol=1e-3)
+        assert 0 in versions[:3] and versions[3] == 1  # a running call ended on v0; the later one is v1
     finally:
-        ray.kill(worker, no_restart=True)
+        ray.get(worker.load_weights.remote(0, *object_store_chunks(tiny_policy.state_dict())))
 
 
 class _Params:
