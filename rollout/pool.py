@@ -205,6 +205,7 @@ class RolloutPool:
     def _run(self, prompts: list, spec: SamplingSpec, method: str, on_group: OnGroup | None = None) -> RolloutBatch:
         start = time.perf_counter()
         for slot in self._slots:
+            slot.in_flight = 0  # one call at a time: nothing of an earlier call counts (one that raised left some)
             if slot.suspect:
                 self._recover(slot)
         oldest = self.version
