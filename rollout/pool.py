@@ -349,7 +349,14 @@ class RolloutPool:
             ray.kill(slot.handle, no_restart=True)
             slot.handle = self._spawn()  # the old handle's calls in flight fail and are counted off
             self.stats.replaced += 1
-        self._ensure_current(slot)
+        try:
+            self._ensure_current(slot)
+        except ActorUnavailableError:
+            # A kill that landed after the probe (a worker answers queries while it generates,
+            # so the probe may reach the old process): wait for the restart and re-sync again.
+            if not self._probe(slot.handle):
+                raise RolloutPoolError("a rollout worker restarted during its recovery and did not come back") from None
+            self._ensure_current(slot)
 
     def _probe(self, handle: ActorHandle, race_window_s: float = 5.0) -> bool:
         """Whether the worker answers, after Ray's restart if one is under way. While Ray

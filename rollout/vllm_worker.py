@@ -122,7 +122,9 @@ class VLLMRolloutWorker:
                            use_tqdm=False)
         import torch
 
-        self._loop = EngineLoop(self._llm.llm_engine, 0, config.generate_timeout_s, config.partial_rollout,
+        # the pool's deadline (generate_timeout_s) is the one that acts: it kills the worker and
+        # re-runs its groups; the engine's own waits are a backstop behind it
+        self._loop = EngineLoop(self._llm.llm_engine, 0, 2 * config.generate_timeout_s, config.partial_rollout,
                                 threads=torch.get_num_threads())
         """Every call's requests share the engine (continuous batching across calls); a push
         lands between two requests, or with partial_rollout between two engine steps."""
