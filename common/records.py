@@ -248,6 +248,9 @@ class Experience:
     """`ScoreBatch.components` of the responses: the learner normalises the reward model's."""
     weights: dict[str, float] | None = None
     """`ScoreBatch.weights`."""
+    baselines: list[float] | None = None
+    """[B] the reward of the greedy response to each response's prompt (ReMax's baseline; that
+    response is generated beside the batch and never trained on)."""
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,11 @@ from rlfleet.common.records import (
 )
 from rlfleet.common.reward_scale import MODEL, RewardScaler
 from rlfleet.deploy import episodes
+from rlfleet.deploy.baselines import greedy_baselines
 from rlfleet.deploy.checkpoints import CheckpointManager, read_state
 from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, join, merge
 from rlfleet.deploy.learner_group import LearnerGroup
+from rlfleet.learner.objective import estimator_info
 from rlfleet.learner.step_data import needs_prepare
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
@@ -232,6 +234,11 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
         return metrics, None
     rows = [i for i, k in enumerate(keep) if k]
     take = lambda held: None if held is None else held.take(rows)  # noqa: E731
+    baselines = None
+    if estimator_info(cfg.algorithm).needs_baselines:
+        with timer("baselines"):
+            baselines, missing = greedy_baselines(parts, sb.examples, rollouts, sampling_spec(cfg, 0, greedy=True))
+        metrics["reward/baseline_unscorable"] = float(missing)
     exp = Experience(
         rollouts=_pick(rollouts, keep),
         scores=_pick(scored.scores, keep),
@@ -241,6 +248,7 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
         ref_logprobs=take(sb.ref),
         components={name: _pick(values, keep) for name, values in scored.components.items()},
         weights=dict(scored.weights),
+        baselines=_pick(baselines, keep),
     )
     with timer("train"):
         pending = parts.learner.submit_train(exp)

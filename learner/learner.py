@@ -40,11 +40,10 @@ from rlfleet.learner.algos import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
     AdaptiveKLController,
-    AdvantageInputs,
     FixedKLController,
     agg_loss,
     kl_penalty,
-    truncated_is_weights,
+    rollout_correction,
     value_loss,
 )
 from rlfleet.learner.models import (
@@ -56,11 +55,13 @@ from rlfleet.learner.models import (
     load_critic,
     load_policy,
     load_reference,
+    response_collision,
     response_logprobs,
     response_values,
     trainable_parameters,
     weight_layout,
 )
+from rlfleet.learner.objective import advantage_inputs, estimator_info, loss_params
 from rlfleet.learner.optim import adamw_with_schedule, scheduler_state
 from rlfleet.learner.parallel import DataParallel
 from rlfleet.learner.state_io import (
@@ -78,7 +79,8 @@ from rlfleet.learner.step_data import (
     StepTensors,
     behaviour_ratio,
     check_versions,
-    is_cap,
+    correction,
+    correction_kwargs,
     loss_mask_row,
     resolved,
     reuses_update_logprobs,
@@ -109,7 +111,7 @@ class Learner:
         self.policy = load_policy(policy_path, config.model.lora, self.device, ckpt)
         self._pad_id = self.policy.config.pad_token_id or 0
         self.critic = None
-        if config.algorithm.advantage_estimator == "gae":
+        if estimator_info(config.algorithm).needs_critic:
             self.critic = load_critic(critic_path or policy_path, self.device, ckpt)
         colocated = config.reference.enabled and config.reference.colocate_with_learner
         self._reference = load_reference(policy_path, self.policy, self.device) if colocated else None
@@ -231,15 +233,16 @@ class Learner:
         kl = torch.zeros_like(mask) if ref is None or fill_old else kl_penalty(old, ref, algo.kl_estimator) * mask
         beta = self.kl_controller.value
         reward_beta = beta if algo.kl_in == "reward" else 0.0
-        inputs = AdvantageInputs(
-            step_rewards(cfg, rollouts, scores, kl, mask, reward_beta), scores, group_ids, mask, values,
-            algo.gamma, algo.lam,
-        )
+        rc = correction(cfg)
+        is_weights, loss_mask = None, mask
+        if not fill_old:  # decoupled PPO filling π_prox in the update weighs its tokens there
+            is_weights, loss_mask, _ = rollout_correction(old, vllm_lp, mask, **correction_kwargs(rc))
+        stats = self._collision(rollouts, width) if estimator_info(algo).needs_old_logprobs else (None, None)
+        inputs = advantage_inputs(algo, exp, step_rewards(cfg, rollouts, scores, kl, mask, reward_beta), scores,
+                                  group_ids, mask, values, *stats, is_weights)
         advantages, returns = ADVANTAGE_ESTIMATORS[algo.advantage_estimator](inputs)
-        cap = is_cap(cfg)  # decoupled PPO filling π_prox in the update weighs its tokens there
-        is_weights = truncated_is_weights(old, vllm_lp, cap) if cap and not fill_old else None
-        tensors = StepTensors(mask, old, advantages, returns, ref, values, is_weights,
-                              vllm_lp if cap and fill_old else None)
+        tensors = StepTensors(loss_mask, old, advantages, returns, ref, values, is_weights,
+                              vllm_lp if rc.enabled and fill_old else None)
         update = UpdateMetrics()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         for _ in range(cfg.learner.ppo_epochs):
@@ -251,8 +254,10 @@ class Learner:
             old = self._dp.sum(old)  # every row was filled by the one rank that trained it
             if ref is not None:
                 kl = kl_penalty(old, ref, algo.kl_estimator) * mask
+        _, _, corrected = rollout_correction(old, vllm_lp, mask, **correction_kwargs(rc))
         metrics: dict[str, float | None] = {
             **batch_metrics(rollouts, scores, group_ids, mask, old, vllm_lp, kl, reward_beta),
+            **{name: float(value) for name, value in corrected.items()},
             **UpdateMetrics.merged(self._dp.gather(update)).result(),
             "learner/kl_coef": beta,
             "learner/lr": self.scheduler.get_last_lr()[0],
@@ -273,9 +278,10 @@ class Learner:
         sub = tensors.rows(idx, tensors.mask.shape[1])
         norms = {
             "num_global_tokens": sub.mask.sum(),
-            "num_global_seqs": len(idx),
+            "num_global_seqs": int(sub.mask.bool().any(-1).sum()),  # the minibatch's non-empty rows
             "norm_length": tensors.mask.shape[1],
         }
+        params = loss_params(algo, torch.Generator().manual_seed(self._cfg.seed * 1_000_003 + self.step))
         self.optimizer.zero_grad(set_to_none=True)
         if self.critic_optimizer is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
@@ -298,14 +304,16 @@ class Learner:
                                                       with_entropy=True)
                 if fill_old:
                     t = replace(t, old_logprobs=logp.detach())
-                    if t.behaviour is not None:
-                        t = replace(t, is_weights=truncated_is_weights(t.old_logprobs, t.behaviour, is_cap(self._cfg)))
+                    if t.behaviour is not None:  # token-level weights only (`reuses_update_logprobs`)
+                        weights, _, _ = rollout_correction(t.old_logprobs, t.behaviour, t.mask,
+                                                           **correction_kwargs(correction(self._cfg)))
+                        t = replace(t, is_weights=weights)
                     if real:
                         rows = torch.tensor(real, device=logp.device)
                         tensors.old_logprobs[rows, : logp.shape[1]] = t.old_logprobs
                 pg, pm = POLICY_LOSSES[algo.policy_loss](
-                    logp, t.old_logprobs, t.advantages, t.mask, algo.clip_low, algo.clip_high, algo.dual_clip,
-                    algo.loss_agg, token_weights=t.is_weights, **norms,
+                    logp, t.old_logprobs, t.advantages, t.mask, agg=algo.loss_agg, token_weights=t.is_weights,
+                    **norms, **params,
                 )
                 loss = pg
                 if algo.kl_in == "loss":
@@ -327,7 +335,9 @@ class Learner:
             # weighted by the padded size: the token-weighted mean is Σ padding / Σ padded tokens
             padded = batch.attention_mask.numel()
             update.add_micro(padded, {"learner/padding_fraction": 1.0 - batch.attention_mask.sum().item() / padded})
-            update.add_micro(tokens, {"policy/approxkl_avg": pm["approxkl"], "policy/clipfrac_avg": pm["clipfrac"],
+            approxkl = 0.5 * (logp.detach() - t.old_logprobs).square()
+            update.add_micro(tokens, {"policy/approxkl_avg": _token_mean(approxkl, t.mask),
+                                      "policy/clipfrac_avg": float(pm.get("pg_clipfrac", 0.0)),
                                       "policy/entropy_avg": _token_mean(entropy, t.mask)})
             update.add_ratios(torch.exp((logp - t.old_logprobs).clamp(-20, 20)), t.mask)
             if self.critic is not None:
@@ -366,6 +376,19 @@ class Learner:
         lengths = [(len(r.prompt_ids), len(r.response_ids)) for r in rollouts]
         by_length = sorted(idx, key=lambda i: (sum(lengths[i]), i))
         return token_budget_batches(lengths, by_length, self._cfg.learner.micro_batch_tokens)
+
+    @torch.no_grad()
+    def _collision(self, rollouts: Sequence[Rollout], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(old log-probs, Σπ²) [B, T] of every response under the current weights (every rank
+        computes the whole batch: the optimal token baselines need the group's rows together)."""
+        old, collision = ([[] for _ in rollouts] for _ in range(2))
+        temp = self._cfg.rollout.temperature
+        for micro in self._micro_batches(rollouts, range(len(rollouts))):
+            with autocast(self.device, self._cfg.model.dtype):
+                logp, sum_sq = response_collision(self.policy, self._pack([rollouts[i] for i in micro]), temp)
+            scatter_rows(old, micro, logp, rollouts)
+            scatter_rows(collision, micro, sum_sq, rollouts)
+        return pad_rows(old, width).to(self.device), pad_rows(collision, width).to(self.device)
 
     def _pack(self, rollouts: Sequence[Rollout]):
         return pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], self._pad_id).to(self.device)

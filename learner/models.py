@@ -77,10 +77,7 @@ def load_reference(path: str, policy: torch.nn.Module, device: torch.device):
     return ref
 
 
-def response_logprobs(
-    model: torch.nn.Module, batch: PackedBatch, temperature: float, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log π(token) [B, T], entropy [B, T] or None) of the response tokens at `temperature`."""
+def _response_logits(model: torch.nn.Module, batch: PackedBatch, temperature: float) -> torch.Tensor:
     width = batch.response_mask.shape[1]
     logits = model(
         input_ids=batch.input_ids,
@@ -88,10 +85,24 @@ def response_logprobs(
         position_ids=batch.position_ids,
         logits_to_keep=width + 1,
     ).logits[:, :-1]
-    logits = logits.float() / temperature
+    return logits.float() / temperature
+
+
+def response_logprobs(
+    model: torch.nn.Module, batch: PackedBatch, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log π(token) [B, T], entropy [B, T] or None) of the response tokens at `temperature`."""
+    logits = _response_logits(model, batch, temperature)
     logprobs = logprobs_from_logits(logits, batch.response_ids)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs, entropy
+
+
+def response_collision(model: torch.nn.Module, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, ...]:
+    """(log π(token) [B, T], Σ_v π_v² [B, T]): the sampled tokens' log-probs and the policy's
+    collision probability at each response position (the optimal token baselines read both)."""
+    logits = _response_logits(model, batch, temperature)
+    return logprobs_from_logits(logits, batch.response_ids), torch.softmax(logits, dim=-1).square().sum(-1)
 
 
 def response_values(critic: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:

@@ -13,12 +13,10 @@ import ray
 import torch
 
 from rlfleet.common.config import RunConfig
+from rlfleet.common.config_algorithm import RolloutCorrectionConfig
 from rlfleet.common.records import Experience, Held, Rollout
 from rlfleet.common.reward_scale import RewardScaler
-from rlfleet.learner.algos import token_level_rewards
-
-DECOUPLED_IS_CAP = 2.0
-"""The IS cap of decoupled PPO when `algorithm.tis_cap` is unset."""
+from rlfleet.learner.algos import ADVANTAGE_ESTIMATORS, token_level_rewards
 
 
 def resolved(exp: Experience, rewards: RewardScaler) -> Experience:
@@ -45,13 +43,23 @@ def _colocated_reference(cfg: RunConfig) -> bool:
 def reuses_update_logprobs(cfg: RunConfig) -> bool:
     """True when a step makes one update on its whole batch and needs nothing from the old
     log-probs before it: one epoch, one minibatch, no critic (values), no KL in the token
-    rewards, no colocated reference (computed with them), no truncated IS (except decoupled
-    PPO's, which the update computes from its own log-probs). The update's own log-probs,
-    detached, are then the old ones (π_prox in decoupled PPO)."""
+    rewards, no colocated reference (computed with them), no rollout correction (except decoupled
+    PPO's token-level weights, which the update computes from its own log-probs, token by token).
+    The update's own log-probs, detached, are then the old ones (π_prox in decoupled PPO)."""
     a, lc = cfg.algorithm, cfg.learner
     batch = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    return (lc.ppo_epochs == 1 and lc.minibatch_size >= batch and a.advantage_estimator != "gae"
-            and a.kl_in != "reward" and not _colocated_reference(cfg) and (a.tis_cap is None or decoupled(cfg)))
+    critic = ADVANTAGE_ESTIMATORS[a.advantage_estimator].info.needs_critic
+    return (lc.ppo_epochs == 1 and lc.minibatch_size >= batch and not critic
+            and a.kl_in != "reward" and not _colocated_reference(cfg) and _correction_in_update(cfg))
+
+
+def _correction_in_update(cfg: RunConfig) -> bool:
+    """The rollout correction can be computed per micro-batch from the update's own log-probs:
+    none, or decoupled PPO's token-level weights alone (no batch normalisation, no rejection)."""
+    rc = correction(cfg)
+    if not rc.enabled:
+        return True
+    return decoupled(cfg) and rc.is_level == "token" and not rc.is_batch_normalize and not rc.rs_options
 
 
 def decoupled(cfg: RunConfig) -> bool:
@@ -65,20 +73,25 @@ def behaviour_ratio(cfg: RunConfig) -> bool:
     return is_async(cfg) and cfg.algorithm.off_policy == "behaviour"
 
 
-def is_cap(cfg: RunConfig) -> float | None:
-    """The cap of the truncated IS weight π_old/π_behav (None: no IS weight)."""
+def correction(cfg: RunConfig) -> RolloutCorrectionConfig:
+    """The rollout correction in force (`AlgorithmConfig.correction`): decoupled PPO weighs
+    tokens by min(π_prox/π_behav, 2) unless told otherwise; the behaviour ratio needs none."""
     if behaviour_ratio(cfg):
-        return None
-    if decoupled(cfg):
-        return cfg.algorithm.tis_cap or DECOUPLED_IS_CAP
-    return cfg.algorithm.tis_cap
+        return RolloutCorrectionConfig()
+    return cfg.algorithm.correction(is_async(cfg))
+
+
+def correction_kwargs(rc: RolloutCorrectionConfig) -> dict:
+    """`rollout_correction`'s keyword arguments from its config."""
+    return {"is_level": rc.is_level, "is_threshold": rc.is_threshold, "is_batch_normalize": rc.is_batch_normalize,
+            "rs_options": rc.rs_options, "rs_threshold": rc.rs_threshold}
 
 
 def needs_prepare(cfg: RunConfig) -> bool:
     """Whether the driver calls the learner's `prepare` before each update: for old log-probs
     the update cannot make itself, for critic values, for a colocated reference."""
     if behaviour_ratio(cfg):  # the old log-probs are the engine's
-        return cfg.algorithm.advantage_estimator == "gae" or _colocated_reference(cfg)
+        return ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage_estimator].info.needs_critic or _colocated_reference(cfg)
     return not reuses_update_logprobs(cfg)
 
 

@@ -15,14 +15,16 @@ exactly where the policy sampled the token; L_b is the last index of row b with 
 - REINFORCE++: Hu, "REINFORCE++" (2025): discounted return-to-go of the token rewards,
   whitened over the batch; the -baseline variant first subtracts the group mean score.
 
-Departures: a group of one response gets advantage 0 under GRPO/RLOO (no baseline exists);
-outputs at masked positions are 0.
+Singletons: a group of one response has no baseline, so its baseline is 0 and its spread 1
+(its advantage is its own score; verl's convention, the same for every group estimator).
+Outputs at masked positions are 0.
 """
 
 from __future__ import annotations
 
 import torch
 
+from rlfleet.learner.algos.group_estimators import broadcast, group_moments
 from rlfleet.learner.algos.masked import masked_whiten
 
 
@@ -86,25 +88,6 @@ def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: f
     return _zero_masked(returns, mask)
 
 
-def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per response [B]: its group's size, score sum and unbiased std."""
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    size = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(
-        0, inverse, torch.ones_like(scores)
-    )
-    total = torch.zeros_like(size).index_add_(0, inverse, scores)
-    mean = total / size
-    squares = torch.zeros_like(size).index_add_(0, inverse, (scores - mean[inverse]) ** 2)
-    std = torch.sqrt(squares / (size - 1).clamp(min=1))
-    return size[inverse], total[inverse], std[inverse]
-
-
-def _broadcast(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A[b, t] = A_b · m[b, t]."""
-    return _zero_masked(per_seq[:, None].expand(mask.shape).to(per_seq.dtype), mask)
-
-
 def grpo_advantages(
     scores: torch.Tensor,
     group_ids: torch.Tensor,
@@ -116,18 +99,17 @@ def grpo_advantages(
 
     scores [B], group_ids [B] (any integer labels, any order). Equal scores in a group give 0.
     """
-    size, total, std = _group_stats(scores, group_ids)
-    centred = scores - total / size
+    _, mean, std = group_moments(scores, group_ids)
+    centred = scores - mean
     if norm_by_std:
         centred = centred / (std + eps)
-    return _broadcast(torch.where(size > 1, centred, torch.zeros_like(centred)), mask)
+    return broadcast(centred, mask)
 
 
 def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """RLOO advantages [B, T]: s_b − (Σ_g s − s_b)/(G − 1); per group they sum to 0."""
-    size, total, _ = _group_stats(scores, group_ids)
-    baseline = (total - scores) / (size - 1).clamp(min=1)
-    return _broadcast(torch.where(size > 1, scores - baseline, torch.zeros_like(scores)), mask)
+    """RLOO advantages [B, T]: s_b − (Σ_g s − s_b)/(G − 1); per group they sum to 0 (a singleton keeps s)."""
+    size, mean, _ = group_moments(scores, group_ids)
+    return broadcast(torch.where(size > 1, size / (size - 1).clamp(min=1) * (scores - mean), scores), mask)
 
 
 def reinforce_pp_advantages(
@@ -149,6 +131,6 @@ def reinforce_pp_baseline_advantages(
 
     `token_rewards` already holds each score at L_b (see `token_level_rewards`).
     """
-    size, total, _ = _group_stats(scores, group_ids)
-    shifted = token_level_rewards(-(total / size), torch.zeros_like(token_rewards), mask, 0.0)
+    _, mean, _ = group_moments(scores, group_ids)
+    shifted = token_level_rewards(-mean, torch.zeros_like(token_rewards), mask, 0.0)
     return reinforce_pp_advantages(token_rewards + shifted, mask, gamma)

@@ -5,8 +5,12 @@ Estimators from J. Schulman, "Approximating KL Divergence" (2020), with
   k1 = Δ                        unbiased, can be negative
   k2 = ½Δ²                      biased, low variance
   k3 = exp(−Δ) − 1 + Δ          unbiased and ≥ 0
+  abs = |Δ|
 For k3 only, Δ is clamped to ±20 and the value to [0, 10] so that a single token far off
-the reference cannot produce an inf or a huge gradient.
+the reference cannot produce an inf or a huge gradient. A `+` suffix (k1+, k2+, k3+, abs+)
+keeps the estimator's value but takes the gradient of ½Δ² (straight-through: the k2
+gradient is unbiased for the KL's, whichever estimator is logged). verl's names kl, mse and
+low_var_kl are accepted for k1, k2 and k3.
 
 Adaptive controller: Ziegler et al., "Fine-Tuning Language Models from Human Preferences"
 (2019): e = clip(KL/target − 1, −0.2, 0.2), β ← β·(1 + e·n/horizon), n = responses in the step.
@@ -18,13 +22,25 @@ from typing import Literal
 
 import torch
 
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = Literal["k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+"]
 KL_ESTIMATORS: tuple[str, ...] = KLEstimator.__args__  # type: ignore[attr-defined]
+_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
     """Per-token KL estimate [B, T] of π against π_ref from log-probs of the sampled tokens."""
+    if estimator.endswith("+") and estimator[:-1] in KL_ESTIMATORS + tuple(_ALIASES):
+        value = _estimate(logprobs, ref_logprobs, estimator[:-1]).detach()
+        half_square = 0.5 * (logprobs - ref_logprobs).square()
+        return value + (half_square - half_square.detach())
+    return _estimate(logprobs, ref_logprobs, estimator)
+
+
+def _estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    estimator = _ALIASES.get(estimator, estimator)
     delta = logprobs - ref_logprobs
+    if estimator == "abs":
+        return delta.abs()
     if estimator == "k1":
         return delta
     if estimator == "k2":

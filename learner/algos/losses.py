@@ -1,22 +1,15 @@
-"""Policy, value, reward-model and DPO losses, and log-prob / entropy helpers.
+"""Value, reward-model and DPO losses, and log-prob / entropy helpers (policy losses: `policy_losses`).
 
 Notation: B sequences, T response length, V vocabulary; `mask[b, t] = 1` where the policy
 sampled the token. Inputs at masked positions are replaced by 0 before any arithmetic, so a
 NaN or inf there changes neither the loss nor any gradient (the gradient there is exactly 0).
 
-- Clipped PPO: Schulman et al., "Proximal Policy Optimization Algorithms" (2017), with
-  asymmetric clip ranges (DAPO's clip-higher, Yu et al. 2025) and dual-clip for negative
-  advantages (Ye et al., "Mastering Complex Control in MOBA Games", 2020).
 - Clipped value loss: as in the PPO2 baselines, ½·max((V − R)², (V_clip − R)²).
 - Reward model: Bradley–Terry, −log σ(r_chosen − r_rejected) (Ouyang et al. 2022).
 - DPO: Rafailov et al. (2023), sequence log-probs summed over response tokens.
-- Truncated importance sampling against the rollout engine's log-probs: Yao et al., "Your
-  Efficient RL Framework Secretly Brings You Off-Policy RL Training" (2025).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -28,50 +21,6 @@ Metrics = dict[str, torch.Tensor]
 
 def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def ppo_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    agg: AggMode = "token-mean",
-    token_weights: torch.Tensor | None = None,
-    **agg_kwargs: int | float | torch.Tensor | None,
-) -> tuple[torch.Tensor, Metrics]:
-    """Clipped PPO policy loss.
-
-    ρ = exp(clamp(logπ − logπ_old, −20, 20)); pg = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high));
-    with dual_clip c > 1, where A < 0: pg = min(pg, −c·A). `token_weights` [B, T] (e.g. the
-    truncated-IS weight) multiply pg per token. `agg_kwargs` are passed to `agg_loss` (the
-    global normalisers for micro-batching). Metrics: clipfrac, dual_clipfrac, approxkl, ratio.
-    """
-    log_ratio = _clean(logprobs - old_logprobs, mask)
-    adv = _clean(advantages, mask)
-    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    pg = torch.maximum(pg_unclipped, pg_clipped)
-    dual_clipped = torch.zeros_like(mask, dtype=torch.bool)
-    if dual_clip is not None:
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
-        dual_clipped = (adv < 0) & (pg > -dual_clip * adv)
-        pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
-    if token_weights is not None:
-        pg = pg * _clean(token_weights, mask).detach()
-    loss = agg_loss(pg, mask, agg, **agg_kwargs)
-    with torch.no_grad():
-        metrics = {
-            "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(logprobs.dtype), mask),
-            "dual_clipfrac": masked_mean(dual_clipped.to(logprobs.dtype), mask),
-            "approxkl": masked_mean(0.5 * log_ratio.square(), mask),
-            "ratio": masked_mean(ratio, mask),
-        }
-    return loss, metrics
 
 
 def value_loss(
@@ -99,13 +48,6 @@ def value_loss(
             "vpred": masked_mean(v, mask),
         }
     return loss, metrics
-
-
-def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
-    """min(exp(logπ_old − logπ_rollout), C) per token [B, T], detached (no gradient)."""
-    if cap <= 0:
-        raise ValueError(f"truncated IS cap must be > 0 (got {cap})")
-    return torch.exp((old_logprobs - rollout_logprobs).detach().clamp(max=math.log(cap)))
 
 
 def logprobs_from_logits(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

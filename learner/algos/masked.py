@@ -11,7 +11,9 @@ from typing import Literal
 
 import torch
 
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+AggMode = Literal[
+    "token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
 AGG_MODES: tuple[str, ...] = AggMode.__args__  # type: ignore[attr-defined]
 
 
@@ -56,25 +58,34 @@ def agg_loss(
     mode: AggMode,
     num_global_tokens: int | float | torch.Tensor | None = None,
     num_global_seqs: int | float | torch.Tensor | None = None,
-    norm_length: int | None = None,
+    norm_length: int | float | torch.Tensor | None = None,
+    dp_size: int = 1,
 ) -> torch.Tensor:
     """Reduce a per-token loss [B, T] to a scalar.
 
-    Modes (FORMULAS.md, "Loss aggregation"):
+    Modes (with L_b = Σ_t m[b, t] and v_b = [L_b > 0], the non-empty rows):
       token-mean               Σ L·m / N, N = valid tokens of the whole global batch
-      seq-mean-token-mean      mean over sequences of each sequence's token mean
-      seq-mean-token-sum       mean over sequences of each sequence's token sum
-      seq-mean-token-sum-norm  Σ L·m / (B · T_max)            (Dr.GRPO)
+      token-sum                Σ L·m
+      seq-mean-token-mean      Σ_b v_b·(Σ_t L·m / L_b) / S
+      seq-mean-token-sum       Σ_b v_b·(Σ_t L·m) / S
+      seq-mean-token-sum-norm  the seq-mean-token-sum value / H (Dr.GRPO; H = T_max by default)
+    S is the number of non-empty sequences: a fully masked row (an overlong response under
+    `mask_truncated`, say) counts in no mean.
 
     For micro-batching and data parallelism pass the global normalisers: `num_global_tokens`
-    (token-mean), `num_global_seqs` (the seq-mean modes) and `norm_length` (T_max, default the
-    local T); the sum of the micro-batches' results then equals the whole batch's loss, and so
-    does its gradient. Left at None, each normaliser is taken from this batch.
+    (token-mean), `num_global_seqs` (the seq-mean modes: non-empty sequences) and
+    `norm_length` (H, default the local T); the sum of the micro-batches' results then equals
+    the whole batch's loss, and so does its gradient. Left at None, each normaliser is taken
+    from this batch. `dp_size` multiplies the result (verl's convention for ranks whose
+    gradients are averaged; rlfleet's learner weighs its ranks itself and leaves it at 1).
     """
     if mode == "token-mean":
         n_tokens = mask.bool().sum() if num_global_tokens is None else num_global_tokens
-        return masked_sum(loss, mask) / _positive(n_tokens, loss)
-    n_seqs = loss.shape[0] if num_global_seqs is None else num_global_seqs
+        return masked_sum(loss, mask) / _positive(n_tokens, loss) * dp_size
+    if mode == "token-sum":
+        return masked_sum(loss, mask) * dp_size
+    non_empty = mask.bool().any(dim=-1)
+    n_seqs = non_empty.sum() if num_global_seqs is None else num_global_seqs
     if mode == "seq-mean-token-mean":
         per_seq = masked_mean(loss, mask, dim=-1)
     elif mode == "seq-mean-token-sum":
@@ -83,7 +94,8 @@ def agg_loss(
         per_seq = masked_sum(loss, mask, dim=-1) / (loss.shape[-1] if norm_length is None else norm_length)
     else:
         raise ValueError(f"unknown loss aggregation mode {mode!r}; valid modes: {', '.join(AGG_MODES)}")
-    return per_seq.sum() / _positive(n_seqs, loss)
+    per_seq = torch.where(non_empty, per_seq, torch.zeros((), dtype=per_seq.dtype, device=per_seq.device))
+    return per_seq.sum() / _positive(n_seqs, loss) * dp_size
 
 
 def _positive(n: int | float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 import pytest
@@ -136,7 +137,7 @@ def test_rloo_by_hand_and_sums_to_zero_per_group():
     assert adv[:3].sum().item() == pytest.approx(0.0, abs=1e-12)
     assert adv[3:].sum().item() == pytest.approx(0.0, abs=1e-12)
     single = rloo_advantages(torch.tensor([3.0]), torch.tensor([0]), torch.ones(1, 2))
-    assert torch.all(single == 0)
+    assert torch.all(single == 3.0)  # a singleton has no baseline: it keeps its score
 
 
 def test_reinforce_pp_returns_and_whitening():
@@ -169,13 +170,16 @@ def test_reinforce_pp_baseline_subtracts_group_mean_score():
 
 
 def _inputs(seed: int, junk: float | None = None) -> AdvantageInputs:
-    mask, rewards, values, *_ = random_batch(seed, B=8, T=6, holes=True)
+    mask, rewards, values, logprobs, *_ = random_batch(seed, B=8, T=6, holes=True)
+    collision = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed), dtype=f64)
     if junk is not None:
         rewards, values = poison(rewards, mask, junk), poison(values, mask, junk)
+        logprobs, collision = poison(logprobs, mask, junk), poison(collision, mask, junk)
     scores = torch.arange(8, dtype=f64) % 3
     return AdvantageInputs(
         token_rewards=rewards, scores=scores, group_ids=torch.arange(8) // 4,
-        mask=mask, values=values, gamma=0.97, lam=0.9,
+        mask=mask, values=values, gamma=0.97, lam=0.9, baselines=torch.linspace(-1, 1, 8, dtype=f64),
+        old_logprobs=logprobs, sum_pi_squared=collision, reward_components=torch.stack([scores, 1 - scores], 1),
     )
 
 
@@ -193,7 +197,7 @@ def test_junk_at_masked_positions_changes_nothing(name, junk):
 
 def test_registry_matches_config_and_names_valid_choices():
     assert set(ADVANTAGE_ESTIMATORS) == set(typing.get_args(AdvantageEstimator))
-    with pytest.raises(UnknownNameError, match="valid names: dr_grpo, gae, grpo"):
+    with pytest.raises(UnknownNameError, match="valid names: dr_grpo, gae, gdpo, gpg, grpo"):
         ADVANTAGE_ESTIMATORS["ppo2"]
     bare = AdvantageInputs(
         token_rewards=torch.zeros(1, 1), scores=torch.zeros(1), group_ids=torch.zeros(1), mask=torch.ones(1, 1)
@@ -205,10 +209,8 @@ def test_registry_matches_config_and_names_valid_choices():
 def test_float64_stays_float64_and_float32_stays_float32():
     for dtype in (torch.float64, torch.float32):
         x = _inputs(2)
-        x = AdvantageInputs(
-            token_rewards=x.token_rewards.to(dtype), scores=x.scores.to(dtype), group_ids=x.group_ids,
-            mask=x.mask, values=x.values.to(dtype), gamma=x.gamma, lam=x.lam,
-        )
+        x = dataclasses.replace(x, **{k: v.to(dtype) for k, v in vars(x).items()
+                                      if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "mask"})
         for name, estimator in ADVANTAGE_ESTIMATORS.items():
             adv, ret = estimator(x)
             assert adv.dtype == ret.dtype == dtype, name

@@ -21,7 +21,7 @@ from rlfleet.learner.algos import (
     logprobs_from_logits,
     ppo_policy_loss,
     reward_model_loss,
-    truncated_is_weights,
+    rollout_correction,
     value_loss,
 )
 
@@ -103,7 +103,7 @@ def test_ratio_one_gives_minus_mean_advantage():
     mask, _, _, logprobs, _, adv = random_batch(2)
     loss, metrics = ppo_policy_loss(logprobs, logprobs.clone(), adv, mask)
     assert loss.item() == pytest.approx(-(adv * mask).sum().item() / mask.sum().item(), abs=1e-12)
-    assert metrics["clipfrac"].item() == 0.0 and metrics["approxkl"].item() == 0.0
+    assert metrics["pg_clipfrac"].item() == 0.0 and metrics["ppo_kl"].item() == 0.0
 
 
 def _grad(ratio: float, adv: float, **kw) -> tuple[float, float]:
@@ -129,7 +129,7 @@ def test_dual_clip_caps_negative_advantage_loss():
     lp = torch.tensor([[math.log(5.0), math.log(1.1)]], dtype=f64)
     _, metrics = ppo_policy_loss(lp, torch.zeros(1, 2, dtype=f64), torch.tensor([[-2.0, 1.0]], dtype=f64),
                                  torch.ones(1, 2), dual_clip=3.0)
-    assert metrics["dual_clipfrac"].item() == 0.5
+    assert metrics["pg_clipfrac_lower"].item() == 0.5
 
 
 def test_metrics_by_hand():
@@ -137,9 +137,9 @@ def test_metrics_by_hand():
     adv = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=f64)
     mask = torch.tensor([[1, 1, 1, 0]])
     _, metrics = ppo_policy_loss(lp, torch.zeros(1, 4, dtype=f64), adv, mask)
-    assert metrics["clipfrac"].item() == pytest.approx(1 / 3)
-    expected_kl = (0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2)) / 3
-    assert metrics["approxkl"].item() == pytest.approx(expected_kl)
+    assert metrics["pg_clipfrac"].item() == pytest.approx(1 / 3)
+    expected_kl = -(math.log(1.5) + math.log(0.5)) / 3  # mean of −δ = logπ_old − logπ
+    assert metrics["ppo_kl"].item() == pytest.approx(expected_kl)
 
 
 @pytest.mark.parametrize("junk", [float("nan"), float("inf"), float("-inf")])
@@ -162,10 +162,10 @@ def test_policy_and_value_losses_ignore_masked_junk(junk):
 
 def test_token_weights_scale_per_token_loss():
     mask, _, _, logprobs, old, adv = random_batch(6)
-    w = truncated_is_weights(old, old - 0.5 * torch.ones_like(old), cap=1.2)
-    assert torch.all(w == 1.2)  # exp(0.5) > C
-    w2 = truncated_is_weights(old, old + 0.5, cap=2.0)
-    torch.testing.assert_close(w2, torch.full_like(old, math.exp(-0.5)))
+    w, _, _ = rollout_correction(old, old - 0.5 * torch.ones_like(old), mask, is_level="token", is_threshold=1.2)
+    assert torch.all(w[mask.bool()] == 1.2)  # exp(0.5) > C
+    w2, _, _ = rollout_correction(old, old + 0.5, mask, is_level="token", is_threshold=2.0)
+    torch.testing.assert_close(w2, math.exp(-0.5) * mask)
     base, _ = ppo_policy_loss(logprobs, old, adv, mask)
     scaled, _ = ppo_policy_loss(logprobs, old, adv, mask, token_weights=w)
     assert scaled.item() == pytest.approx(1.2 * base.item(), rel=1e-12)
@@ -174,7 +174,7 @@ def test_token_weights_scale_per_token_loss():
 def test_policy_loss_registry():
     assert set(POLICY_LOSSES) == set(typing.get_args(PolicyLoss))
     assert POLICY_LOSSES["ppo"] is ppo_policy_loss
-    with pytest.raises(KeyError, match="valid names: ppo"):
+    with pytest.raises(KeyError, match="valid names: cispo, clip_cov"):
         POLICY_LOSSES["a2c"]
 
 

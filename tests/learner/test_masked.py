@@ -49,8 +49,9 @@ def test_agg_modes_by_hand():
     assert agg_loss(loss, m, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
     assert agg_loss(loss, m, "seq-mean-token-sum-norm").item() == pytest.approx(10 / (2 * 3))
     assert agg_loss(loss, m, "token-mean", num_global_tokens=8).item() == pytest.approx(10 / 8)
+    assert agg_loss(loss, m, "token-sum").item() == pytest.approx(10.0)
     with pytest.raises(ValueError, match="valid modes: token-mean"):
-        agg_loss(loss, m, "token-sum")  # type: ignore[arg-type]
+        agg_loss(loss, m, "seq-sum")  # type: ignore[arg-type]
 
 
 def _split_loss_and_grad(mode: str, chunks: list[slice], trim: bool, seed: int = 3):

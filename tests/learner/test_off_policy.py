@@ -12,8 +12,7 @@ from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience
 from rlfleet.learner.learner import Learner, StaleRolloutError
 from rlfleet.learner.step_data import (
-    DECOUPLED_IS_CAP,
-    is_cap,
+    correction,
     needs_prepare,
     reuses_update_logprobs,
 )
@@ -81,7 +80,8 @@ def test_decoupled_ppo_weighs_tokens_in_the_update_as_with_prepare(tiny_model_di
     gradients as weights computed upfront from `prepare`'s log-probs. The weights matter: with
     the engine agreeing with the learner the gradients differ."""
     cfg = async_config()
-    assert reuses_update_logprobs(cfg) and not needs_prepare(cfg) and is_cap(cfg) == DECOUPLED_IS_CAP
+    rc = correction(cfg)
+    assert reuses_update_logprobs(cfg) and not needs_prepare(cfg) and (rc.is_level, rc.is_threshold) == ("token", 2.0)
     prepared, own = single_update_batch(Learner(cfg, str(tiny_model_dir)), make_rollouts())
     prepared = behaviour_logprobs(prepared)
     own = dataclasses.replace(own, rollouts=prepared.rollouts)
@@ -98,7 +98,7 @@ def test_behaviour_ratio_trains_against_the_engine_logprobs(tiny_model_dir):
     """`algorithm.off_policy: behaviour`: the ratio's denominator is the engine's log-probs, no
     `prepare` and no IS weight — the same update as a synchronous one handed those log-probs."""
     cfg = async_config(off_policy="behaviour")
-    assert not needs_prepare(cfg) and is_cap(cfg) is None
+    assert not needs_prepare(cfg) and not correction(cfg).enabled
     prepared, own = single_update_batch(Learner(cfg, str(tiny_model_dir)), make_rollouts())
     own = dataclasses.replace(own, rollouts=behaviour_logprobs(prepared).rollouts)
     got, got_metrics = gradients_of(cfg, tiny_model_dir, own)
