@@ -148,10 +148,12 @@ class AlgorithmConfig(Section):
     """Discount."""
     lam: float = Field(0.95, ge=0, le=1)
     """GAE lambda."""
-    clip_low: float = Field(0.2, gt=0)
-    """Lower ratio clip: rho >= 1 - clip_low (dppo: the lower trust-region threshold; geo_mean: in log space)."""
-    clip_high: float = Field(0.2, gt=0)
-    """Upper ratio clip: rho <= 1 + clip_high (dppo: the upper threshold; geo_mean: in log space)."""
+    clip_low: float | None = Field(None, gt=0)
+    """Lower ratio clip: rho >= 1 - clip_low (dppo: the lower trust-region threshold; geo_mean: in
+    log space); None: the loss's default (0.2; gspo 3e-4; geo_mean 0.4)."""
+    clip_high: float | None = Field(None, gt=0)
+    """Upper ratio clip: rho <= 1 + clip_high (dppo: the upper threshold; geo_mean: in log space);
+    None: the loss's default (0.2; gspo 4e-4; geo_mean 0.4)."""
     dual_clip: float | None = Field(None, gt=1)
     """Dual-clip constant c > 1 for negative advantages (ppo); None disables it."""
     value_clip: float = Field(0.2, gt=0)

@@ -180,3 +180,29 @@ def test_the_mismatch_guard_reads_a_partial_rollout_token_by_token(tiny_model_di
     whole = [dataclasses.replace(r, token_versions=[0] * len(r.response_ids)) for r in far]
     _, metrics = gradients_of(cfg, tiny_model_dir, dataclasses.replace(own, rollouts=whole), version=1)
     assert metrics["rollout/logprob_diff_same_version"] is None
+
+
+def test_rejected_sequences_get_no_loss_and_every_step_logs_the_correction(tiny_model_dir):
+    """geo-RS (`algorithm.rollout_correction`) in the overlapped loop: the engine's log-probs of
+    responses 0, 2 and 4 are 0.5 nats per token off π_prox, so their geometric-mean ratio leaves
+    the 0.9–1.1 band and they are rejected. The update then equals one in which those responses
+    get no loss at all (`mask_truncated` on them), group statistics unchanged; the step logs
+    the off-policy and rejection metrics."""
+    data = async_config(kl_in="none").model_dump()
+    data["algorithm"]["rollout_correction"].update(rs_options="seq_mean_k1", rs_threshold="0.9_1.1")
+    cfg = RunConfig.model_validate(data)
+    assert needs_prepare(cfg)  # rejection needs the whole batch's old log-probs before the update
+    prepared, _ = single_update_batch(Learner(cfg, str(tiny_model_dir)), make_rollouts())
+    off = [dataclasses.replace(r, logprobs=[x + (0.5 if i % 2 == 0 else 0.0) for x in old])
+           for i, (r, old) in enumerate(zip(prepared.rollouts, prepared.old_logprobs, strict=True))]
+    exp = dataclasses.replace(prepared, rollouts=off)
+    got, metrics = gradients_of(cfg, tiny_model_dir, exp, version=0)
+    assert metrics["rollout_corr/rollout_rs_seq_masked_fraction"] == pytest.approx(0.5)
+    assert metrics["rollout_corr/kl"] == pytest.approx(0.5 * sum(len(r.response_ids) for r in off[::2])
+                                                       / sum(len(r.response_ids) for r in off), rel=1e-5)
+    data["algorithm"]["rollout_correction"].update(rs_options=None, rs_threshold=None)
+    data["algorithm"]["mask_truncated"] = True
+    plain = RunConfig.model_validate(data)
+    cut = [dataclasses.replace(r, finish_reason="length" if i % 2 == 0 else "stop") for i, r in enumerate(off)]
+    want, _ = gradients_of(plain, tiny_model_dir, dataclasses.replace(exp, rollouts=cut), version=0)
+    assert_same(got, want)
