@@ -18,14 +18,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import ray
 
 from rlfleet.common.config import RoleResources, RunConfig
 from rlfleet.common.data import Example, PromptDataset, PromptSampler
-from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.records import (
     Experience,
     Held,
@@ -35,10 +33,8 @@ from rlfleet.common.records import (
     ScoreBatch,
     StepResult,
 )
-from rlfleet.common.reward_scale import MODEL, RewardScaler
 from rlfleet.deploy import episodes
 from rlfleet.deploy.baselines import greedy_baselines
-from rlfleet.deploy.checkpoints import CheckpointManager, read_state
 from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, join, merge
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.objective import estimator_info
@@ -375,76 +371,3 @@ def _latencies(in_flight: dict[str, list[ray.ObjectRef]], since: float) -> dict[
 
 def _pick(values, keep: list[bool]):
     return None if values is None else [v for v, k in zip(values, keep, strict=True) if k]
-
-
-def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -> dict[str, float]:
-    """Greedy responses to the first `data.eval_size` held-out prompts, scored by the training
-    reward (`eval/reward`, the proxy; with a reward model also its raw score,
-    `eval/reward_model`, whose scale normalisation does not move) and, when the run has one,
-    the gold checker (`eval/gold`)."""
-    examples = data.examples[: cfg.data.eval_size]
-    if cfg.environment.enabled:
-        return episodes.evaluate_episodes(cfg, parts.pool, examples, sampling_spec(cfg, step, greedy=True))
-    batch = parts.pool.generate([e.prompt_ids for e in examples], sampling_spec(cfg, step, greedy=True))
-    rollouts = batch.rollouts
-    args = ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
-            [examples[r.prompt_index].extra for r in rollouts])
-    scored = parts.reward.scores(parts.reward.score(*args))
-    if parts.learner is not None:  # normalised as the learner trains (no statistics move)
-        scores = parts.learner.scale_scores(scored)
-    else:  # a saved policy alone (`rlfleet eval`): fixed normalisation and clipping still apply
-        scores = RewardScaler.of(cfg.reward)(scored.scores, scored.components, scored.weights, update=False)
-    out = {
-        **_mean_of(scores, "eval/reward", "eval/unscorable"),
-        "eval/mean_length": sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1),
-        "eval/num_prompts": float(len(rollouts)),
-    }
-    raw = [v for v in scored.components.get(MODEL, []) if v is not None]
-    if raw:
-        out["eval/reward_model"] = sum(raw) / len(raw)
-    if parts.gold:
-        gold = parts.reward.gold(*args)
-        out.update(_mean_of(gold, "eval/gold", "eval/gold_unscorable"))
-    return out
-
-
-def _mean_of(values: list[float | None], key: str, unscorable_key: str) -> dict[str, float]:
-    """The mean of the scorable values, and how many were not scorable."""
-    good = [v for v in values if v is not None]
-    return {key: sum(good) / len(good) if good else float("nan"), unscorable_key: float(len(values) - len(good))}
-
-
-def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: CheckpointManager,
-           metrics: MetricsWriter) -> int:
-    """Restore the newest complete checkpoint (resume: auto) and push its weights; the step it
-    ended (0 for a fresh run)."""
-    for folder in ckpts.remove_partial():
-        logger.warning("removed %s: a checkpoint left half-written by a crash", folder)
-    latest = ckpts.latest() if cfg.checkpoint.resume == "auto" else None
-    if latest is None:
-        metrics.truncate_after(-1)  # a fresh run starts a fresh file
-        return 0
-    state = read_state(latest)
-    version = parts.learner.load(str(latest / "learner"), state.get("reward"))  # "reward": an older checkpoint's
-    sampler.load_state_dict(state["data"])
-    metrics.truncate_after(state["step"])
-    push_weights(cfg, parts, version)
-    logger.info("resumed from %s (step %d, policy version %d)", latest, state["step"], version)
-    return state["step"]
-
-
-def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, position: dict, step: int) -> Path:
-    """The learner (with the reward normaliser's statistics) and the sampler `position` (the
-    overlapped loop's: before its batches in flight), as checkpoint `step`."""
-    def write(folder: Path) -> None:
-        parts.learner.save(str(folder / "learner"))
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(parts.tokenizer_path).save_pretrained(folder / "learner" / "policy")
-
-    return ckpts.save(step, write, {"data": position})
-
-
-def checkpoint_due(cfg: RunConfig, step: int) -> bool:
-    every = cfg.checkpoint.every_steps
-    return step == cfg.total_steps or (every > 0 and step % every == 0)

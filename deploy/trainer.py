@@ -30,7 +30,7 @@ from rlfleet.common.precision import resolve_dtype
 from rlfleet.common.tasks import build_task
 from rlfleet.common.threads import node_cores
 from rlfleet.common.tiny_models import build_tiny_causal_lm
-from rlfleet.deploy import driver
+from rlfleet.deploy import driver, evaluation, run_state
 from rlfleet.deploy.assembly import (
     largest_node_cpus,
     needs_reference_actor,
@@ -151,7 +151,7 @@ class Trainer:
         sampler = PromptSampler(len(data.train), cfg.seed, cfg.data.shuffle)
         metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
                                 cfg.model_dump(mode="json"))
-        first = driver.resume(cfg, parts, sampler, ckpts, metrics) + 1
+        first = run_state.resume(cfg, parts, sampler, ckpts, metrics) + 1
         loop = build_loop(cfg, parts, data.train, sampler)
         watch = GoldWatch(cfg.guard, cfg.checkpoint)
         if first == 1:
@@ -164,7 +164,7 @@ class Trainer:
         stopped = None
         try:
             if first == 1 and cfg.logging.eval_every_steps:
-                before = driver.evaluate(cfg, parts, data.eval, 0)  # the starting policy, as step 0
+                before = evaluation.evaluate(cfg, parts, data.eval, 0)  # the starting policy, as step 0
                 metrics.write(0, before)
                 self._watch(watch, ckpts, parts, loop, 0, before)
             for step in range(first, cfg.total_steps + 1):
@@ -172,10 +172,10 @@ class Trainer:
                 last = loop.step(step)
                 evaluated = cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0
                 if evaluated:
-                    last.update(driver.evaluate(cfg, parts, data.eval, step))
+                    last.update(evaluation.evaluate(cfg, parts, data.eval, step))
                 metrics.write(step, last)
-                if driver.checkpoint_due(cfg, step):
-                    driver.save_checkpoint(cfg, parts, ckpts, loop.position(), step)
+                if run_state.checkpoint_due(cfg, step):
+                    run_state.save_checkpoint(cfg, parts, ckpts, loop.position(), step)
                 _report(progress, step, last)
                 stopped = self._watch(watch, ckpts, parts, loop, step, last) if evaluated else None
                 if stopped:
@@ -216,7 +216,7 @@ class Trainer:
     def _save_once(self, ckpts: CheckpointManager, parts: driver.Parts, loop: Loop, step: int) -> None:
         """A checkpoint of `step` unless this step already has a complete one."""
         if ckpts.latest() != ckpts.folder(step):
-            driver.save_checkpoint(self.config, parts, ckpts, loop.position(), step)
+            run_state.save_checkpoint(self.config, parts, ckpts, loop.position(), step)
 
 
 def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any]:
@@ -243,7 +243,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
                                   threads=threads["rollout"], environment=cfg.environment, env_hosts=hosts)
         parts = driver.Parts(None, pool, reward and RewardClient(reward), None, tokenizer_path, gold=bool(gold),
                              env_hosts=hosts)
-        metrics = driver.evaluate(cfg, parts, data.eval)
+        metrics = evaluation.evaluate(cfg, parts, data.eval)
     finally:
         if pool is not None:
             pool.close()

@@ -7,14 +7,11 @@ A plain class; `deploy/` makes it a Ray actor. One step:
                       each minibatch accumulated over micro-batches under a token budget
   publish()           the new weights (LoRA merged) as safetensors chunks
 
-With one update per batch (`reuses_update_logprobs`), `prepare` is skipped: the old
-log-probs are the update's own forward pass, detached (the ratio is exactly 1, as a separate
-pass with the same weights would give), saving one forward pass over the batch per step.
-
-Micro-batches pass the minibatch's token and sequence counts to `agg_loss`, so their summed
-gradients equal one pass over the whole minibatch. A non-finite gradient norm skips that
-optimizer step (counted in `learner/skipped_steps`). The minibatch order of every epoch is
-drawn from a generator seeded by (seed, step), so a resumed run repeats it exactly.
+With one update per batch (`reuses_update_logprobs`), `prepare` is skipped: the old log-probs
+are the update's own forward pass, detached. Micro-batches pass the minibatch's token and
+sequence counts to the loss, so their summed gradients equal one pass over the minibatch. A
+non-finite gradient norm skips that optimizer step (`learner/skipped_steps`). Each epoch's
+minibatch order is drawn from a generator seeded by (seed, step): a resumed run repeats it.
 
 Notation: B responses, T longest response in the step.
 """
@@ -27,10 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from rlfleet.common.collate import pack, pad_rows
+from rlfleet.common.collate import pack
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience, Prepared, Rollout, ScoreBatch, StepResult
 from rlfleet.common.reward_scale import RewardScaler
@@ -38,62 +34,49 @@ from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.common.weights import WeightGroupInfo
 from rlfleet.learner.algos import (
     ADVANTAGE_ESTIMATORS,
-    POLICY_LOSSES,
     AdaptiveKLController,
     FixedKLController,
-    agg_loss,
     kl_penalty,
     rollout_correction,
     value_loss,
 )
+from rlfleet.learner.learner_state import load_learner, save_learner
 from rlfleet.learner.models import (
     autocast,
+    collision_rows,
     disabled_adapter,
     full_tensor,
-    is_lora,
     iter_full_weights,
     load_critic,
     load_policy,
     load_reference,
-    response_collision,
     response_logprobs,
     response_values,
     trainable_parameters,
     weight_layout,
 )
-from rlfleet.learner.objective import advantage_inputs, estimator_info, loss_params
-from rlfleet.learner.optim import adamw_with_schedule, scheduler_state
-from rlfleet.learner.parallel import DataParallel
-from rlfleet.learner.state_io import (
-    load_model_state,
-    load_optimizer,
-    load_rng,
-    optimizer_state,
-    read_json,
-    save_optimizer,
-    save_rng,
-    write_json,
+from rlfleet.learner.objective import (
+    advantage_inputs,
+    estimator_info,
+    loss_params,
+    policy_objective,
 )
+from rlfleet.learner.optim import NonFiniteError, adamw_with_schedule, guarded_step  # noqa: F401  (re-exported)
+from rlfleet.learner.parallel import DataParallel
 from rlfleet.learner.step_data import (
     StaleRolloutError,  # noqa: F401  (raised here, through check_versions)
     StepTensors,
-    behaviour_ratio,
     check_versions,
     correction,
     correction_kwargs,
-    loss_mask_row,
     resolved,
-    reuses_update_logprobs,
     scatter_rows,
+    step_batch,
     step_rewards,
     token_budget_batches,
 )
 from rlfleet.learner.step_metrics import UpdateMetrics, batch_metrics, check_mismatch
-from rlfleet.learner.weights import WeightBroadcaster, check_finite, object_store_chunks
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+from rlfleet.learner.weights import WeightBroadcaster, object_store_chunks, on_rank_zero
 
 
 class Learner:
@@ -152,6 +135,11 @@ class Learner:
     def policy_version(self) -> int:
         return self.version
 
+    @property
+    def rank(self) -> int:
+        """This learner's rank in its data-parallel group (0 alone)."""
+        return self._dp.rank
+
     def scale_scores(self, scored: ScoreBatch) -> list[float | None]:
         """`scored`'s scores as this learner would train on them (evaluation: no statistics move)."""
         return self.rewards(scored.scores, scored.components, scored.weights, update=False)
@@ -166,7 +154,7 @@ class Learner:
     def local_numel(self) -> int:
         """Parameters this rank holds (its shards under FSDP): policy, critic and reference."""
         models = [self.policy, self.critic, self._reference]
-        return sum(_local(p).numel() for m in models if isinstance(m, torch.nn.Module) for p in m.parameters())
+        return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for m in models if isinstance(m, torch.nn.Module) for p in m.parameters())
 
     # ------------------------------------------------------------------ prepare
     @torch.no_grad()
@@ -208,27 +196,11 @@ class Learner:
         cfg, algo = self._cfg, self._cfg.algorithm
         exp = resolved(exp, self.rewards)
         rollouts = exp.rollouts
-        width = max(max(len(r.response_ids) for r in rollouts), 1)
-        dev = self.device
-        mask = pad_rows([loss_mask_row(r, algo) for r in rollouts], width).to(dev)
         check_versions(rollouts, self.version, cfg.rollout.max_staleness)
-        fill_old = exp.old_logprobs is None and not behaviour_ratio(cfg)
-        if fill_old:
-            if not reuses_update_logprobs(cfg) or len(rollouts) > cfg.learner.minibatch_size:
-                raise ValueError(
-                    "Experience.old_logprobs is None, but this config needs them before its update (more than "
-                    "one epoch or minibatch, a critic, KL in the rewards, a colocated reference or TIS): "
-                    "call prepare() first"
-                )
-        vllm_lp = pad_rows([r.logprobs for r in rollouts], width).to(dev)
-        if behaviour_ratio(cfg):
-            old = vllm_lp  # asynchronous, the ratio against the behaviour policy
-        else:
-            old = torch.zeros_like(mask) if fill_old else pad_rows(exp.old_logprobs, width).to(dev)
-        ref = pad_rows(exp.ref_logprobs, width).to(dev) if exp.ref_logprobs is not None else None
-        values = pad_rows(exp.values, width).to(dev) if exp.values is not None else None
-        scores = torch.tensor(exp.scores, dtype=torch.float32, device=dev)
-        group_ids = torch.tensor(exp.group_ids, device=dev)
+        b = step_batch(cfg, exp, self.device)
+        mask, old, vllm_lp, ref, values, scores, group_ids = (b.mask, b.old, b.vllm_lp, b.ref, b.values, b.scores,
+                                                              b.group_ids)
+        fill_old, width = b.fill_old, mask.shape[1]
         # Without old log-probs yet, the KL (then only in the loss and the metrics) comes after the update.
         kl = torch.zeros_like(mask) if ref is None or fill_old else kl_penalty(old, ref, algo.kl_estimator) * mask
         beta = self.kl_controller.value
@@ -311,16 +283,7 @@ class Learner:
                     if real:
                         rows = torch.tensor(real, device=logp.device)
                         tensors.old_logprobs[rows, : logp.shape[1]] = t.old_logprobs
-                pg, pm = POLICY_LOSSES[algo.policy_loss](
-                    logp, t.old_logprobs, t.advantages, t.mask, agg=algo.loss_agg, token_weights=t.is_weights,
-                    **norms, **params,
-                )
-                loss = pg
-                if algo.kl_in == "loss":
-                    loss = loss + beta * agg_loss(kl_penalty(logp, t.ref_logprobs, algo.kl_estimator), t.mask,
-                                                  algo.loss_agg, **norms)
-                if algo.entropy_coef > 0:
-                    loss = loss - algo.entropy_coef * agg_loss(entropy, t.mask, algo.loss_agg, **norms)
+                loss, pg, pm = policy_objective(algo, logp, entropy, t, beta, norms, params)
                 (weight * loss).backward()
                 if self.critic is not None:
                     with autocast(self.device, self._cfg.model.dtype):
@@ -331,18 +294,10 @@ class Learner:
                 continue
             finite = finite and bool(torch.isfinite(loss))
             policy_total += pg.item()
-            tokens = t.mask.sum().item()
-            # weighted by the padded size: the token-weighted mean is Σ padding / Σ padded tokens
-            padded = batch.attention_mask.numel()
-            update.add_micro(padded, {"learner/padding_fraction": 1.0 - batch.attention_mask.sum().item() / padded})
-            approxkl = 0.5 * (logp.detach() - t.old_logprobs).square()
-            update.add_micro(tokens, {"policy/approxkl_avg": _token_mean(approxkl, t.mask),
-                                      "policy/clipfrac_avg": float(pm.get("pg_clipfrac", 0.0)),
-                                      "policy/entropy_avg": _token_mean(entropy, t.mask)})
-            update.add_ratios(torch.exp((logp - t.old_logprobs).clamp(-20, 20)), t.mask)
+            update.add_policy_micro(batch.attention_mask, t.mask, logp, t.old_logprobs, entropy, pm)
             if self.critic is not None:
                 value_total += vl.item()
-                update.add_micro(tokens, {"val/clipfrac_avg": vm["vf_clipfrac"]})
+                update.add_micro(t.mask.sum().item(), {"val/clipfrac_avg": vm["vf_clipfrac"]})
         grad_norm = self._optimizer_step(self.policy, self.optimizer, self.scheduler, dp.all_true(finite))
         update.add_minibatch("loss/policy_avg", policy_total)
         update.add_minibatch("learner/grad_norm", grad_norm)
@@ -353,22 +308,15 @@ class Learner:
 
     def _optimizer_step(self, model, optimizer, scheduler, finite_loss: bool = True) -> float:
         """Clip and step; a non-finite gradient norm (or loss) skips the step and counts it."""
-        limit = self._cfg.learner.max_skips_in_a_row
-        norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable_parameters(model), self._cfg.learner.max_grad_norm))
-        if not (finite_loss and torch.isfinite(norm)):
-            optimizer.zero_grad(set_to_none=True)
+        lc = self._cfg.learner
+        try:
+            norm = guarded_step(model, optimizer, scheduler, finite_loss, lc.max_grad_norm, lc.max_skips_in_a_row,
+                                self._skips_in_a_row)
+        except NonFiniteError:
             self.skipped_steps += 1
-            self._skips_in_a_row[id(optimizer)] = run = self._skips_in_a_row.get(id(optimizer), 0) + 1
-            if run >= limit:
-                raise NonFiniteError(
-                    f"{run} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(learner.max_skips_in_a_row={limit}); stopping before the weights are published or saved"
-                )
-            return float("nan")
-        self._skips_in_a_row[id(optimizer)] = 0
-        optimizer.step()
-        scheduler.step()
-        return norm.item()
+            raise
+        self.skipped_steps += math.isnan(norm)
+        return norm
 
     def _micro_batches(self, rollouts: Sequence[Rollout], idx) -> Iterator[list[int]]:
         """Micro-batches under the token budget, bucketed: sequences sorted by length, so that
@@ -377,18 +325,12 @@ class Learner:
         by_length = sorted(idx, key=lambda i: (sum(lengths[i]), i))
         return token_budget_batches(lengths, by_length, self._cfg.learner.micro_batch_tokens)
 
-    @torch.no_grad()
     def _collision(self, rollouts: Sequence[Rollout], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(old log-probs, Σπ²) [B, T] of every response under the current weights (every rank
-        computes the whole batch: the optimal token baselines need the group's rows together)."""
-        old, collision = ([[] for _ in rollouts] for _ in range(2))
-        temp = self._cfg.rollout.temperature
-        for micro in self._micro_batches(rollouts, range(len(rollouts))):
-            with autocast(self.device, self._cfg.model.dtype):
-                logp, sum_sq = response_collision(self.policy, self._pack([rollouts[i] for i in micro]), temp)
-            scatter_rows(old, micro, logp, rollouts)
-            scatter_rows(collision, micro, sum_sq, rollouts)
-        return pad_rows(old, width).to(self.device), pad_rows(collision, width).to(self.device)
+        """(old log-probs, Σπ²) [B, T] under the current weights, every rank the whole batch (the
+        optimal token baselines need a group's rows together)."""
+        micros = [(m, self._pack([rollouts[i] for i in m])) for m in self._micro_batches(rollouts, range(len(rollouts)))]
+        with autocast(self.device, self._cfg.model.dtype):
+            return collision_rows(self.policy, micros, width, self._cfg.rollout.temperature)
 
     def _pack(self, rollouts: Sequence[Rollout]):
         return pack([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], self._pad_id).to(self.device)
@@ -402,20 +344,16 @@ class Learner:
     # methods together and only rank 0 publishes (`LearnerGroup` arranges it).
     def publish_state(self) -> dict[str, torch.Tensor]:
         """The policy's weights as transformers / vLLM name them (LoRA merged), on rank 0."""
-        return self._gathered(iter_full_weights(self.policy))
+        return self.gathered(iter_full_weights(self.policy))
 
     def publish(self) -> Iterator[bytes]:
         """The current weights as safetensors chunks (a Ray streaming generator at assembly:
         each chunk becomes its own object, fetched once per node by the rollout workers).
         Sharded weights are gathered tensor by tensor as the chunks fill."""
-        weights = iter_full_weights(self.policy)
-        if self._dp.rank != 0:
-            for _ in weights:
-                pass
-            return
+        weights = on_rank_zero(iter_full_weights(self.policy), self._dp.rank)
         # A plain loop, not `yield from`: Ray drives the generator with send(), which a list
         # iterator does not have.
-        for chunk in object_store_chunks(weights):  # noqa: UP028
+        for chunk in object_store_chunks(weights) if weights is not None else ():  # noqa: UP028
             yield chunk
 
     def open_weight_group(self, world_size: int) -> WeightGroupInfo:
@@ -423,14 +361,10 @@ class Learner:
         return self._broadcaster.open(weight_layout(self.policy), world_size)
 
     def broadcast_weights(self) -> int:
-        weights = iter_full_weights(self.policy)
-        if self._dp.rank != 0:
-            for _ in weights:
-                pass
-            return 0
-        return self._broadcaster.send(weights)
+        weights = on_rank_zero(iter_full_weights(self.policy), self._dp.rank)
+        return 0 if weights is None else self._broadcaster.send(weights)
 
-    def _gathered(self, weights: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def gathered(self, weights: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Rank 0: the whole state dict; other ranks take part in the gathers and keep nothing."""
         out = {}
         for name, tensor in weights:
@@ -456,67 +390,11 @@ class Learner:
         """Policy (HF format; with LoRA also the adapter in PEFT format), critic, optimizers,
         schedulers, KL controller, RNG, counters: safetensors and JSON, no pickles. Every rank
         of a group calls it (sharded state is gathered); rank 0 writes."""
-        out = Path(folder)
-        policy = self.publish_state()
-        adapter = self._gathered((n, full_tensor(t)) for n, t in self.policy.state_dict().items() if "lora_" in n)
-        critic = self._gathered(iter_full_weights(self.critic)) if self.critic is not None else None
-        optimizers = {"optimizer": optimizer_state(self.policy, self.optimizer)}
-        if self.critic is not None:
-            optimizers["critic_optimizer"] = optimizer_state(self.critic, self.critic_optimizer)
-        if self._dp.rank != 0:
-            return
-        for state in (policy, critic or {}):
-            check_finite(state, action="save")  # nothing is written
-        out.mkdir(parents=True, exist_ok=True)
-        base = self.policy.get_base_model() if is_lora(self.policy) else self.policy
-        base.save_pretrained(out / "policy", state_dict=policy, safe_serialization=True)
-        if is_lora(self.policy):
-            self.policy.save_pretrained(out / "adapter", state_dict=adapter, safe_serialization=True)
-        if critic is not None:
-            self.critic.save_pretrained(out / "critic", state_dict=critic, safe_serialization=True)
-        for name, state in optimizers.items():
-            save_optimizer(state, out, name)
-        save_rng(out)
-        write_json(out / "learner.json", {
-            "step": self.step,
-            "version": self.version,
-            "skipped_steps": self.skipped_steps,
-            "scheduler": scheduler_state(self.scheduler),
-            "critic_scheduler": scheduler_state(self.critic_scheduler),
-            "kl_controller": self.kl_controller.state_dict(),
-            "reward_normalizer": self.rewards.state_dict(),
-        })
+        save_learner(self, Path(folder))
 
     def load(self, folder: str, reward_state: dict | None = None) -> int:
         """Restore everything `save` wrote, with any number of ranks; returns the restored version.
         `reward_state`: a checkpoint's normaliser written by the reward service (before 2026-11)."""
-        src = Path(folder)
-        if is_lora(self.policy):
-            saved = load_file(str(src / "adapter" / "adapter_model.safetensors"))
-            # peft stores each adapter weight without the adapter's name ("lora_A.weight" for
-            # the model's "lora_A.default.weight").
-            names = {n: n.replace(f".{self.policy.active_adapter}.", ".") for n in self.policy.state_dict() if "lora_" in n}
-            load_model_state(self.policy, {n: saved[key] for n, key in names.items()}, strict=False)
-        else:
-            load_model_state(self.policy, load_file(str(src / "policy" / "model.safetensors")))
-        load_optimizer(self.policy, self.optimizer, src, "optimizer")
-        if self.critic is not None:
-            load_model_state(self.critic, load_file(str(src / "critic" / "model.safetensors")))
-            load_optimizer(self.critic, self.critic_optimizer, src, "critic_optimizer")
-        state = read_json(src / "learner.json")
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.critic_scheduler is not None:
-            self.critic_scheduler.load_state_dict(state["critic_scheduler"])
-        self.kl_controller.load_state_dict(state["kl_controller"])
-        self.rewards.load_state_dict(state.get("reward_normalizer") or (reward_state or {}).get("normalizer", {}))
-        self.step, self.version, self.skipped_steps = state["step"], state["version"], state["skipped_steps"]
-        load_rng(src)
+        load_learner(self, Path(folder), reward_state)
         return self.version
 
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _token_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return (x.detach() * mask).sum().item() / max(mask.sum().item(), 1.0)

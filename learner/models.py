@@ -105,6 +105,19 @@ def response_collision(model: torch.nn.Module, batch: PackedBatch, temperature: 
     return logprobs_from_logits(logits, batch.response_ids), torch.softmax(logits, dim=-1).square().sum(-1)
 
 
+@torch.no_grad()
+def collision_rows(model: torch.nn.Module, micros: list[tuple[list[int], PackedBatch]], width: int,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_collision` over micro-batches (row indices, packed batch), as [B, width] rows."""
+    rows = sum(len(idx) for idx, _ in micros)
+    out = [torch.zeros(rows, width), torch.zeros(rows, width)]
+    for idx, batch in micros:
+        for target, value in zip(out, response_collision(model, batch, temperature), strict=True):
+            n = min(value.shape[1], width)
+            target[idx, :n] = (value[:, :n] * batch.response_mask[:, :n]).float().cpu()
+    return out[0].to(batch.response_mask.device), out[1].to(batch.response_mask.device)
+
+
 def response_values(critic: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """V_t [B, T]: the critic's value of the state before response token t."""
     width = batch.response_mask.shape[1]

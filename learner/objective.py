@@ -10,7 +10,13 @@ import torch
 
 from rlfleet.common.config import AlgorithmConfig
 from rlfleet.common.records import Experience
-from rlfleet.learner.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdvantageInputs
+from rlfleet.learner.algos import (
+    ADVANTAGE_ESTIMATORS,
+    POLICY_LOSSES,
+    AdvantageInputs,
+    agg_loss,
+    kl_penalty,
+)
 
 _CLIP = ("clip_low", "clip_high", "dual_clip")
 
@@ -50,6 +56,23 @@ def advantage_inputs(algo: AlgorithmConfig, exp: Experience, token_rewards_BT: t
         is_weights=is_weights_BT, reward_components=components, component_weights=weights, eps=est.eps,
         scale_by_std=est.scale_by_std, f_norm=est.f_norm, zero_tail=est.zero_tail,
     )
+
+
+def policy_objective(algo: AlgorithmConfig, logp_BT: torch.Tensor, entropy_BT: torch.Tensor, t, beta: float,
+                     norms: dict, params: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(loss to minimise, the policy loss alone, its metrics) of one micro-batch `t`
+    (`StepTensors` rows): the configured policy loss, + β·KL to the reference when
+    `kl_in: loss`, − the entropy bonus; every term aggregated with the same normalisers."""
+    pg, metrics = POLICY_LOSSES[algo.policy_loss](
+        logp_BT, t.old_logprobs, t.advantages, t.mask, agg=algo.loss_agg, token_weights=t.is_weights, **norms, **params,
+    )
+    loss = pg
+    if algo.kl_in == "loss":
+        loss = loss + beta * agg_loss(kl_penalty(logp_BT, t.ref_logprobs, algo.kl_estimator), t.mask, algo.loss_agg,
+                                      **norms)
+    if algo.entropy_coef > 0:
+        loss = loss - algo.entropy_coef * agg_loss(entropy_BT, t.mask, algo.loss_agg, **norms)
+    return loss, pg, metrics
 
 
 def estimator_info(algo: AlgorithmConfig):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from rlfleet.common.config import LearnerConfig
 
@@ -33,3 +34,30 @@ def scheduler_state(scheduler) -> dict | None:
     state["lr_lambdas"] = [None] * len(state.get("lr_lambdas", []))
     return state
 
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def guarded_step(model: torch.nn.Module, optimizer, scheduler, finite_loss: bool, max_norm: float, limit: int,
+                 in_a_row: dict[int, int]) -> float:
+    """Clip the gradient norm to `max_norm` and step; the norm, or NaN when a non-finite norm
+    (or `finite_loss` False) skipped the step. `in_a_row` counts skips per optimizer; at
+    `limit` in a row NonFiniteError stops the run before the weights are published or saved."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if not (finite_loss and torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        in_a_row[id(optimizer)] = run = in_a_row.get(id(optimizer), 0) + 1
+        if run >= limit:
+            raise NonFiniteError(
+                f"{run} optimizer steps in a row had a non-finite loss or gradient "
+                f"(learner.max_skips_in_a_row={limit}); stopping before the weights are published or saved"
+            )
+        return float("nan")
+    in_a_row[id(optimizer)] = 0
+    optimizer.step()
+    scheduler.step()
+    return norm.item()

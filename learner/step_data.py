@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import ray
 import torch
 
+from rlfleet.common.collate import pad_rows
 from rlfleet.common.config import RunConfig
 from rlfleet.common.config_algorithm import RolloutCorrectionConfig
 from rlfleet.common.records import Experience, Held, Rollout
@@ -159,6 +160,50 @@ class StepTensors:
         index = torch.tensor(list(idx), device=self.mask.device)
         pick = {k: None if v is None else v[index, :width] for k, v in vars(self).items()}
         return StepTensors(**pick)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """A step's per-response data as padded tensors [B, T] (and [B]) on the learner's device."""
+
+    mask: torch.Tensor
+    """The loss mask before any rollout-correction rejection (`loss_mask_row`)."""
+    old: torch.Tensor
+    """π_old: from `prepare`; the engine's log-probs under the behaviour ratio; zeros to be filled
+    by the update (`fill_old`)."""
+    vllm_lp: torch.Tensor
+    """The engine's log-probs."""
+    ref: torch.Tensor | None
+    values: torch.Tensor | None
+    scores: torch.Tensor
+    """[B] float32."""
+    group_ids: torch.Tensor
+    """[B]."""
+    fill_old: bool
+    """The update makes the old log-probs itself (`reuses_update_logprobs`)."""
+
+
+def step_batch(cfg: RunConfig, exp: Experience, device: torch.device) -> StepBatch:
+    """`exp` as padded tensors; refuses an experience without old log-probs that needs them."""
+    rollouts = exp.rollouts
+    width = max(max(len(r.response_ids) for r in rollouts), 1)
+    mask = pad_rows([loss_mask_row(r, cfg.algorithm) for r in rollouts], width).to(device)
+    fill_old = exp.old_logprobs is None and not behaviour_ratio(cfg)
+    if fill_old and (not reuses_update_logprobs(cfg) or len(rollouts) > cfg.learner.minibatch_size):
+        raise ValueError(
+            "Experience.old_logprobs is None, but this config needs them before its update (more than one epoch "
+            "or minibatch, a critic, KL in the rewards, a colocated reference or a rollout correction beyond "
+            "decoupled token IS): call prepare() first"
+        )
+    vllm_lp = pad_rows([r.logprobs for r in rollouts], width).to(device)
+    if behaviour_ratio(cfg):
+        old = vllm_lp  # asynchronous, the ratio against the behaviour policy
+    else:
+        old = torch.zeros_like(mask) if fill_old else pad_rows(exp.old_logprobs, width).to(device)
+    rows = lambda x: None if x is None else pad_rows(x, width).to(device)  # noqa: E731
+    return StepBatch(mask, old, vllm_lp, rows(exp.ref_logprobs), rows(exp.values),
+                     torch.tensor(exp.scores, dtype=torch.float32, device=device),
+                     torch.tensor(exp.group_ids, device=device), fill_old)
 
 
 def token_budget_batches(lengths: Sequence[tuple[int, int]], idx: Sequence[int], budget: int) -> Iterator[list[int]]:

@@ -95,6 +95,19 @@ class UpdateMetrics:
         for name, value in values.items():
             self._token_weighted[name].append((float(value), tokens))
 
+    def add_policy_micro(self, attention_mask: torch.Tensor, mask_BT: torch.Tensor, logprobs_BT: torch.Tensor,
+                         old_BT: torch.Tensor, entropy_BT: torch.Tensor, loss_metrics: dict) -> None:
+        """One micro-batch's padding, approximate KL ½(logπ − logπ_old)², clip fraction, entropy and ratios."""
+        padded = attention_mask.numel()  # weighted by the padded size: Σ padding / Σ padded tokens
+        self.add_micro(padded, {"learner/padding_fraction": 1.0 - attention_mask.sum().item() / padded})
+        logprobs_BT = logprobs_BT.detach()
+        self.add_micro(mask_BT.sum().item(), {
+            "policy/approxkl_avg": _token_mean(0.5 * (logprobs_BT - old_BT).square(), mask_BT),
+            "policy/clipfrac_avg": float(loss_metrics.get("pg_clipfrac", 0.0)),
+            "policy/entropy_avg": _token_mean(entropy_BT, mask_BT),
+        })
+        self.add_ratios(torch.exp((logprobs_BT - old_BT).clamp(-20, 20)), mask_BT)
+
     def add_ratios(self, ratio_BT: torch.Tensor, mask_BT: torch.Tensor) -> None:
         self._ratios.append(ratio_BT.detach()[mask_BT.bool()].float().cpu())
 
@@ -130,3 +143,7 @@ class UpdateMetrics:
         out["val/ratio"] = ratios.mean().item()
         out["val/ratio_var"] = ratios.var().item() if ratios.numel() > 1 else 0.0
         return out
+
+
+def _token_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return (x.detach() * mask).sum().item() / max(mask.sum().item(), 1.0)

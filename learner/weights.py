@@ -83,3 +83,13 @@ class WeightBroadcaster:
             part = dict(itertools.islice(stream, len(bucket.tensors)))
             group.broadcast(pack_bucket(part, bucket, device), src=0)
         return sum(b.nbytes for b in info.buckets)
+
+
+def on_rank_zero(weights: Iterator[tuple[str, torch.Tensor]], rank: int) -> Iterator[tuple[str, torch.Tensor]] | None:
+    """Rank 0: `weights`; another rank drains them (under FSDP each is a gather all ranks join)
+    and gets None."""
+    if rank == 0:
+        return weights
+    for _ in weights:
+        pass
+    return None

@@ -1,0 +1,51 @@
+"""A run's saved state from the loop's side: resuming from the newest complete checkpoint,
+writing one, and when one is due."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rlfleet.common.config import RunConfig
+from rlfleet.common.data import PromptSampler
+from rlfleet.common.metrics import MetricsWriter
+from rlfleet.deploy.checkpoints import CheckpointManager, read_state
+from rlfleet.deploy.driver import Parts, push_weights
+
+logger = logging.getLogger(__name__)
+
+
+def resume(cfg: RunConfig, parts: Parts, sampler: PromptSampler, ckpts: CheckpointManager,
+           metrics: MetricsWriter) -> int:
+    """Restore the newest complete checkpoint (resume: auto) and push its weights; the step it
+    ended (0 for a fresh run)."""
+    for folder in ckpts.remove_partial():
+        logger.warning("removed %s: a checkpoint left half-written by a crash", folder)
+    latest = ckpts.latest() if cfg.checkpoint.resume == "auto" else None
+    if latest is None:
+        metrics.truncate_after(-1)  # a fresh run starts a fresh file
+        return 0
+    state = read_state(latest)
+    version = parts.learner.load(str(latest / "learner"), state.get("reward"))  # "reward": an older checkpoint's
+    sampler.load_state_dict(state["data"])
+    metrics.truncate_after(state["step"])
+    push_weights(cfg, parts, version)
+    logger.info("resumed from %s (step %d, policy version %d)", latest, state["step"], version)
+    return state["step"]
+
+
+def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, position: dict, step: int) -> Path:
+    """The learner (with the reward normaliser's statistics) and the sampler `position` (the
+    overlapped loop's: before its batches in flight), as checkpoint `step`."""
+    def write(folder: Path) -> None:
+        parts.learner.save(str(folder / "learner"))
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(parts.tokenizer_path).save_pretrained(folder / "learner" / "policy")
+
+    return ckpts.save(step, write, {"data": position})
+
+
+def checkpoint_due(cfg: RunConfig, step: int) -> bool:
+    every = cfg.checkpoint.every_steps
+    return step == cfg.total_steps or (every > 0 and step % every == 0)
