@@ -24,7 +24,13 @@ from rlfleet.common.config_base import Section
 from rlfleet.common.config_cluster import ClusterConfig, RoleResources  # noqa: F401  (re-exported)
 from rlfleet.common.config_env import EnvironmentConfig
 from rlfleet.common.config_rollout import DType, RolloutConfig  # noqa: F401  (re-exported)
-from rlfleet.common.config_run import CheckpointConfig, GuardConfig, LoggingConfig, StageConfig
+from rlfleet.common.config_run import (
+    CheckpointConfig,
+    GuardConfig,
+    LoggingConfig,
+    RunHealthConfig,
+    StageConfig,
+)
 
 
 class TinyModelConfig(Section):
@@ -265,6 +271,8 @@ class RunConfig(Section):
     """Logging."""
     guard: GuardConfig = GuardConfig()
     """Over-optimisation guard (gold falling while the proxy rises)."""
+    run_health: RunHealthConfig = RunHealthConfig()
+    """Stop a run that cannot learn, and warn of one that learns nothing, early and by name."""
     sft: StageConfig = StageConfig()
     """Supervised fine-tuning stage (`rlfleet sft`)."""
     rm: StageConfig = StageConfig()

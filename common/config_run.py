@@ -117,3 +117,22 @@ class GuardConfig(Section):
     """The metric that stands for the task."""
     proxy: str = "eval/reward"
     """The metric the policy is trained on (held-out, greedy)."""
+
+
+class RunHealthConfig(Section):
+    """Early, named failure for a run that cannot learn (`rlfleet.deploy.health`)."""
+
+    patience: int = Field(3, ge=1)
+    """Steps in a row that stop the run (every response unscorable, or no update made) or make
+    a warning (no reward spread, every response truncated, a growing learner/engine gap or KL,
+    collapsed entropy)."""
+    dry_call: bool = True
+    """Call each reward rule once, in its sandbox, on the first training row before Ray starts:
+    a rule that raises, hangs or returns something other than a number or None exits 2."""
+    kl_warn: float = Field(5.0, gt=0)
+    """objective/kl (per response) above which a KL that grows step over step is warned of."""
+    logprob_gap_warn: float = Field(0.01, gt=0)
+    """rollout/logprob_diff_same_version (nats per token) above which a growing gap is warned of."""
+    entropy_collapse: float = Field(0.05, gt=0, lt=1)
+    """Warn when the policy's entropy falls below this fraction of its first step's while the
+    reward has not risen above its first step's."""

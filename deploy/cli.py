@@ -145,6 +145,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     import logging
 
     from rlfleet.common.data import DataError
+    from rlfleet.deploy.health import RunHealthError
 
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -152,6 +153,9 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     except (ConfigError, DataError, FileNotFoundError) as err:  # bad input: named, exit 2, nothing saved is touched
         sys.stderr.write(f"rlfleet: {err}\n")
         return ConfigError.exit_code
+    except RunHealthError as err:  # a run that cannot learn: named, exit 3, its checkpoints kept
+        sys.stderr.write(f"rlfleet: {err}\n")
+        return RunHealthError.exit_code
 
 
 def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:

@@ -36,6 +36,7 @@ from rlfleet.common.records import (
 from rlfleet.deploy import episodes
 from rlfleet.deploy.baselines import greedy_baselines
 from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, join, merge
+from rlfleet.deploy.health import UnscorableLog
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.objective import estimator_info
 from rlfleet.learner.step_data import needs_prepare
@@ -61,6 +62,8 @@ class Parts:
     """The reward service holds a gold checker (`data.eval_reward` or the task's own rule)."""
     env_hosts: list = field(default_factory=list)
     """The environment hosts of a multi-turn run (the rollout workers play episodes on them)."""
+    unscorable: UnscorableLog = field(default_factory=UnscorableLog)
+    """Why responses were unscorable, per source (`deploy/health.py`)."""
 
     @property
     def service_retries(self) -> int:
@@ -225,9 +228,10 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
     if cfg.algorithm.filter_groups:
         metrics.update({"rollout/extra_batches": float(extra), "rollout/filtered_groups": float(filtered)})
     metrics.update(episodes.episode_metrics(rollouts))
+    metrics.update(parts.unscorable.see(scored))
     if not any(keep):
         logger.warning("every group of this step was dropped (unscorable); no update")
-        return metrics, None
+        return {**metrics, "learner/updated": 0.0}, None
     rows = [i for i, k in enumerate(keep) if k]
     take = lambda held: None if held is None else held.take(rows)  # noqa: E731
     baselines = None
@@ -252,6 +256,7 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
             while_training(pending)
         result = ray.get(pending)[0]
     metrics["services/retries"] = float(parts.service_retries)
+    metrics["learner/updated"] = 1.0
     return metrics, result
 
 

@@ -3,7 +3,8 @@
     ray job submit --runtime-env deploy/cluster/runtime_env.yaml --working-dir . -- \
         python -m rlfleet.deploy.job examples/grpo_tiny.yaml total_steps=2
 
-The same as `rlfleet train` (same exit codes: 2 for a bad config or bad data), run as the
+The same as `rlfleet train` (same exit codes: 2 for a bad config, bad data or reward code that
+cannot score; 3 for a run that cannot learn: the job ends FAILED with the message), run as the
 job's driver: it joins the job's cluster (RAY_ADDRESS) and starts the run's control actor
 under the job's submission id, so `rlfleet scale <submission id> --rollout-workers K` reaches
 it. The config path is relative to the job's working directory; `logging.run_dir` must be

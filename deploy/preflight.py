@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlfleet.common.config import RunConfig
+from rlfleet.common.config import RuleRewardConfig, RunConfig
 from rlfleet.common.config_io import ConfigError
 from rlfleet.common.environment import EnvironmentLoadError, load_environment
-from rlfleet.services.rules import load_rule
+from rlfleet.services.rule_probe import probe_rule
+from rlfleet.services.rules import RuleOutcome, load_rule
 from rlfleet.services.sandbox import import_path
 from rlfleet.services.tools import tool_schema
 
@@ -85,3 +86,42 @@ def _environment_problems(cfg: RunConfig) -> list[str]:
         except (ImportError, AttributeError, ValueError) as err:
             problems.append(f"environment.tools[{i}]={path!r}: {err}")
     return problems
+
+
+DRY_RESPONSE = "0"
+"""The placeholder response of a reward rule's dry call."""
+ACCEPTED_SIGNATURES = ("rlfleet calls a reward rule as fn(prompt: str, response: str, extra: dict) -> float | None "
+                       "(None: this response cannot be scored), extra holding the data row's other fields")
+
+
+def dry_call_rules(rules: list[tuple[str, RuleRewardConfig]], prompt: str, extra: dict) -> None:
+    """Call each (field, rule) once, in a fresh interpreter, with the first training row's `prompt` and
+    `extra` and the response DRY_RESPONSE; raise `ConfigError` naming every rule that raised,
+    hung, crashed or returned something other than a number or None."""
+    problems = []
+    for field, rule in rules:
+        outcome = probe_rule(rule.function, prompt, DRY_RESPONSE, extra, rule.timeout_s)
+        what = _failure(outcome, field, rule.timeout_s)
+        if what is not None:
+            problems.append(f"{field}={rule.function!r}: {what}, when called once before the run as "
+                            f"fn(prompt, response, extra) with prompt={_short(prompt)}, response={DRY_RESPONSE!r}, "
+                            f"extra with keys {sorted(extra)} (the first training row). {ACCEPTED_SIGNATURES}")
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+
+
+def _failure(outcome: RuleOutcome, field: str, timeout_s: float) -> str | None:
+    """What went wrong with a dry call, in words; None when its style's promise was kept."""
+    if outcome.reason in (None, "none"):
+        return None
+    if outcome.reason == "raised":
+        return f"it raised {outcome.detail}"
+    if outcome.reason == "timeout":
+        return f"it did not return within {timeout_s:g} s ({field.rsplit('.', 1)[0]}.timeout_s)"
+    if outcome.reason == "crashed":
+        return f"its process died ({outcome.detail})"
+    return f"it {outcome.detail}, not a number"
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3] + "...")

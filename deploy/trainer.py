@@ -43,10 +43,12 @@ from rlfleet.deploy.assembly import (
 from rlfleet.deploy.checkpoints import CheckpointManager
 from rlfleet.deploy.control import find_control, run_key, start_control
 from rlfleet.deploy.guard import GoldWatch
+from rlfleet.deploy.health import RunHealth
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.deploy.pipeline import Pipeline, Synchronous, build_loop
-from rlfleet.deploy.preflight import check_inputs
+from rlfleet.deploy.preflight import check_inputs, dry_call_rules
 from rlfleet.services.client import ReferenceClient, RewardClient
+from rlfleet.services.decoding import TextDecoder
 
 logger = logging.getLogger(__name__)
 Loop = Synchronous | Pipeline
@@ -75,6 +77,14 @@ def reward_config(cfg: RunConfig) -> RewardConfig:
         return r
     rule = build_task(cfg.data.task, cfg.seed, 1).rule
     return r.model_copy(update={"rules": [RuleRewardConfig(function=rule)]})
+
+
+def reward_fields(cfg: RunConfig) -> list[tuple[str, RuleRewardConfig]]:
+    """Every rule function the run will call, with the config field that names it."""
+    own = cfg.reward.rules or reward_config(cfg).rules
+    field = "reward.rules" if cfg.reward.rules else "data.task's rule"
+    out = [(f"{field}[{i}].function" if cfg.reward.rules else field, rule) for i, rule in enumerate(own)]
+    return out + [(f"data.eval_reward[{i}].function", rule) for i, rule in enumerate(cfg.data.eval_reward or [])]
 
 
 def gold_rules(cfg: RunConfig) -> list[RuleRewardConfig]:
@@ -124,6 +134,9 @@ class Trainer:
         model = policy_path(cfg, self.run_dir)
         tokenizer_path = cfg.model.tokenizer_path or model
         data = load_data(cfg, AutoTokenizer.from_pretrained(tokenizer_path))  # bad data fails before Ray starts
+        if cfg.run_health.dry_call and not cfg.environment.enabled:  # reward code that cannot score fails here too
+            dry_call_rules(reward_fields(cfg), TextDecoder(tokenizer_path).batch_decode([data.train.examples[0].prompt_ids])[0],
+                           data.train.examples[0].extra)
         own_ray = connect_ray(cfg)
         parts = control = None
         try:
@@ -159,6 +172,7 @@ class Trainer:
         else:
             watch.replay(read_metrics(self.run_dir), first - 1)
         progress = _progress(cfg, first - 1)
+        health = RunHealth(cfg)
         last: dict[str, Any] = {}
         before: dict[str, Any] = {}
         stopped = None
@@ -169,11 +183,13 @@ class Trainer:
                 self._watch(watch, ckpts, parts, loop, 0, before)
             for step in range(first, cfg.total_steps + 1):
                 driver.apply_control(cfg, parts, control, step - 1)
+                parts.unscorable.step = step
                 last = loop.step(step)
                 evaluated = cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0
                 if evaluated:
                     last.update(evaluation.evaluate(cfg, parts, data.eval, step))
                 metrics.write(step, last)
+                health.see(step, last, parts.unscorable)  # a run that cannot learn stops here, named
                 if run_state.checkpoint_due(cfg, step):
                     run_state.save_checkpoint(cfg, parts, ckpts, loop.position(), step)
                 _report(progress, step, last)
@@ -185,8 +201,10 @@ class Trainer:
             metrics.close()
             if progress is not None:
                 progress.close()
+        health.finish(cfg.total_steps - first + 1 if not stopped else step - first + 1)
         best, checkpoint = ckpts.best(), ckpts.latest()  # best-by-metric saves may come after the last due one
         return {"steps": step if stopped else cfg.total_steps, "first_step": first, "metrics": last,
+                "updates": health.updates, "health_warnings": list(health.warned),
                 "eval_before": before, "checkpoint": str(checkpoint) if checkpoint else None,
                 "best_checkpoint": best, "stopped_by_guard": stopped, "run_dir": str(self.run_dir)}
 

@@ -112,16 +112,16 @@ class RewardService:
             outcomes = self._runner.run(rule.function, rule.timeout_s, prompts, responses, extras)
             components[name] = [o.value for o in outcomes]
             weights[name] = rule.weight
-            _mark(reasons, name, [o.reason for o in outcomes])
+            _mark(reasons, name, [o.why for o in outcomes])
         if self._remote is not None:
             try:
                 raw = self._remote.score(prompts, responses, extras)
                 outcomes = [judge("ok", v) for v in raw]
-            except RemoteScorerError:
-                outcomes = [judge("error", None)] * len(prompts)
+            except RemoteScorerError as err:
+                outcomes = [judge("error", str(err))] * len(prompts)
             components["remote"] = [o.value for o in outcomes]
             weights["remote"] = self._config.remote.weight
-            _mark(reasons, "remote", [o.reason for o in outcomes])
+            _mark(reasons, "remote", [o.why for o in outcomes])
 
     def close(self) -> None:
         if self._runner is not None:

@@ -123,20 +123,37 @@ class RuleOutcome:
     reason: str | None = None
     """None when scorable; else 'raised', 'timeout', 'crashed', 'non_finite', 'none' or
     'not_a_number'."""
+    detail: str | None = None
+    """What happened: the exception ('ValueError: …'), the value returned ('returned dict
+    {'score': 1.0}'), the exit code of a crashed process."""
+
+    @property
+    def why(self) -> str | None:
+        """The reason with its detail, e.g. "raised (KeyError: 'answer')"; None when scorable."""
+        if self.reason is None:
+            return None
+        return self.reason if self.detail is None else f"{self.reason} ({self.detail})"
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def judge(status: str, value: Any) -> RuleOutcome:
     """Turn a call's reply (`ProcessWorkers.run`) into a value or an unscorable reason."""
     if status == "error":
-        return RuleOutcome(None, "raised")
-    if status in ("timeout", "crashed"):
+        return RuleOutcome(None, "raised", str(value) if value is not None else None)
+    if status == "timeout":
         return RuleOutcome(None, status)
+    if status == "crashed":
+        return RuleOutcome(None, status, f"exit code {value}")
     if value is None:
-        return RuleOutcome(None, "none")
+        return RuleOutcome(None, "none", "returned None")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return RuleOutcome(None, "not_a_number")
+        return RuleOutcome(None, "not_a_number", f"returned {type(value).__name__} {_shown(value)}")
     if not math.isfinite(value):
-        return RuleOutcome(None, "non_finite")
+        return RuleOutcome(None, "non_finite", f"returned {value}")
     return RuleOutcome(float(value))
 
 

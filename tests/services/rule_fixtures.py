@@ -69,9 +69,12 @@ HOLD_MARKER = Path(tempfile.gettempdir()) / "rlfleet-test-hold-scoring"
 
 def math_answer_while_not_held(prompt, response, extra):
     """`math_answer`, but each call first waits (up to 10 min) while HOLD_MARKER exists: a test
-    holds a job at its first scoring until it has done what it must do while the job runs."""
+    holds a job at its first scoring until it has done what it must do while the job runs. The
+    dry call before the run (its placeholder response "0", `deploy/preflight.py`) is not held."""
     from rlfleet.services.rules import math_answer
 
+    if response == "0":
+        return math_answer(prompt, response, extra)
     deadline = time.monotonic() + 600
     while HOLD_MARKER.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -93,3 +96,25 @@ def constant_for_even_numbers(prompt, response, extra):
     if numbers and int(numbers[-1]) % 2 == 0:
         return 0.5
     return (sum(map(ord, response)) % 97) / 97
+
+
+def verl_style(data_source, solution_str, ground_truth, extra_info=None):
+    """A verl-style `compute_score` (its own signature, a dict result): called with rlfleet's
+    rule signature it returns a dict, which no rlfleet rule may."""
+    return {"score": float(str(ground_truth) in str(solution_str)), "acc": 1.0}
+
+
+def constant_reward(prompt, response, extra):
+    """The same reward for every response: a group-relative estimator gets no signal."""
+    return 0.5
+
+
+def raises_on_model_output(prompt, response, extra):
+    """Passes the dry call (its placeholder response "0") and raises on every generated response."""
+    if response == "0":
+        return 0.0
+    raise ValueError(f"cannot parse an answer from {response[:20]!r}")
+
+
+def sleeps_forever(prompt, response, extra):
+    time.sleep(3600)

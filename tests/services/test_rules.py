@@ -105,7 +105,8 @@ def test_the_gold_checker_scores_apart_from_the_training_reward(tok_dir):
                       [RuleRewardConfig(function="no_such_module:f")])
 
 
-@pytest.mark.parametrize(("fn", "reason"), [("raises", "raised"), ("returns_nan", "non_finite")])
+@pytest.mark.parametrize(("fn", "reason"), [("raises", "raised (RuntimeError: broken reward code)"),
+                                            ("returns_nan", "non_finite (returned nan)")])
 def test_raising_or_nan_rule_marks_unscorable(tok_dir, fn, reason):
     svc = service(tok_dir, (f"{FIX}:by_length", 1.0), (f"{FIX}:{fn}", 1.0))
     batch = svc.score(encode(["a", "b"]), encode(["xy", "z"]))
@@ -132,7 +133,7 @@ def test_a_crashed_rule_process_is_marked_and_replaced(tok_dir):
     svc = service(tok_dir, (f"{FIX}:exits_on_x", 1.0))
     batch = svc.score(encode(["p"] * 3), encode(["ok", "x", "fine"]))
     assert batch.scores == [1.0, None, 1.0]
-    assert batch.reasons == [None, "rules[0]:crashed", None]
+    assert batch.reasons == [None, "rules[0]:crashed (exit code 3)", None]
     assert svc.score(encode(["p"]), encode(["ok"])).scores == [1.0]
     svc.close()
 

@@ -1,0 +1,102 @@
+"""A run that cannot learn says why, early (`deploy/health.py`, `deploy/preflight.py`): reward
+code that cannot score stops the run before Ray starts (exit 2) or after `run_health.patience`
+steps (exit 3), and a run that learns nothing is warned of, by name and step."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rlfleet.common.config import RuleRewardConfig
+from rlfleet.common.config_io import dump_config
+from rlfleet.common.metrics import read_metrics
+from rlfleet.deploy import Trainer, cli
+from rlfleet.deploy.preflight import dry_call_rules
+from tests.deploy.test_training import ROOT, grpo_config
+
+FIX = "tests.services.rule_fixtures"
+
+
+def _rule(name: str, timeout_s: float = 5.0) -> list[tuple[str, RuleRewardConfig]]:
+    return [("reward.rules[0].function", RuleRewardConfig(function=f"{FIX}:{name}", timeout_s=timeout_s))]
+
+
+@pytest.mark.unit
+def test_the_dry_call_names_a_rule_that_raises_hangs_or_returns_a_non_number():
+    extra = {"answer": "42"}
+    dry_call_rules(_rule("by_length"), "What is 6 x 7?", extra)  # a number: fine
+    dry_call_rules(_rule("returns_nan_on_x"), "p", extra)
+    with pytest.raises(Exception, match=r"reward.rules\[0\].function='tests.services.rule_fixtures:verl_style': "
+                                        r"it returned dict \{'score': 0.0, 'acc': 1.0\}, not a number.*"
+                                        r"fn\(prompt: str, response: str, extra: dict\) -> float \| None"):
+        dry_call_rules(_rule("verl_style"), "What is 6 x 7?", extra)
+    with pytest.raises(Exception, match="it raised RuntimeError: broken reward code, when called once before the run "
+                                        r"as fn\(prompt, response, extra\) with prompt='p', response='0', "
+                                        r"extra with keys \['answer'\]"):
+        dry_call_rules(_rule("raises"), "p", extra)
+    started = time.monotonic()
+    with pytest.raises(Exception, match=r"it did not return within 1 s \(reward.rules\[0\].timeout_s\)"):
+        dry_call_rules(_rule("sleeps_forever", timeout_s=1.0), "p", extra)
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.unit
+def test_a_verl_style_reward_function_exits_2_before_ray_starts(tmp_path):
+    """`rlfleet train` with a verl-style compute_score as a rule: its signature binds to
+    rlfleet's three arguments, so only a call can tell — it returns a dict. Exit 2, the
+    function, what it got and returned, and the signature rlfleet accepts; Ray never started."""
+    cfg = grpo_config(tmp_path / "run", reward={"rules": [{"function": f"{FIX}:verl_style"}]})
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "rlfleet.deploy.cli", "train", str(path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "reward.rules[0].function='tests.services.rule_fixtures:verl_style': it returned dict" in done.stderr
+    assert "rlfleet calls a reward rule as fn(prompt: str, response: str, extra: dict)" in done.stderr
+    assert "Started a local Ray instance" not in done.stderr + done.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_a_rule_that_raises_on_every_response_stops_the_run_naming_it(ray_cluster, tmp_path, capsys, caplog):
+    """The rule passes the dry call but raises on every generated response: each step drops
+    every group, and after `run_health.patience` (3) steps the run stops with exit 3, the
+    source, the exception's message and the number of updates (0); step 3's metrics are the last."""
+    cfg = grpo_config(tmp_path, total_steps=8, reward={"rules": [{"function": f"{FIX}:raises_on_model_output"}]},
+                      checkpoint={"every_steps": 0})
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.health"):
+        assert cli.main(["train", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "run health: every response of steps 1–3 was unscorable (rules[0]: 32 of 32" in err
+    assert "ValueError: cannot parse an answer from" in err and "0 updates were made" in err
+    assert [r["step"] for r in read_metrics(tmp_path) if r["step"] > 0] == [1, 2, 3]
+    # the reason was logged once, at the step it first appeared
+    logged = [r.getMessage() for r in caplog.records if "could not score" in r.getMessage()]
+    assert logged and logged[0].startswith("run health: step 1: rules[0] could not score a response: raised "
+                                           "(ValueError: cannot parse an answer from")
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_a_constant_reward_and_truncated_responses_are_warned_of(ray_cluster, tmp_path, caplog):
+    """A constant rule (no spread in any group: GRPO learns nothing) and responses that cannot
+    end (max_response_tokens 1): one warning each, with the step numbers; the run completes."""
+    cfg = grpo_config(tmp_path, total_steps=3, reward={"rules": [{"function": f"{FIX}:constant_reward"}]},
+                      rollout={"max_response_tokens": 1}, checkpoint={"every_steps": 0})
+    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.health"):
+        summary = Trainer(cfg).fit()
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run health:")]
+    assert any("steps 1–3: every group's responses got the same reward (frac_reward_zero_std 1.0, reward 0.5)"
+               in m for m in messages), messages
+    assert any("steps 1–3: " in m and "of the responses were cut at rollout.max_response_tokens=1" in m
+               for m in messages), messages
+    assert summary["updates"] == 3 and set(summary["health_warnings"]) == {"zero_spread", "truncated"}
