@@ -59,15 +59,21 @@ def with_junk(x, mask, g, scale=1.0):
     return torch.where(mask.bool(), x, torch.randn(mask.shape, generator=g, dtype=f64) * scale)
 
 
-def loss_case(seed, B=6, T=7, holes=False, empty=False):
-    g = torch.Generator().manual_seed(seed)
+def random_mask(g, B, T, holes, empty_row):
+    """Right-padded rows of random length; `holes`: interior zeros; `empty_row`: one row all 0."""
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None] < lengths[:, None]).to(f64)
     if holes:
         mask = mask * (torch.rand(B, T, generator=g) > 0.3)
         mask[:, 0] = 1
-    if empty:
-        mask[1] = 0
+    if empty_row is not None:
+        mask[empty_row] = 0
+    return mask
+
+
+def loss_case(seed, B=6, T=7, holes=False, empty=False):
+    g = torch.Generator().manual_seed(seed)
+    mask = random_mask(g, B, T, holes, 1 if empty else None)
     lp = -torch.rand(B, T, generator=g, dtype=f64) * 2 - 0.05
     old = lp + 0.4 * torch.randn(B, T, generator=g, dtype=f64)
     adv = torch.randn(B, T, generator=g, dtype=f64)
@@ -166,13 +172,7 @@ say("reinforce fails:", len(fails))
 
 def estimator_case(seed, B=12, T=7, holes=False, layout="groups", empty=False):
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    mask = (torch.arange(T)[None] < lengths[:, None]).to(f64)
-    if holes:
-        mask = mask * (torch.rand(B, T, generator=g) > 0.3)
-        mask[:, 0] = 1
-    if empty:
-        mask[2] = 0
+    mask = random_mask(g, B, T, holes, 2 if empty else None)
     if layout == "groups":
         index = np.array([i // 4 for i in range(B)])
     elif layout == "single":

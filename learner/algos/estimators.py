@@ -86,14 +86,8 @@ ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 
 
 def register(name: str, info: EstimatorInfo = EstimatorInfo()) -> Callable[[Callable], Callable]:
-    """Register an estimator under `name` (a decorator; also how one from outside is added)."""
-
-    def add(fn: Callable) -> Callable:
-        fn.info = info  # type: ignore[attr-defined]
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return add
+    """Register a estimator under `name` (a decorator; also how one from outside is added)."""
+    return ADVANTAGE_ESTIMATORS.register(name, info)
 
 
 def _eps(x: AdvantageInputs, default: float) -> float:

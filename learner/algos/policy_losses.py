@@ -60,14 +60,8 @@ POLICY_LOSSES = Registry("policy loss")
 
 
 def register(name: str, info: LossInfo = LossInfo()) -> Callable[[Callable], Callable]:
-    """Register a policy loss under `name` (a decorator; also how a loss from outside is added)."""
-
-    def add(fn: Callable) -> Callable:
-        fn.info = info  # type: ignore[attr-defined]
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return add
+    """Register a policy loss under `name` (a decorator; also how one from outside is added)."""
+    return POLICY_LOSSES.register(name, info)
 
 
 def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

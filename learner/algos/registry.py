@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 class UnknownNameError(KeyError):
     """A registry lookup of a name that is not there; the message lists the valid names."""
@@ -19,3 +22,13 @@ class Registry(dict):
 
     def __missing__(self, key: str):
         raise UnknownNameError(f"unknown {self.kind} {key!r}; valid names: {', '.join(sorted(self))}")
+
+    def register(self, name: str, info: Any) -> Callable[[Callable], Callable]:
+        """A decorator that adds a function under `name`, its capabilities as `fn.info`."""
+
+        def add(fn: Callable) -> Callable:
+            fn.info = info  # type: ignore[attr-defined]
+            self[name] = fn
+            return fn
+
+        return add
