@@ -26,7 +26,9 @@ def loss_params(algo: AlgorithmConfig, generator: torch.Generator | None = None)
     loss's own defaults); `generator` for a loss that draws at random (clip_cov)."""
     wanted = POLICY_LOSSES[algo.policy_loss].info.params
     given = {name: getattr(algo, name) for name in _CLIP} | algo.loss.model_dump()
-    params = {name: value for name, value in given.items() if name in wanted and value is not None}
+    # None is "the loss's default", except for dual_clip, whose None in the config means off
+    params = {name: value for name, value in given.items()
+              if name in wanted and (value is not None or name == "dual_clip")}
     if "generator" in wanted and generator is not None:
         params["generator"] = generator
     return params

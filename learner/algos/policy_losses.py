@@ -95,9 +95,10 @@ def _norms(num_global_tokens, num_global_seqs, norm_length, dp_size) -> dict:
 @register("ppo", LossInfo(params=("clip_low", "clip_high", "dual_clip")))
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "token-mean", token_weights=None,
                     num_global_tokens=None, num_global_seqs=None, norm_length=None, dp_size: int = 1,
-                    clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None):
+                    clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = 3.0):
     """Clipped PPO (verl's "vanilla"): clamped δ; ℓ = max(−A·r, −A·clip(r, 1 − ε_lo, 1 + ε_hi));
-    with dual_clip c > 1, where A < 0: ℓ = min(ℓ, −c·A)."""
+    with dual_clip c > 1, where A < 0: ℓ = min(ℓ, −c·A). c defaults to 3 as in verl; None turns
+    the dual clip off (the learner passes `algorithm.dual_clip`, whose None means off)."""
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
     log_ratio = _clean(logprobs - old_logprobs, mask).clamp(-20.0, 20.0)

@@ -221,3 +221,19 @@ def test_losses_that_need_a_parameter_name_it():
     assert POLICY_LOSSES["dro"].info.required == ("beta",)
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
         POLICY_LOSSES["ppo"](lp, old, adv, mask, dual_clip=0.5)
+
+
+def test_the_config_reaches_each_loss_and_leaves_the_rest_to_its_defaults():
+    from rlfleet.common.config import RunConfig
+    from rlfleet.learner.objective import loss_params
+
+    def params(**algorithm):
+        return loss_params(RunConfig.model_validate({"algorithm": algorithm}).algorithm,
+                           torch.Generator().manual_seed(0))
+
+    assert params() == {"dual_clip": None}  # ppo: the config's dual clip is off unless set
+    assert params(dual_clip=2.5, clip_high=0.28) == {"dual_clip": 2.5, "clip_high": 0.28}
+    assert params(policy_loss="gspo") == {}  # the paper's 3e-4 / 4e-4
+    assert params(policy_loss="dro", loss={"beta": 0.2}) == {"beta": 0.2}
+    assert set(params(policy_loss="clip_cov", loss={"cov_select_frac": 0.01})) == {"cov_select_frac", "generator"}
+    assert params(policy_loss="sapo", loss={"temp_neg": 2.0, "beta": 1.0}) == {"temp_neg": 2.0}  # beta: not sapo's
