@@ -260,4 +260,4 @@ class StepResult:
     version: int
     """Policy version of the weights after the step (the next push carries it)."""
     metrics: dict[str, float | None]
-    """Metric name → value (FORMULAS.md names; None where a metric does not apply)."""
+    """Metric name → value (`rlfleet.common.metric_names`; None where a metric does not apply)."""

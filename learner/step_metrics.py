@@ -1,4 +1,4 @@
-"""Per-step metrics of the learner under TRL's names (FORMULAS.md, "Metric names").
+"""Per-step metrics of the learner under TRL's names (`rlfleet.common.metric_names` says what each means).
 
 Notation: B responses, T response length. The batch-level numbers are computed once per
 step from the rollout data; the update numbers are accumulated over every micro-batch of every

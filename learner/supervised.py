@@ -2,7 +2,7 @@
 
 - SFT: cross-entropy on response tokens only (prompt tokens are context, not targets).
 - Reward model: Bradley–Terry, −log σ(r_chosen − r_rejected), the score read at the last
-  token of each (prompt, response) (Ouyang et al. 2022; FORMULAS.md).
+  token of each (prompt, response) (Ouyang et al. 2022).
 - DPO: Rafailov et al. (2023), sequence log-probs summed over response tokens, against a
   frozen copy of the starting policy.
 

@@ -1,6 +1,6 @@
 """Pure RL math: tensors and floats in, tensors out. Imports only torch and rlfleet.common.
 
-Conventions are fixed by shared/reference/FORMULAS.md. Notation in every module: B responses,
+Conventions are written out in docs/algorithms/. Notation in every module: B responses,
 T response length, G responses per prompt, V vocabulary; `mask[b, t] = 1` exactly where the
 policy sampled the token.
 """

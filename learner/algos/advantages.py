@@ -1,4 +1,4 @@
-"""Token-level rewards and advantage estimators (FORMULAS.md).
+"""Token-level rewards and advantage estimators (docs/algorithms/advantage-estimators.md).
 
 Notation: B responses, T response length, G responses per prompt (a group); `mask[b, t] = 1`
 exactly where the policy sampled the token; L_b is the last index of row b with mask 1.

@@ -48,7 +48,7 @@ def _estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str
     if estimator == "k3":
         delta = delta.clamp(-20.0, 20.0)
         # expm1 avoids the cancellation of exp(−Δ) − 1 at tiny Δ, which goes negative; the
-        # true value is ≥ 0, so the lower clamp is 0 (FORMULAS.md's −10 can never bind).
+        # true value is ≥ 0, so the lower clamp is 0 (a −10 bound could never bind).
         return (torch.expm1(-delta) + delta).clamp(0.0, 10.0)
     raise ValueError(f"unknown KL estimator {estimator!r}; valid estimators: {', '.join(KL_ESTIMATORS)}")
 

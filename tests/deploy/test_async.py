@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from rlfleet.common.metric_names import describe
 from rlfleet.common.metrics import read_metrics
 from rlfleet.deploy import Trainer
 from tests.deploy.test_training import grpo_config
@@ -19,6 +20,7 @@ def check_async_steps(rows: list[dict], steps: int, k: int) -> None:
     rows = [r for r in rows if r["step"] > 0]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for row in rows:
+        assert not [name for name in row if name != "step" and describe(name) is None]  # the docs' metric reference
         step = row["step"]
         assert row["learner/version"] == step
         assert row["rollout/staleness_max"] <= k and row["rollout/refused_stale"] == 0

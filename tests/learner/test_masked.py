@@ -1,4 +1,4 @@
-"""Masked statistics and agg_loss (FORMULAS.md: "Masked statistics", "Loss aggregation")."""
+"""Masked statistics and agg_loss (docs/algorithms/kl-and-aggregation.md)."""
 
 from __future__ import annotations
 
