@@ -134,16 +134,17 @@ def missing_resources(res: RoleResources, extra: int) -> str:
     return ", ".join(short)
 
 
-def push_weights(cfg: RunConfig, parts: Parts, version: int) -> None:
+def push_weights(cfg: RunConfig, parts: Parts, version: int) -> list[int] | None:
     """Hand the learner's current weights to every rollout worker as `version` (the
-    overlapped loop: queued behind the generate calls already submitted)."""
+    overlapped loop: queued behind the generate calls already submitted); the versions the
+    workers report after it (None when queued)."""
     try:
         if cfg.rollout.weight_sync == "broadcast":
             source = BroadcastWeights(version, parts.learner.lead, cfg.rollout.tensor_parallel_size,
                                       parts.learner.helpers)
         else:
             source = ObjectStoreWeights(version, parts.learner.publish_refs())
-        parts.pool.push_weights(source)
+        return parts.pool.push_weights(source)
     except ray.exceptions.RayActorError as err:
         raise RuntimeError(f"the push of policy v{version} failed: an actor died ({err}); the last "
                            "checkpoint is untouched, and `rlfleet train` resumes from it") from err
@@ -171,8 +172,9 @@ def train_step(cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: Promp
     if result is None:
         return {**metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
     with timer("push"):
-        push_weights(cfg, parts, result.version)
-    versions = parts.pool.versions()
+        if cfg.rollout.sleep_between_steps:  # colocated: the engines slept through the learner's phase
+            parts.pool.wake_up()
+        versions = push_weights(cfg, parts, result.version)
     metrics.update({"rollout/min_version": float(min(versions)), "rollout/max_version": float(max(versions)),
                     "rollout/num_workers": float(len(versions))})
     return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
@@ -250,6 +252,9 @@ def learn(cfg: RunConfig, parts: Parts, examples: list[Example], batch: RolloutB
         weights=dict(scored.weights),
         baselines=_pick(baselines, keep),
     )
+    if cfg.rollout.sleep_between_steps:  # colocated: the engines free their memory for the learner
+        with timer("sleep"):
+            parts.pool.sleep()
     with timer("train"):
         pending = parts.learner.submit_train(exp)
         if while_training is not None:

@@ -79,7 +79,6 @@ class PoolStats:
     timeouts: int = 0
     pushes_mid_generate: int = 0
     """partial_rollout: pushes that landed while a generate call ran."""
-    last_generate_seconds: float = 0.0
     per_worker_tokens: dict[str, int] = field(default_factory=dict)
 
 
@@ -148,9 +147,9 @@ class RolloutPool:
         while self._slots:
             ray.kill(self._slots.pop().handle, no_restart=True)
 
-    def push_weights(self, source: WeightSource) -> None:
+    def push_weights(self, source: WeightSource) -> list[int]:
         """Load `source`'s version into every worker concurrently, then verify that each one
-        reports it. A worker that dies during the push is recovered and re-synced. A push that
+        reports it; the versions reported, in slot order. A worker that dies during the push is recovered and re-synced. A push that
         fails otherwise (its weights gone with the learner that owned them) raises, and the pool
         stays at the previous version (a worker that loaded the new one is re-synced back)."""
         previous, self._source = self._source, source
@@ -171,6 +170,7 @@ class RolloutPool:
             raise
         if any(v != source.version for v in reported):
             raise RolloutPoolError(f"after pushing v{source.version} the workers report {reported}")
+        return list(reported)
 
     def offer_push(self, source: WeightSource) -> None:
         """partial_rollout (from any thread): the generate call running on the pool's thread
@@ -190,6 +190,10 @@ class RolloutPool:
         """Colocated mode: let every worker free its memory while the learner trains."""
         ray.get([s.handle.sleep.remote() for s in self._slots])
 
+    def wake_up(self) -> None:
+        """Colocated mode: bring every worker's memory back before a push or a generate call."""
+        ray.get([s.handle.wake_up.remote() for s in self._slots])
+
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[PromptInput], spec: SamplingSpec,
                  on_group: OnGroup | None = None) -> RolloutBatch:
@@ -203,7 +207,6 @@ class RolloutPool:
         return self._run(list(examples), spec, "run_episodes")
 
     def _run(self, prompts: list, spec: SamplingSpec, method: str, on_group: OnGroup | None = None) -> RolloutBatch:
-        start = time.perf_counter()
         for slot in self._slots:
             slot.in_flight = 0  # one call at a time: nothing of an earlier call counts (one that raised left some)
             if slot.suspect:
@@ -243,7 +246,6 @@ class RolloutPool:
                 on_group(chunk.start, results[chunk.start])
             self._fill(queue, spec, pending, window)
         batch = self._assemble(chunks, results, len(prompts), spec, oldest)
-        self.stats.last_generate_seconds = time.perf_counter() - start
         return batch
 
     def _split(self, prompts: list, method: str) -> list[_Chunk]:
