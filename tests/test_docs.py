@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def _quickstart_commands() -> list[str]:
     bash = [c.strip() for block in re.findall(r"```bash\n(.*?)\n```", text, flags=re.DOTALL) for c in block.splitlines()]
     python = re.findall(r"```python\n(.*?)\n```", text, flags=re.DOTALL)
     assert bash[0] == SETUP  # run by CI as the README's first command
-    return [*bash[1:], *(f"{sys.executable} -c {json.dumps(p)}" for p in python)]
+    return [*bash[1:], *(f"{sys.executable} -c {shlex.quote(p)}" for p in python)]
 
 
 @pytest.mark.ray
@@ -72,5 +73,5 @@ def test_every_quickstart_command_runs(tmp_path):
         done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
     rows = [json.loads(line) for line in (tmp_path / "runs" / "first" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(describe(name) for row in rows for name in row if name != "step")
