@@ -65,6 +65,10 @@ class UnscorableLog:
         return dict(counts)
 
 
+def _updates(n: int) -> str:
+    return f"{n} update{'' if n == 1 else 's'}"
+
+
 def _steps(steps: list[int]) -> str:
     return f"{steps[0]}–{steps[-1]}" if len(steps) > 1 else str(steps[0])
 
@@ -96,7 +100,7 @@ class RunHealth:
         if not any(m["_updated"] for _, m in recent):
             raise RunHealthError(
                 f"run health: no update was made in steps {_steps(steps)} "
-                f"({self._no_update_cause(recent[-1][1])}); {self.updates} updates in the run. Stopping.")
+                f"({self._no_update_cause(recent[-1][1])}); {_updates(self.updates)} in the run. Stopping.")
         self._warnings(steps, [m for _, m in recent])
 
     def finish(self, steps_run: int) -> None:
@@ -110,7 +114,7 @@ class RunHealth:
         named = "; ".join(f"{s}: {int(last[f'reward/unscorable/{s}'])} of {int(last['rollout/num_samples'])}, "
                           f"last reason {log.last.get(s)!r}" for s in sources)
         return (f"run health: every response of steps {_steps(steps)} was unscorable ({named}); "
-                f"{self.updates} updates were made. Fix the reward source above (its reason says what it "
+                f"{_updates(self.updates)} made. Fix the reward source above (its reason says what it "
                 "received and did), or check that it accepts rlfleet's rule signature fn(prompt, response, extra)")
 
     def _no_update_cause(self, last: dict[str, Any]) -> str:

@@ -77,7 +77,7 @@ def test_a_rule_that_raises_on_every_response_stops_the_run_naming_it(ray_cluste
         assert cli.main(["train", str(path)]) == 3
     err = capsys.readouterr().err
     assert "run health: every response of steps 1–3 was unscorable (rules[0]: 32 of 32" in err
-    assert "ValueError: cannot parse an answer from" in err and "0 updates were made" in err
+    assert "ValueError: cannot parse an answer from" in err and "0 updates made" in err
     assert [r["step"] for r in read_metrics(tmp_path) if r["step"] > 0] == [1, 2, 3]
     # the reason was logged once, at the step it first appeared
     logged = [r.getMessage() for r in caplog.records if "could not score" in r.getMessage()]
@@ -100,3 +100,43 @@ def test_a_constant_reward_and_truncated_responses_are_warned_of(ray_cluster, tm
     assert any("steps 1–3: " in m and "of the responses were cut at rollout.max_response_tokens=1" in m
                for m in messages), messages
     assert summary["updates"] == 3 and set(summary["health_warnings"]) == {"zero_spread", "truncated"}
+
+
+def _watch(rows: list[dict], **run_health):
+    """RunHealth over synthetic step metrics; the warnings it logged."""
+    from rlfleet.common.config import RunConfig
+    from rlfleet.deploy.health import RunHealth, UnscorableLog
+
+    health = RunHealth(RunConfig.model_validate({"run_health": run_health}))
+    for step, row in enumerate(rows, start=1):
+        health.see(step, {"rollout/num_samples": 32.0, "reward": 0.5, **row}, UnscorableLog())
+    return health
+
+
+@pytest.mark.unit
+def test_each_warning_names_its_cause_once_and_a_learning_run_gets_none(caplog):
+    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.health"):
+        quiet = _watch([{"reward": 0.1 * i, "frac_reward_zero_std": 0.2, "completions/clipped_ratio": 0.1,
+                         "objective/kl": 0.1 * i, "rollout/logprob_diff_same_version": 1e-4 * i,
+                         "policy/entropy_avg": 1.0 / i} for i in range(1, 9)])
+        assert quiet.warned == [] and quiet.updates == 8  # KL and gap grow but stay small; entropy falls while reward rises
+        growing = _watch([{"objective/kl": 5.0 + i, "rollout/logprob_diff_same_version": 0.02 * i,
+                           "policy/entropy_avg": 2.0 if i == 1 else 0.05} for i in range(1, 7)])
+    assert growing.warned == ["logprob_gap", "kl", "entropy"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("objective/kl grew every step (6, 7, 8, 9) past 5" in m for m in messages), messages
+    assert any("the policy's entropy fell to 0.05 from 2" in m for m in messages), messages
+    assert sum("objective/kl grew" in m for m in messages) == 1  # once per cause
+
+
+@pytest.mark.unit
+def test_no_update_for_patience_steps_stops_and_a_run_without_updates_never_ends_quietly():
+    from rlfleet.deploy.health import RunHealthError
+
+    with pytest.raises(RunHealthError, match=r"no update was made in steps 2–3 \(the rollout correction rejected "
+                                             r"every token: rs_options=None"):
+        _watch([{}, {"learner/updated": 0.0}, {"rollout_corr/rollout_rs_masked_fraction": 1.0}], patience=2)
+    short = _watch([{"learner/updated": 0.0}, {"learner/updated": 0.0}], patience=3)
+    with pytest.raises(RunHealthError, match="ended after 2 steps having made no update"):
+        short.finish(2)
+    _watch([{}, {"learner/updated": 0.0}], patience=3).finish(2)  # one update: a run that trained
