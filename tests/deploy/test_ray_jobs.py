@@ -1,5 +1,5 @@
-"""Cluster use on a real local Ray head with token authentication on 127.0.0.1: the README's
-`ray job submit` line runs a 2-step GRPO job to SUCCEEDED; `rlfleet scale` grows a submitted
+"""Cluster use on a real local Ray head with token authentication on 127.0.0.1: the clusters
+guide's `ray job submit` line (docs/guides/clusters.md) runs a 2-step GRPO job to SUCCEEDED; `rlfleet scale` grows a submitted
 job's rollout fleet from 1 to 2 workers at the next step boundary, and the job survives its
 workers being SIGKILLed every few steps."""
 
@@ -89,19 +89,20 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def readme_submit_line() -> str:
-    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("ray job submit ")]
-    assert len(lines) == 1, "the README shows exactly one `ray job submit` line"
+def guide_submit_line() -> str:
+    guide = ROOT / "docs" / "guides" / "clusters.md"
+    lines = [ln for ln in guide.read_text().splitlines() if ln.startswith("ray job submit ")]
+    assert len(lines) == 1, "the clusters guide shows exactly one `ray job submit` line"
     return lines[0]
 
 
-def test_readme_ray_job_submit_line_runs_a_grpo_job_with_token_auth(ray_head, tmp_path):
+def test_the_clusters_guides_ray_job_submit_line_runs_a_grpo_job_with_token_auth(ray_head, tmp_path):
     # Token auth is really on: a wrong token is refused.
     wrong = dict(ray_head.env, RAY_AUTH_TOKEN="0" * 32)
     refused = ray_head.ray("job", "list", "--address", ray_head.dashboard, env=wrong)
     assert refused.returncode != 0 and "Invalid authentication token" in refused.stderr
     env = dict(ray_head.env, RAY_ADDRESS=ray_head.dashboard, RLFLEET_RUNS=str(tmp_path))
-    done = subprocess.run(["bash", "-c", readme_submit_line()], env=env, cwd=ROOT, capture_output=True,
+    done = subprocess.run(["bash", "-c", guide_submit_line()], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     job = re.search(r"Job '(raysubmit_\w+)' (?:submitted|succeeded)", done.stderr + done.stdout)
     assert done.returncode == 0 and job, done.stderr[-3000:]
