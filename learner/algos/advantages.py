@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from rlfleet.learner.algos.group_estimators import broadcast, group_moments
-from rlfleet.learner.algos.masked import masked_whiten
+from rlfleet.learner.algos.masked import masked_whiten, zero_masked
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,6 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
     return (mask.bool() * positions).argmax(dim=-1)
 
-
-def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def token_level_rewards(
@@ -45,7 +42,7 @@ def token_level_rewards(
 
     A row with no response token (all-zero mask) gets no reward at all.
     """
-    rewards = _zero_masked(-kl_coef * kl, mask)
+    rewards = zero_masked(-kl_coef * kl, mask)
     has_token = mask.bool().any(dim=-1)
     placed = torch.where(has_token, scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
     return rewards.scatter_add(-1, last_token_index(mask)[:, None], placed[:, None])
@@ -73,8 +70,8 @@ def gae(
         next_value = torch.where(keep[:, t], values[:, t], next_value)
         last_adv = torch.where(keep[:, t], step, last_adv)
         advantages[:, t] = last_adv
-    advantages = _zero_masked(advantages, mask)
-    return advantages, _zero_masked(advantages + values, mask)
+    advantages = zero_masked(advantages, mask)
+    return advantages, zero_masked(advantages + values, mask)
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -85,7 +82,7 @@ def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: f
     for t in reversed(range(token_rewards.shape[-1])):
         running = torch.where(keep[:, t], token_rewards[:, t] + gamma * running, running)
         returns[:, t] = running
-    return _zero_masked(returns, mask)
+    return zero_masked(returns, mask)
 
 
 def grpo_advantages(

@@ -27,11 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from rlfleet.learner.algos.masked import masked_whiten
-
-
-def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+from rlfleet.learner.algos.masked import masked_whiten, zero_masked
 
 
 def group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -60,13 +56,13 @@ def group_moments(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.
 
 def broadcast(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A[b, t] = A_b · m[b, t]."""
-    return _zero_masked(per_seq[:, None].expand(mask.shape).to(per_seq.dtype), mask)
+    return zero_masked(per_seq[:, None].expand(mask.shape).to(per_seq.dtype), mask)
 
 
 def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """G_t = Σ_{t' ≥ t} m·r (undiscounted), 0 at masked positions."""
-    kept = _zero_masked(token_rewards, mask)
-    return _zero_masked(kept.flip(-1).cumsum(-1).flip(-1), mask)
+    kept = zero_masked(token_rewards, mask)
+    return zero_masked(kept.flip(-1).cumsum(-1).flip(-1), mask)
 
 
 def grpo_passk_advantages(scores, group_ids, mask, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -106,7 +102,7 @@ def gpg_advantages(scores, group_ids, mask, f_norm: float = 1.0) -> torch.Tensor
 def remax_advantages(token_rewards, baselines, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, G) [B, T]: A = G − b (b [B], the greedy response's reward), G the reward-to-go."""
     returns = returns_to_go(token_rewards, mask)
-    return _zero_masked(returns - baselines[:, None].to(returns.dtype), mask), returns
+    return zero_masked(returns - baselines[:, None].to(returns.dtype), mask), returns
 
 
 def gdpo_advantages(scores, group_ids, mask, components=None, weights=None, norm_by_std: bool = True,
@@ -127,10 +123,10 @@ def gdpo_advantages(scores, group_ids, mask, components=None, weights=None, norm
 
 def _path_weights(old_logprobs, sum_pi_squared, is_weights, mask) -> torch.Tensor:
     """W_t = Σ_{j ≤ t} m_j·(1 − 2π_j + Σπ²_j)(·ρ_j²) [B, T]."""
-    w = 1.0 - 2.0 * torch.exp(_zero_masked(old_logprobs, mask)) + _zero_masked(sum_pi_squared, mask)
+    w = 1.0 - 2.0 * torch.exp(zero_masked(old_logprobs, mask)) + zero_masked(sum_pi_squared, mask)
     if is_weights is not None:
-        w = w * _zero_masked(is_weights, mask) ** 2
-    return _zero_masked(w, mask).cumsum(-1)
+        w = w * zero_masked(is_weights, mask) ** 2
+    return zero_masked(w, mask).cumsum(-1)
 
 
 def _group_baseline(returns, weights, valid, inverse, n, size, lengths, eps, zero_tail) -> torch.Tensor:
@@ -165,7 +161,7 @@ def optimal_token_baseline_advantages(token_rewards, group_ids, mask, old_logpro
     size = group_sum(torch.ones(mask.shape[0], device=mask.device), inverse, n)
     lengths = mask.bool().sum(-1)
     baseline = _group_baseline(returns, weights, mask.bool(), inverse, n, size, lengths, eps, zero_tail)
-    return _zero_masked(returns - baseline, mask), returns
+    return zero_masked(returns - baseline, mask), returns
 
 
 def tir_optimal_token_baseline_advantages(token_rewards, group_ids, mask, old_logprobs, sum_pi_squared,

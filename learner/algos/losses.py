@@ -14,13 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlfleet.learner.algos.masked import AggMode, agg_loss, masked_mean
+from rlfleet.learner.algos.masked import AggMode, agg_loss, masked_mean, zero_masked
 
 Metrics = dict[str, torch.Tensor]
 
-
-def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def value_loss(
@@ -33,9 +30,9 @@ def value_loss(
     **agg_kwargs: int | float | torch.Tensor | None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Clipped value loss ½·agg(max((V − R)², (V_clip − R)²)), V_clip = V_old + clamp(V − V_old, ±clip)."""
-    v = _clean(values, mask)
-    v_old = _clean(old_values, mask)
-    ret = _clean(returns, mask)
+    v = zero_masked(values, mask)
+    v_old = zero_masked(old_values, mask)
+    ret = zero_masked(returns, mask)
     # Inside the clip range V_clip is V itself (not V_old + (V − V_old), which rounds
     # differently), so "clipped" below counts only real clipping, not rounding noise.
     v_clipped = torch.where((v - v_old).abs() <= clip, v, v_old + (v - v_old).clamp(-clip, clip))

@@ -17,10 +17,14 @@ AggMode = Literal[
 AGG_MODES: tuple[str, ...] = AggMode.__args__  # type: ignore[attr-defined]
 
 
+def zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with every masked position set to 0 (selected, not multiplied: NaN or inf there never leak)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Σ x over mask == 1; masked entries contribute exactly 0 (NaN/inf there are ignored)."""
-    zeros = torch.zeros((), dtype=x.dtype, device=x.device)
-    selected = torch.where(mask.bool(), x, zeros)
+    selected = zero_masked(x, mask)
     return selected.sum() if dim is None else selected.sum(dim)
 
 
@@ -49,7 +53,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+    return zero_masked(whitened, mask)
 
 
 def agg_loss(

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlfleet.learner.algos.masked import AggMode, agg_loss, masked_mean
+from rlfleet.learner.algos.masked import AggMode, agg_loss, masked_mean, zero_masked
 from rlfleet.learner.algos.registry import Registry
 
 Metrics = dict[str, torch.Tensor]
@@ -64,13 +64,10 @@ def register(name: str, info: LossInfo = LossInfo()) -> Callable[[Callable], Cal
     return POLICY_LOSSES.register(name, info)
 
 
-def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
 
 def _agg(loss_BT, mask, agg, token_weights, norms) -> torch.Tensor:
     if token_weights is not None:
-        loss_BT = loss_BT * _clean(token_weights, mask).detach()
+        loss_BT = loss_BT * zero_masked(token_weights, mask).detach()
     return agg_loss(loss_BT, mask, agg, **norms)
 
 
@@ -101,8 +98,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = 
     the dual clip off (the learner passes `algorithm.dual_clip`, whose None means off)."""
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
-    log_ratio = _clean(logprobs - old_logprobs, mask).clamp(-20.0, 20.0)
-    adv = _clean(advantages, mask)
+    log_ratio = zero_masked(logprobs - old_logprobs, mask).clamp(-20.0, 20.0)
+    adv = zero_masked(advantages, mask)
     l1, l2, pg = _ratio_terms(log_ratio, adv, clip_low, clip_high)
     lower = torch.zeros_like(adv, dtype=torch.bool)
     if dual_clip is not None:
@@ -120,9 +117,9 @@ def _dppo(keep_fn):
     def loss_fn(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "token-mean", token_weights=None,
                 num_global_tokens=None, num_global_seqs=None, norm_length=None, dp_size: int = 1,
                 clip_low: float = 0.2, clip_high: float = 0.2, ratio_cap: float = 3.0):
-        lp = _clean(logprobs, mask)
-        old = _clean(old_logprobs, mask)
-        adv = _clean(advantages, mask)
+        lp = zero_masked(logprobs, mask)
+        old = zero_masked(old_logprobs, mask)
+        adv = zero_masked(advantages, mask)
         log_ratio = (lp - old).clamp(-20.0, 20.0)
         ratio = torch.exp(log_ratio)
         with torch.no_grad():
@@ -169,9 +166,9 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "token
     """GSPO: the sequence log-ratio s_b = Σ_t m·δ / max(L_b, 1) (δ unclamped) is every token's
     value, while its gradient is ℓθ's own: λ = min(ℓθ − sg(ℓθ) + sg(s_b), 10), ρ = e^λ,
     ℓ = max(−A·ρ, −A·clip(ρ, 1 − ε_lo, 1 + ε_hi)). No dual clip."""
-    lp = _clean(logprobs, mask)
-    log_ratio = lp - _clean(old_logprobs, mask)
-    adv = _clean(advantages, mask)
+    lp = zero_masked(logprobs, mask)
+    log_ratio = lp - zero_masked(old_logprobs, mask)
+    adv = zero_masked(advantages, mask)
     lengths = mask.bool().sum(-1).clamp(min=1).to(lp.dtype)
     seq_log_ratio = log_ratio.sum(-1) / lengths
     token_log_ratio = torch.clamp(lp - lp.detach() + seq_log_ratio.detach()[:, None], max=10.0)
@@ -190,8 +187,8 @@ def sapo_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "token
     """SAPO: a soft gate instead of a hard clip, f = σ(τ(r − 1))·4/τ (clamped δ; τ = temp_pos
     for A > 0, else temp_neg), ℓ = −f·A. Always aggregated seq-mean-token-mean (`agg` is
     ignored; the global sequence count is honoured)."""
-    log_ratio = _clean(logprobs - old_logprobs, mask).clamp(-20.0, 20.0)
-    adv = _clean(advantages, mask)
+    log_ratio = zero_masked(logprobs - old_logprobs, mask).clamp(-20.0, 20.0)
+    adv = zero_masked(advantages, mask)
     tau = torch.where(adv > 0, torch.full_like(adv, temp_pos), torch.full_like(adv, temp_neg))
     gate = torch.sigmoid(tau * (torch.exp(log_ratio) - 1.0)) * 4.0 / tau
     norms = _norms(num_global_tokens, num_global_seqs, norm_length, dp_size)
@@ -206,7 +203,7 @@ def sapo_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "token
 def gpg_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "token-mean", token_weights=None,
              num_global_tokens=None, num_global_seqs=None, norm_length=None, dp_size: int = 1):
     """GPG: plain policy gradient ℓ = −ℓθ·A (no ratio, no clip); no metrics."""
-    pg = -_clean(logprobs, mask) * _clean(advantages, mask)
+    pg = -zero_masked(logprobs, mask) * zero_masked(advantages, mask)
     return _agg(pg, mask, agg, token_weights, _norms(num_global_tokens, num_global_seqs, norm_length, dp_size)), {}
 
 
@@ -215,11 +212,11 @@ def reinforce_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "
                    num_global_tokens=None, num_global_seqs=None, norm_length=None, dp_size: int = 1):
     """REINFORCE on the rollout policy's samples: ℓ = −A·ℓθ (·w); `old_logprobs` are the
     rollout's, read only for ppo_kl = mean(ℓrollout − ℓθ)."""
-    lp = _clean(logprobs, mask)
-    pg = -_clean(advantages, mask) * lp
+    lp = zero_masked(logprobs, mask)
+    pg = -zero_masked(advantages, mask) * lp
     loss = _agg(pg, mask, agg, token_weights, _norms(num_global_tokens, num_global_seqs, norm_length, dp_size))
     with torch.no_grad():
-        metrics = {"ppo_kl": masked_mean(_clean(old_logprobs, mask) - lp, mask)}
+        metrics = {"ppo_kl": masked_mean(zero_masked(old_logprobs, mask) - lp, mask)}
     return loss, metrics
 
 
@@ -229,9 +226,9 @@ def cispo_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "toke
                clip_low: float = 0.2, clip_high: float = 0.2):
     """CISPO: the clipped IS weight is a constant and every token keeps a gradient:
     ℓ = −sg(clip(r, 1 − ε_lo, 1 + ε_hi))·A·ℓθ (clamped δ)."""
-    lp = _clean(logprobs, mask)
-    log_ratio = (lp - _clean(old_logprobs, mask)).clamp(-20.0, 20.0)
-    adv = _clean(advantages, mask)
+    lp = zero_masked(logprobs, mask)
+    log_ratio = (lp - zero_masked(old_logprobs, mask)).clamp(-20.0, 20.0)
+    adv = zero_masked(advantages, mask)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = -clipped.detach() * adv * lp
@@ -249,9 +246,9 @@ def dro_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "token-
     """DRO: ℓ = −(ℓθ·A − ½β·δ²) (δ unclamped); β > 0 is required."""
     if beta is None or beta <= 0:
         raise ValueError(f"the 'dro' policy loss needs beta > 0 (got {beta})")
-    lp = _clean(logprobs, mask)
-    log_ratio = lp - _clean(old_logprobs, mask)
-    pg = -(lp * _clean(advantages, mask) - 0.5 * beta * log_ratio.square())
+    lp = zero_masked(logprobs, mask)
+    log_ratio = lp - zero_masked(old_logprobs, mask)
+    pg = -(lp * zero_masked(advantages, mask) - 0.5 * beta * log_ratio.square())
     loss = _agg(pg, mask, agg, token_weights, _norms(num_global_tokens, num_global_seqs, norm_length, dp_size))
     with torch.no_grad():
         metrics = {"ppo_kl": masked_mean(-log_ratio, mask)}
@@ -267,17 +264,17 @@ def geo_mean_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "t
     advantage's side acts), R_b = exp(Σ_t m·δ* / L_b), Ā_b = Σ_t m·A / L_b, loss = mean over
     all B rows of −Ā_b·R_b·w_b (w_b the geometric mean of the token weights; an empty row
     counts as 0). `agg` and the global normalisers are ignored."""
-    log_ratio = _clean(logprobs - old_logprobs, mask)
-    adv = _clean(advantages, mask)
+    log_ratio = zero_masked(logprobs - old_logprobs, mask)
+    adv = zero_masked(advantages, mask)
     bounded = torch.clamp(log_ratio, -clip_low, clip_high)
     sign = torch.sign(adv)
-    chosen = _clean(sign * torch.minimum(sign * log_ratio, sign * bounded), mask)
+    chosen = zero_masked(sign * torch.minimum(sign * log_ratio, sign * bounded), mask)
     lengths = mask.bool().sum(-1).to(log_ratio.dtype) + 1e-8
     seq_ratio = torch.exp(chosen.sum(-1) / lengths)
     seq_adv = adv.sum(-1) / lengths
     seq_loss = -seq_adv * seq_ratio
     if token_weights is not None:
-        log_w = _clean(torch.log(token_weights.detach() + 1e-10), mask)
+        log_w = zero_masked(torch.log(token_weights.detach() + 1e-10), mask)
         seq_loss = seq_loss * torch.exp(log_w.sum(-1) / lengths)
     loss = seq_loss.mean()
     with torch.no_grad():
@@ -303,9 +300,9 @@ def clip_cov_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "t
     cov = (A − Ā)(ℓθ − ℓ̄θ) lies in (cov_lb, cov_ub): the tokens that drive entropy collapse.
     The random pick draws from `generator` (seed it for a reproducible run); when K is at least
     the number of candidates every candidate is cut, deterministically."""
-    lp = _clean(logprobs, mask)
-    log_ratio = lp - _clean(old_logprobs, mask)
-    adv = _clean(advantages, mask)
+    lp = zero_masked(logprobs, mask)
+    log_ratio = lp - zero_masked(old_logprobs, mask)
+    adv = zero_masked(advantages, mask)
     l1, l2, pg = _ratio_terms(log_ratio, adv, clip_low, clip_high)
     valid = mask.bool()
     with torch.no_grad():
@@ -329,9 +326,9 @@ def kl_cov_loss(logprobs, old_logprobs, advantages, mask, *, agg: AggMode = "tok
                 cov_select_frac: float = 2e-4, kl_coef: float = 0.1):
     """KL-Cov: the unclipped −A·r (δ unclamped), plus κ·|δ| on the top K = max(1, ⌊N·frac⌋)
     tokens by centred covariance (A − Ā)(ℓθ − ℓ̄θ). Its only metric, ppo_kl, is mean |δ|."""
-    lp = _clean(logprobs, mask)
-    log_ratio = lp - _clean(old_logprobs, mask)
-    adv = _clean(advantages, mask)
+    lp = zero_masked(logprobs, mask)
+    log_ratio = lp - zero_masked(old_logprobs, mask)
+    adv = zero_masked(advantages, mask)
     valid = mask.bool()
     with torch.no_grad():
         cov = _centred_product(adv, lp, mask)

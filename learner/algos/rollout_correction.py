@@ -26,20 +26,20 @@ import re
 
 import torch
 
+from rlfleet.learner.algos.masked import zero_masked
+
 SAFETY_BOUND = 20.0
 _RS_OPTION = re.compile(r"^(token|seq_sum|seq_mean|seq_max)_(k1|k2|k3)$")
 
 
 def _mm(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """verl's masked mean, Σ m·x / (Σ m + 1e-8) (not `masked_mean`'s max(Σ m, 1)): its metrics to the last digit."""
     m = mask.to(x.dtype)
-    x = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x = zero_masked(x, mask)
     if dim is None:
         return x.sum() / (m.sum() + 1e-8)
     return x.sum(dim) / (m.sum(dim) + 1e-8)
 
-
-def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def parse_band(threshold: float | str) -> tuple[float | None, float]:
@@ -148,12 +148,12 @@ def rejection_mask(log_ratio: torch.Tensor, mask: torch.Tensor, options: str | N
     """The mask [B, T] after every rejection option (all must pass) and its metrics."""
     valid = mask.bool()
     rows = valid.any(-1)
-    lr_c = _masked(log_ratio, mask).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    lr_c = zero_masked(log_ratio, mask).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     keep_all = torch.ones_like(valid)
     metrics: dict[str, torch.Tensor] = {}
     for name, level, stat, threshold in _rs_options(options, thresholds):
         low, high = _bounds(stat, threshold)
-        per_token = _masked(_k_stat(lr_c, stat), mask)
+        per_token = zero_masked(_k_stat(lr_c, stat), mask)
         if level == "token":
             seq = _mm(per_token, mask, dim=-1)
             passes = per_token <= high if low is None else (per_token >= low) & (per_token <= high)
@@ -186,13 +186,13 @@ def importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor, level: str, 
         raise ValueError(f"unknown importance-sampling level {level!r}; valid: token, sequence")
     lower, upper = parse_band(threshold)
     valid = mask.bool()
-    lr = _masked(log_ratio.detach(), mask)
+    lr = zero_masked(log_ratio.detach(), mask)
     if level == "token":
-        raw = _masked(torch.exp(lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)), mask)
+        raw = zero_masked(torch.exp(lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)), mask)
         log_stat = lr
     else:
         log_stat = lr.sum(-1)
-        raw = _masked(torch.exp(log_stat.clamp(-SAFETY_BOUND, SAFETY_BOUND))[:, None].expand_as(lr), mask)
+        raw = zero_masked(torch.exp(log_stat.clamp(-SAFETY_BOUND, SAFETY_BOUND))[:, None].expand_as(lr), mask)
     if lower is None:
         weights = raw.clamp(max=upper)
     else:
@@ -207,7 +207,7 @@ def importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor, level: str, 
         if mean > 1e-8:
             weights = weights / mean
         metrics["rollout_is_batch_norm_factor"] = mean if mean > 1e-8 else torch.ones_like(mean)
-    return _masked(weights, mask), metrics
+    return zero_masked(weights, mask), metrics
 
 
 def _is_metrics(weights, raw, log_stat, mask, level, lower, upper) -> dict[str, torch.Tensor]:
@@ -246,8 +246,8 @@ def _is_metrics(weights, raw, log_stat, mask, level, lower, upper) -> dict[str, 
 def off_policy_metrics(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
                        ) -> dict[str, torch.Tensor]:
     """How far the trained policy is from the one that sampled: perplexities, KL, χ² (no prefix)."""
-    train = _masked(old_logprobs.detach(), mask)
-    roll = _masked(rollout_logprobs.detach(), mask)
+    train = zero_masked(old_logprobs.detach(), mask)
+    roll = zero_masked(rollout_logprobs.detach(), mask)
     log_ratio = train - roll
     lr_c = log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND)
     train_row, roll_row = _mm(train, mask, dim=-1), _mm(roll, mask, dim=-1)
@@ -279,7 +279,7 @@ def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
     `old_logprobs` are the trained policy's log-probs of the sampled tokens (π_old, or π_prox
     in decoupled PPO), `rollout_logprobs` the engine's. `is_level` None computes no weights;
     `rs_options` None rejects nothing; the off-policy metrics are always computed."""
-    log_ratio = _masked(old_logprobs.detach() - rollout_logprobs.detach(), mask)
+    log_ratio = zero_masked(old_logprobs.detach() - rollout_logprobs.detach(), mask)
     metrics = dict(off_policy_metrics(old_logprobs, rollout_logprobs, mask))
     weights = None
     if is_level is not None:
