@@ -115,7 +115,7 @@ class ProcessWorkers:
                     except (BrokenPipeError, ConnectionResetError):  # it died while idle
                         pending.appendleft(worker.call)
                         worker.call = None
-                        self._replace(worker, outcomes, ("crashed", worker.process.exitcode))
+                        self._replace(worker, outcomes, ("crashed", _exit_code(worker)))
             busy = [w.deadline for w in self._workers if w.call is not None]
             starting = [w.started + self._start_timeout for w in self._workers if not w.ready]
             self._receive(min(busy + starting) - time.monotonic(), outcomes)
@@ -130,7 +130,7 @@ class ProcessWorkers:
             try:
                 kind, value = conn.recv()
             except (EOFError, OSError):
-                self._replace(worker, outcomes, ("crashed", worker.process.exitcode))
+                self._replace(worker, outcomes, ("crashed", _exit_code(worker)))
                 continue
             if kind == "ready":
                 worker.ready = True
@@ -160,6 +160,13 @@ class ProcessWorkers:
         for worker in self._workers:
             _stop(worker)
         self._workers = []
+
+
+def _exit_code(worker: _Worker) -> int | None:
+    """The exit code of a worker whose pipe closed: the pipe closes as the process exits,
+    a moment before the process can be reaped, so wait (briefly) for that."""
+    worker.process.join(timeout=5)
+    return worker.process.exitcode
 
 
 def _stop(worker: _Worker) -> None:
