@@ -9,13 +9,10 @@ Rendezvous is a TCPStore served by the sender on a port the OS picks (no fixed p
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from rlfleet.common.weights import WeightGroupInfo, unpack_bucket
 
 
 def local_host() -> str:
@@ -64,13 +61,3 @@ class BroadcastGroup:
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         self._pg.broadcast([tensor], opts).wait()
-
-
-def receive_buckets(
-    group: BroadcastGroup, info: WeightGroupInfo, device: torch.device
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Receiver side of a push: (name, tensor) pairs, one bucket broadcast at a time."""
-    for bucket in info.buckets:
-        buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-        group.broadcast(buffer, src=0)
-        yield from unpack_bucket(buffer, bucket)

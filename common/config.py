@@ -8,17 +8,14 @@ and dotted command-line overrides is in `rlfleet.common.config_io`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from rlfleet.common.config_algorithm import (  # noqa: F401  (re-exported)
-    GROUP_ESTIMATORS,
-    AdvantageEstimator,
     AlgorithmConfig,
     KLEstimator,
     LossAgg,
-    PolicyLoss,
 )
 from rlfleet.common.config_base import Section
 from rlfleet.common.config_cluster import ClusterConfig, RoleResources  # noqa: F401  (re-exported)
@@ -31,6 +28,7 @@ from rlfleet.common.config_run import (
     RunHealthConfig,
     StageConfig,
 )
+from rlfleet.common.registry import RewardSourceName, group_relative, import_plugins
 
 
 class TinyModelConfig(Section):
@@ -162,6 +160,17 @@ class RemoteRewardConfig(Section):
     """Retries on timeouts and 5xx answers (4xx answers are never retried)."""
 
 
+class RewardSourceConfig(Section):
+    """A reward source registered by a plugin (`rlfleet.services.reward_sources`)."""
+
+    name: RewardSourceName
+    """Its registered name."""
+    weight: float = 1.0
+    """Weight of this source in the summed reward."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of its constructor."""
+
+
 class RewardConfig(Section):
     """Reward sources, summed with weights."""
 
@@ -173,6 +182,13 @@ class RewardConfig(Section):
     """Rule-based reward functions."""
     remote: RemoteRewardConfig | None = None
     """Remote scorer."""
+    sources: list[RewardSourceConfig] = []
+    """Reward sources registered by modules in `plugins`."""
+
+    def configured_sources(self) -> list[str]:
+        """The fields that set a reward source."""
+        fields = ("model_path", "rules", "remote", "sources")
+        return [f"reward.{name}" for name in fields if getattr(self, name)]
     micro_batch_size: int = Field(16, ge=1)
     """Sequences per reward-model forward pass."""
     normalize: Literal["none", "running", "fixed"] = "none"
@@ -243,6 +259,18 @@ class LearnerConfig(Section):
 class RunConfig(Section):
     """A whole rlfleet run."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: object) -> object:
+        """The plugins register their names before the fields that name them are checked."""
+        if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+            import_plugins(str(m) for m in data["plugins"])
+        return data
+
+    plugins: list[str] = []
+    """Modules to import before this config is checked and in every actor: each registers its own
+    estimators, losses, rollout backends, reward sources or weight-sync methods by name
+    (`rlfleet.common.registry`; see "Extending rlfleet")."""
     seed: int = 0
     """Seed of data order, sampling and model initialisation."""
     total_steps: int = Field(10, ge=1)
@@ -308,7 +336,7 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _algorithm_needs(self) -> RunConfig:
         algo = self.algorithm
-        if algo.advantage_estimator in GROUP_ESTIMATORS and self.rollout.samples_per_prompt < 2:
+        if group_relative(algo.advantage_estimator) and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 f"rollout.samples_per_prompt must be >= 2 for algorithm.advantage_estimator="
                 f"'{algo.advantage_estimator}' (it compares responses within a group)"
@@ -327,35 +355,33 @@ class RunConfig(Section):
         if self.rollout.partial_rollout and not self.rollout.max_staleness:
             raise ValueError("rollout.partial_rollout=true interrupts generation that overlaps a push; "
                              "the synchronous loop (rollout.max_staleness=0) has none: set max_staleness >= 1")
-        if self.rollout.partial_rollout and self.rollout.backend != "vllm":
-            raise ValueError("rollout.partial_rollout=true needs rollout.backend='vllm' "
-                             f"(got '{self.rollout.backend}')")
         if self.learner.critic_init == "reward_model" and self.reward.model_path is None:
             raise ValueError("learner.critic_init='reward_model' needs reward.model_path (or set it to 'policy')")
         self._guard_needs()
         if self.environment.enabled:
             self._environment_needs()
             return self
-        task_checker = self.data.task is not None and self.data.train_path is None
-        if not (self.reward.model_path or self.reward.rules or self.reward.remote or task_checker):
+        if not (self.reward.configured_sources() or self.task_checker):
             raise ValueError(
-                "reward: no reward source; set reward.model_path, reward.rules or reward.remote "
+                "reward: no reward source; set reward.model_path, reward.rules, reward.remote or reward.sources "
                 "(or use a built-in data.task without data.train_path: the task brings its own checker)"
             )
         return self
 
+    @property
+    def task_checker(self) -> bool:
+        """A built-in `data.task` without `data.train_path` brings its own checker: the reward
+        when no reward source is set, the gold checker when `data.eval_reward` is not."""
+        return self.data.task is not None and self.data.train_path is None
+
     def _environment_needs(self) -> None:
         env = self.environment
-        sources = [name for name, on in (("reward.model_path", self.reward.model_path), ("reward.rules", self.reward.rules),
-                                         ("reward.remote", self.reward.remote)) if on]
+        sources = self.reward.configured_sources()
         if sources:
             raise ValueError(f"environment.path={env.path!r} scores episodes with the environment's own rewards; "
                              f"unset {', '.join(sources)}")
         if self.learner.critic_init == "reward_model":
             raise ValueError("learner.critic_init='reward_model' needs a reward model; an environment run has none")
-        if self.rollout.backend != "vllm":
-            raise ValueError(f"environment.path={env.path!r} needs rollout.backend='vllm' (the turn loop continues "
-                             "from token ids in the engine)")
         if self.rollout.partial_rollout:
             raise ValueError("rollout.partial_rollout=true is for single-turn generation; an environment run "
                              "(environment.path) takes pushes between worker calls: set it to false")

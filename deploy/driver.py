@@ -41,9 +41,9 @@ from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.objective import estimator_info
 from rlfleet.learner.step_data import needs_prepare
 from rlfleet.rollout.pool import RolloutPool
-from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
 from rlfleet.services.client import Call, ReferenceClient, RewardClient
 from rlfleet.services.reward_service import drop_unscorable
+from rlfleet.weight_sync import WEIGHT_SYNC
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +139,8 @@ def push_weights(cfg: RunConfig, parts: Parts, version: int) -> list[int] | None
     overlapped loop: queued behind the generate calls already submitted); the versions the
     workers report after it (None when queued)."""
     try:
-        if cfg.rollout.weight_sync == "broadcast":
-            source = BroadcastWeights(version, parts.learner.lead, cfg.rollout.tensor_parallel_size,
-                                      parts.learner.helpers)
-        else:
-            source = ObjectStoreWeights(version, parts.learner.publish_refs())
-        return parts.pool.push_weights(source)
+        sync = WEIGHT_SYNC[cfg.rollout.weight_sync]
+        return parts.pool.push_weights(sync.source(version, parts.learner, cfg.rollout.tensor_parallel_size))
     except ray.exceptions.RayActorError as err:
         raise RuntimeError(f"the push of policy v{version} failed: an actor died ({err}); the last "
                            "checkpoint is untouched, and `rlfleet train` resumes from it") from err

@@ -22,8 +22,9 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from rlfleet.common.config import GROUP_ESTIMATORS, RunConfig
+from rlfleet.common.config import RunConfig
 from rlfleet.common.records import ScoreBatch
+from rlfleet.common.registry import group_relative
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class RunHealth:
     def _warnings(self, steps: list[int], recent: list[dict[str, Any]]) -> None:
         h, first = self._h, self._first or {}
         flat = all(m.get("reward", 0.0) <= first.get("reward", 0.0) + 1e-6 for m in recent)
-        if (self._cfg.algorithm.advantage_estimator in GROUP_ESTIMATORS and flat
+        if (group_relative(self._cfg.algorithm.advantage_estimator) and flat
                 and all(m.get("frac_reward_zero_std") == 1.0 for m in recent)):
             self._warn("zero_spread", (
                 f"steps {_steps(steps)}: every group's responses got the same reward (frac_reward_zero_std 1.0, "

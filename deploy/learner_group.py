@@ -89,15 +89,6 @@ class LearnerGroup:
         """`train_step` in flight on every rank (rank 0's result first)."""
         return [h.train_step.remote(exp) for h in self.handles]
 
-    def publish_refs(self) -> tuple[ray.ObjectRef, ...]:
-        """The current weights as safetensors chunks in the object store (from rank 0)."""
-        helping = [h.publish.remote() for h in self.helpers]  # yield nothing; gather with rank 0
-        refs = tuple(self.lead.publish.remote())
-        for generator in helping:
-            for _ in generator:
-                pass
-        return refs
-
     def scale_scores(self, scored: ScoreBatch) -> list[float | None]:
         """`scored`'s scores normalised as the learner trains on them (no statistics move)."""
         return ray.get(self.lead.scale_scores.remote(scored))

@@ -49,7 +49,7 @@ from rlfleet.common.data import Example, PromptDataset, PromptSampler
 from rlfleet.common.records import RolloutBatch
 from rlfleet.deploy import driver, episodes
 from rlfleet.rollout.pool import RolloutPool
-from rlfleet.rollout.weight_sources import WeightSource
+from rlfleet.weight_sync.base import WeightSource
 
 logger = logging.getLogger(__name__)
 

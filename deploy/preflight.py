@@ -13,6 +13,7 @@ from pathlib import Path
 from rlfleet.common.config import RuleRewardConfig, RunConfig
 from rlfleet.common.config_io import ConfigError
 from rlfleet.common.environment import EnvironmentLoadError, load_environment
+from rlfleet.rollout.backends import capability_problems
 from rlfleet.services.rule_probe import probe_rule
 from rlfleet.services.rules import RuleOutcome, load_rule
 from rlfleet.services.sandbox import import_path
@@ -58,6 +59,7 @@ def check_inputs(cfg: RunConfig, stage: str | None = None, checkpoint: str | Non
         except ValueError as err:
             problems.append(str(err))
     problems += _environment_problems(cfg)
+    problems += capability_problems(cfg)
     found = [p for p in problems if p is not None]
     if found:
         raise ConfigError("; ".join(found) if len(found) == 1 else "\n  " + "\n  ".join(found))

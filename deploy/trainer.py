@@ -73,7 +73,7 @@ def policy_path(cfg: RunConfig, run_dir: Path) -> str:
 def reward_config(cfg: RunConfig) -> RewardConfig:
     """The reward sources; a built-in task with no other source brings its own rule."""
     r = cfg.reward
-    if r.model_path or r.rules or r.remote or cfg.data.train_path is not None:
+    if r.configured_sources() or not cfg.task_checker:
         return r
     rule = build_task(cfg.data.task, cfg.seed, 1).rule
     return r.model_copy(update={"rules": [RuleRewardConfig(function=rule)]})
@@ -91,7 +91,7 @@ def gold_rules(cfg: RunConfig) -> list[RuleRewardConfig]:
     """The gold checker: `data.eval_reward`, else a built-in task's own rule, else none."""
     if cfg.data.eval_reward is not None:
         return list(cfg.data.eval_reward)
-    if cfg.data.task is not None and cfg.data.train_path is None:
+    if cfg.task_checker:
         return [RuleRewardConfig(function=build_task(cfg.data.task, cfg.seed, 1).rule)]
     return []
 
@@ -256,7 +256,8 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | Path) -> dict[str, Any
             hosts = start_environment_hosts(cfg)
         else:
             reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, gold=gold,
-                                          threads=threads["reward"], compute_dtype=cfg.model.dtype)
+                                          threads=threads["reward"], compute_dtype=cfg.model.dtype,
+                                          plugins=cfg.plugins)
         pool = start_rollout_pool(str(model), cfg.rollout, cfg.cluster.rollout, seed=cfg.seed,
                                   threads=threads["rollout"], environment=cfg.environment, env_hosts=hosts)
         parts = driver.Parts(None, pool, reward and RewardClient(reward), None, tokenizer_path, gold=bool(gold),
@@ -329,7 +330,7 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str) -> driver.Parts
         hosts = start_environment_hosts(cfg)
     else:
         reward = start_reward_service(reward_config(cfg), tokenizer_path, cfg.cluster.reward, restarts, gold,
-                                      threads["reward"], cfg.model.dtype)
+                                      threads["reward"], cfg.model.dtype, cfg.plugins)
     reference = None
     if needs_reference_actor(cfg):
         reference = start_reference_service(model, cfg.reference, cfg.cluster.reference, restarts,

@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -29,9 +30,9 @@ from torch.distributed.tensor import DTensor
 from rlfleet.common.collate import pack
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience, Prepared, Rollout, ScoreBatch, StepResult
+from rlfleet.common.registry import import_plugins
 from rlfleet.common.reward_scale import RewardScaler
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget
-from rlfleet.common.weights import WeightGroupInfo
 from rlfleet.learner.algos import (
     ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,
@@ -42,6 +43,7 @@ from rlfleet.learner.algos import (
 )
 from rlfleet.learner.learner_state import load_learner, save_learner
 from rlfleet.learner.models import (
+    PolicyWeights,
     autocast,
     collision_rows,
     disabled_adapter,
@@ -53,7 +55,6 @@ from rlfleet.learner.models import (
     response_logprobs,
     response_values,
     trainable_parameters,
-    weight_layout,
 )
 from rlfleet.learner.objective import (
     advantage_inputs,
@@ -76,7 +77,7 @@ from rlfleet.learner.step_data import (
     token_budget_batches,
 )
 from rlfleet.learner.step_metrics import UpdateMetrics, batch_metrics, check_mismatch
-from rlfleet.learner.weights import WeightBroadcaster, object_store_chunks, on_rank_zero
+from rlfleet.weight_sync.base import WeightSync
 
 
 class Learner:
@@ -86,6 +87,7 @@ class Learner:
                  threads: ThreadBudget | None = None):
         """`threads`: the actor's thread budget (None leaves this process's threads alone)."""
         apply_thread_budget(threads)
+        import_plugins(config.plugins)  # estimators and losses registered outside the package
         self._cfg = config
         torch.manual_seed(config.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +112,7 @@ class Learner:
         self.step = 0
         self.skipped_steps = 0
         self._skips_in_a_row: dict[int, int] = {}
-        self._broadcaster = WeightBroadcaster()
+        self._senders: dict[str, Any] = {}
         self._dp = DataParallel()
 
     def _build_optimizers(self) -> None:
@@ -346,23 +348,22 @@ class Learner:
         """The policy's weights as transformers / vLLM name them (LoRA merged), on rank 0."""
         return self.gathered(iter_full_weights(self.policy))
 
-    def publish(self) -> Iterator[bytes]:
-        """The current weights as safetensors chunks (a Ray streaming generator at assembly:
-        each chunk becomes its own object, fetched once per node by the rollout workers).
-        Sharded weights are gathered tensor by tensor as the chunks fill."""
-        weights = on_rank_zero(iter_full_weights(self.policy), self._dp.rank)
+    def weight_call(self, sync: WeightSync, op: str, *args: Any) -> Any:
+        """Run operation `op` of weight-sync method `sync`'s sender (`rlfleet.weight_sync`)."""
+        return getattr(self._sender(sync), op)(*args)
+
+    def weight_stream(self, sync: WeightSync, op: str, *args: Any) -> Iterator[Any]:
+        """`weight_call` for an operation that yields (a Ray streaming generator at assembly:
+        e.g. each safetensors chunk becomes its own object as soon as it is full)."""
         # A plain loop, not `yield from`: Ray drives the generator with send(), which a list
         # iterator does not have.
-        for chunk in object_store_chunks(weights) if weights is not None else ():  # noqa: UP028
-            yield chunk
+        for item in getattr(self._sender(sync), op)(*args):  # noqa: UP028
+            yield item
 
-    def open_weight_group(self, world_size: int) -> WeightGroupInfo:
-        """Rank 0 of a broadcast push (see `BroadcastWeights`); plans from shapes alone."""
-        return self._broadcaster.open(weight_layout(self.policy), world_size)
-
-    def broadcast_weights(self) -> int:
-        weights = on_rank_zero(iter_full_weights(self.policy), self._dp.rank)
-        return 0 if weights is None else self._broadcaster.send(weights)
+    def _sender(self, sync: WeightSync) -> Any:
+        if sync.name not in self._senders:
+            self._senders[sync.name] = sync.sender(PolicyWeights(self.policy, self.rank))
+        return self._senders[sync.name]
 
     def gathered(self, weights: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Rank 0: the whole state dict; other ranks take part in the gathers and keep nothing."""
@@ -397,4 +398,3 @@ class Learner:
         `reward_state`: a checkpoint's normaliser written by the reward service (before 2026-11)."""
         load_learner(self, Path(folder), reward_state)
         return self.version
-

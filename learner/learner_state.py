@@ -23,7 +23,7 @@ from rlfleet.learner.state_io import (
     save_rng,
     write_json,
 )
-from rlfleet.learner.weights import check_finite
+from rlfleet.weight_sync.base import check_finite
 
 if TYPE_CHECKING:
     from rlfleet.learner.learner import Learner

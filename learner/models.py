@@ -21,6 +21,7 @@ from rlfleet.common.collate import PackedBatch
 from rlfleet.common.config import LoraConfig
 from rlfleet.common.precision import autocast  # noqa: F401 - the learner's mixed precision, re-exported
 from rlfleet.learner.algos import entropy_from_logits, logprobs_from_logits
+from rlfleet.weight_sync.base import finite, on_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -203,3 +204,19 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(tensor, DTensor):
         return tensor.detach().full_tensor()
     return tensor.detach()
+
+
+class PolicyWeights:
+    """The policy's weights as a learner rank lends them to a weight-sync sender
+    (`rlfleet.weight_sync.base.LearnerWeights`)."""
+
+    def __init__(self, policy: torch.nn.Module, rank: int):
+        self._policy = policy
+        self._rank = rank
+
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]] | None:
+        weights = on_rank_zero(iter_full_weights(self._policy), self._rank)
+        return finite(weights) if weights is not None else None
+
+    def layout(self) -> dict[str, torch.Tensor]:
+        return weight_layout(self._policy)

@@ -12,22 +12,25 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
 from rlfleet.common.data import render_prompt
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
+from rlfleet.common.registry import ROLLOUT_BACKENDS
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget
-from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
 from rlfleet.rollout.prompts import PromptLimits, split_bad_prompts
-from rlfleet.rollout.worker_info import WorkerInfo
+from rlfleet.rollout.worker_info import BackendCapabilities, WorkerInfo
 
 
+@ROLLOUT_BACKENDS.register("hf")
 class HFRolloutWorker:
     """Generates with `transformers` `generate`; loads pushed weights with `load_state_dict`."""
+
+    capabilities = BackendCapabilities(calls_at_once=1, sleep=True)
 
     def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0, threads: ThreadBudget | None = None):
         apply_thread_budget(threads)
@@ -110,14 +113,11 @@ class HFRolloutWorker:
             )
         return rollouts
 
-    def load_weights(self, version: int, *chunks: bytes) -> int:
-        """Load a full state dict (safetensors chunks); returns `version`."""
-        return self._load(version, {k: v.to(self._device) for k, v in iter_state_dict(chunks)})
-
-    def receive_weights(self, version: int, info: WeightGroupInfo, rank_offset: int) -> int:
-        """Receive a broadcast push as rank `rank_offset` of its group; returns `version`."""
-        group = BroadcastGroup(rank_offset, info.world_size, info.backend, info.host, info.port)
-        return self._load(version, dict(receive_buckets(group, info, self._device)))
+    def receive_weights(self, sync: Any, version: int, rank_offset: int, *payload: Any) -> int:
+        """Load a push of weight-sync method `sync` (as rank `rank_offset` of a push that forms
+        a group); returns `version`."""
+        state = {k: v.to(self._device) for k, v in sync.receive(payload, rank_offset, self._device)}
+        return self._load(version, state)
 
     def _load(self, version: int, state: dict[str, torch.Tensor]) -> int:
         self._model.load_state_dict(state, strict=True)

@@ -31,7 +31,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
-from rlfleet.rollout.weight_sources import WeightSource
+from rlfleet.weight_sync.base import WeightSource
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,11 @@ logits divided by the temperature, then top-k/top-p filtering and renormalisatio
 recomputes `log_softmax(logits / temperature)`; the two agree exactly when top_k and top_p are
 off (`SamplingSpec.matches_learner`).
 
-Weights: `load_weights(version, *chunks)` takes safetensors chunks (`rlfleet.common.weights`),
-reloads them into the running engine through the worker's `reload_weights` (the only path that
-works on CPU, where linear weights are repacked after loading), resets the prefix cache so no
-KV block computed with the old weights is reused, and records the version.
+Weights: `receive_weights(sync, version, rank_offset, *payload)` runs the weight-sync
+method's receiver (`rlfleet.weight_sync`) inside each of vLLM's workers and streams what it
+yields into the running engine through the worker's `reload_weights` (the only path that works
+on CPU, where linear weights are repacked after loading), resets the prefix cache so no KV block
+computed with the old weights is reused, and records the version.
 
 Calls: the actor takes many at once (each prompt group is its own call); their requests share
 the engine, which one thread steps (`rollout/engine_loop.py`): continuous batching across
@@ -29,13 +30,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from rlfleet.common.collective import BroadcastGroup, receive_buckets
 from rlfleet.common.config import RolloutConfig
 from rlfleet.common.config_env import EnvironmentConfig
 from rlfleet.common.data import render_prompt
 from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
+from rlfleet.common.registry import ROLLOUT_BACKENDS
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget
-from rlfleet.common.weights import WeightGroupInfo, iter_state_dict
 from rlfleet.rollout.engine_loop import EngineLoop
 from rlfleet.rollout.episodes import EpisodeRunner, Turn
 from rlfleet.rollout.prompts import (
@@ -43,21 +43,15 @@ from rlfleet.rollout.prompts import (
     PromptLimits,
     split_bad_prompts,
 )
-from rlfleet.rollout.worker_info import WorkerInfo
+from rlfleet.rollout.worker_info import BackendCapabilities, WorkerInfo
 
 logger = logging.getLogger(__name__)
 
 
-def _reload_weights(worker: Any, chunks: Sequence[bytes]) -> None:
-    """Runs inside vLLM's worker (through `collective_rpc`): reload the model in place."""
-    worker.reload_weights(weights_iterator=iter_state_dict(chunks))
-
-
-def _receive_broadcast(worker: Any, info: WeightGroupInfo, rank_offset: int) -> None:
-    """Runs inside each of vLLM's workers (one per tensor-parallel rank): join the push's
-    group and stream the buckets, as they arrive, into vLLM's layer-wise in-place reload."""
-    group = BroadcastGroup(rank_offset + worker.rank, info.world_size, info.backend, info.host, info.port)
-    worker.reload_weights(weights_iterator=receive_buckets(group, info, worker.device))
+def _receive(worker: Any, sync: Any, payload: tuple, rank_offset: int) -> None:
+    """Runs inside each of vLLM's workers (through `collective_rpc`; one per tensor-parallel
+    rank): stream what the method's receiver yields into vLLM's layer-wise in-place reload."""
+    worker.reload_weights(weights_iterator=sync.receive(payload, rank_offset + worker.rank, worker.device))
 
 
 def _sampling(spec: SamplingSpec) -> dict[str, Any]:
@@ -67,8 +61,13 @@ def _sampling(spec: SamplingSpec) -> dict[str, Any]:
                 stop_token_ids=list(spec.stop_token_ids) or None, logprobs=0)
 
 
+@ROLLOUT_BACKENDS.register("vllm")
 class VLLMRolloutWorker:
     """Generates responses with the old policy in a vLLM engine and reports its policy version."""
+
+    capabilities = BackendCapabilities(calls_at_once=1024, interruptible=True, multi_turn=True, sleep=True)
+    """A call per prompt group at once (they share the engine), a push and the pool's queries
+    beside them; actor threads are made as calls need them."""
 
     def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0, threads: ThreadBudget | None = None,
                  environment: EnvironmentConfig | None = None, env_hosts: Sequence[Any] = ()):
@@ -197,14 +196,10 @@ class VLLMRolloutWorker:
         seconds = time.perf_counter() - start
         return RolloutBatch(rollouts, self._id, seconds, sum(sum(r.loss_mask or []) for r in rollouts))
 
-    def load_weights(self, version: int, *chunks: bytes) -> int:
-        """Load a full state dict (safetensors chunks) into the running engine; returns `version`."""
-        return self._load(version, _reload_weights, (chunks,))
-
-    def receive_weights(self, version: int, info: WeightGroupInfo, rank_offset: int) -> int:
-        """Receive a broadcast push (NCCL on GPU, gloo on CPU) as ranks rank_offset.. of its
-        group (one per tensor-parallel rank); returns `version`."""
-        return self._load(version, _receive_broadcast, (info, rank_offset))
+    def receive_weights(self, sync: Any, version: int, rank_offset: int, *payload: Any) -> int:
+        """Load a push of weight-sync method `sync` into the running engine (its vLLM workers
+        are ranks rank_offset.. of a push that forms a group); returns `version`."""
+        return self._load(version, _receive, (sync, payload, rank_offset))
 
     def _load(self, version: int, loader, args: tuple) -> int:
         """Run `loader` in every vLLM worker, drop KV blocks of the old weights, record `version`:

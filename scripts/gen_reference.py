@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.metric_names import METRICS, PATTERNS, STAGE_METRICS
+from rlfleet.common.registry import Registry
 from rlfleet.deploy.cli import _parser
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "reference"
@@ -56,7 +57,11 @@ def config_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str
             rows += config_rows(section, f"{path}[].")
             continue
         default = "required" if field.is_required() else repr(field.default)
-        rows.append((path, _type_name(annotation), default, field.description or ""))
+        registry = next((m.func.__self__ for m in field.metadata
+                         if isinstance(getattr(getattr(m, "func", None), "__self__", None), Registry)), None)
+        kind = _type_name(annotation) if registry is None else \
+            " | ".join([*(f"'{n}'" for n in registry.builtin), f"a {registry.kind} name registered by a plugin"])
+        rows.append((path, kind, default, field.description or ""))
     return rows
 
 

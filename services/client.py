@@ -47,13 +47,16 @@ class Call:
 class ServiceClient:
     """Calls to one service actor, retried after Ray restarts it."""
 
-    def __init__(self, handle: Any, name: str, restarts: int = 0, back_timeout_s: float = 600.0):
+    def __init__(self, handle: Any, name: str, restarts: int = 0, back_timeout_s: float = 600.0,
+                 call_timeout_s: float = 3600.0):
         self.handle = handle
         self.name = name
         self.restarts = restarts
         self.retries = 0
         """Calls made again because the actor died (cumulative)."""
         self._back_timeout_s = back_timeout_s
+        self._call_timeout_s = call_timeout_s
+        """The most a call may take (a backstop: a hung service fails the step, named)."""
 
     def submit(self, method: str, *args: Any, kept: bool = False, **kwargs: Any) -> Call:
         """`method(*args, **kwargs)` in flight; `kept`: the method returns (a small value, the
@@ -73,7 +76,10 @@ class ServiceClient:
         deaths = 0
         while True:
             try:
-                return ray.get(call.ready)
+                return ray.get(call.ready, timeout=max(1.0, call.submitted + self._call_timeout_s - time.perf_counter()))
+            except ray.exceptions.GetTimeoutError as err:
+                raise ServiceError(f"the {self.name} actor did not answer a call within {self._call_timeout_s:g} s; "
+                                   "stopping, the last checkpoint is untouched") from err
             except ray.exceptions.RayActorError as err:
                 deaths += 1
                 if deaths > self.restarts:
@@ -86,6 +92,7 @@ class ServiceClient:
                                self.name, type(err).__name__, deaths, self.restarts)
                 self._wait_until_back()
                 call.ready, call.kept = call.make()
+                call.submitted = time.perf_counter()
 
     def health(self, timeout_s: float = 600.0) -> bool:
         return ray.get(self.handle.health.remote(), timeout=timeout_s)

@@ -1,9 +1,10 @@
 """The reward service: one score per (prompt, response) from weighted reward sources.
 
-Sources: a sequence-classification reward model, rule functions, a remote scorer. Every
-source is built — and checked — in the constructor, so a bad path, a rule that does not
-import or has the wrong signature, a reward model with more than one label, or a remote URL
-that does not answer fails at start-up, naming the config field, before any rollout is spent.
+Sources (`rlfleet.services.reward_sources`): a sequence-classification reward model, rule
+functions, a remote scorer, and sources registered by plugins. Every source is built — and
+checked — in the constructor, so a bad path, a rule that does not import or has the wrong
+signature, a reward model with more than one label, or a remote URL that does not answer fails
+at start-up, naming the config field, before any rollout is spent.
 
 A response is unscorable when any source gives no finite value for it; its score is None and
 its reason is recorded (never a silent 0). `drop_unscorable` applies the configured policy.
@@ -11,18 +12,18 @@ its reason is recorded (never a silent 0). `drop_unscorable` applies the configu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rlfleet.common.config import RewardConfig, RuleRewardConfig
 from rlfleet.common.records import ScoreBatch
-from rlfleet.common.reward_scale import MODEL, weighted_sum
-from rlfleet.common.threads import ThreadBudget, apply_thread_budget
+from rlfleet.common.registry import import_plugins
+from rlfleet.common.reward_scale import weighted_sum
+from rlfleet.common.threads import ThreadBudget
 from rlfleet.services.decoding import TextDecoder
 from rlfleet.services.info import ServiceInfo
-from rlfleet.services.remote import RemoteScorer, RemoteScorerError
-from rlfleet.services.rules import RuleRunner, judge, load_rule, weighted_rules
+from rlfleet.services.reward_sources import ModelSource, ScoringBatch, build_sources
+from rlfleet.services.rules import RuleRunner, load_rule, weighted_rules
 
 
 class UnscorableError(RuntimeError):
@@ -33,36 +34,29 @@ class RewardService:
     """Scores batches of token-id (prompt, response) pairs."""
 
     def __init__(self, config: RewardConfig, tokenizer_path: str, gold: Sequence[RuleRewardConfig] = (),
-                 threads: ThreadBudget | None = None, compute_dtype: str = "float32"):
+                 threads: ThreadBudget | None = None, compute_dtype: str = "float32", plugins: Sequence[str] = ()):
         """`gold`: rule functions used only by `gold()` (the run's `data.eval_reward`);
         `threads`: the reward model's thread budget (None leaves the process's threads alone);
-        `compute_dtype`: the run's `model.dtype` for the reward model's forward passes."""
-        if config.model_path is None and not config.rules and config.remote is None:
-            raise ValueError("reward: no reward source; set reward.model_path, reward.rules or reward.remote")
+        `compute_dtype`: the run's `model.dtype` for the reward model's forward passes;
+        `plugins`: the run's `plugins` (modules that register reward sources)."""
+        import_plugins(plugins)
+        if config.model_path is None and not config.rules and config.remote is None and not config.sources:
+            raise ValueError("reward: no reward source; set reward.model_path, reward.rules, reward.remote "
+                             "or reward.sources")
         self._config = config
         self._gold = list(gold)
         self._decoder = TextDecoder(tokenizer_path)
-        self._model = None
-        if config.model_path is not None:
-            # torch and transformers only where there is a model
-            from rlfleet.services.reward_model import RewardModelScorer
-
-            apply_thread_budget(threads)
-            self._model = RewardModelScorer(config.model_path, config.micro_batch_size, compute_dtype=compute_dtype)
-        for i, rule in enumerate(config.rules):
-            load_rule(rule.function, field=f"reward.rules[{i}].function")
-        for i, rule in enumerate(self._gold):
-            load_rule(rule.function, field=f"data.eval_reward[{i}].function")
+        for field, rules in (("reward.rules", config.rules), ("data.eval_reward", self._gold)):
+            for i, rule in enumerate(rules):
+                load_rule(rule.function, field=f"{field}[{i}].function")
         paths = sorted({r.function for r in [*config.rules, *self._gold]})
         self._runner = RuleRunner(paths, config.rule_processes) if paths else None
-        self._remote = None
-        if config.remote is not None:
-            r = config.remote
-            self._remote = RemoteScorer(r.url, r.token_env, r.timeout_s, r.max_retries)
+        self._sources = build_sources(config, self._runner, threads, compute_dtype)
 
     def info(self) -> ServiceInfo | None:
         """The reward model's size, device and dtype (None without a reward model)."""
-        return self._model.info() if self._model is not None else None
+        model = next((s for s in self._sources if isinstance(s, ModelSource)), None)
+        return model.scorer.info() if model is not None else None
 
     def health(self) -> bool:
         return True
@@ -78,18 +72,18 @@ class RewardService:
         Stateless: the same call gives the same scores on any actor, a restarted one too. The
         reward model's score comes raw; the learner normalises it (`common/reward_scale.py`)."""
         extras = extras if extras is not None else [{}] * len(prompt_ids)
+        batch = ScoringBatch(prompt_ids, response_ids, extras, self._decoder)
         components: dict[str, list[float | None]] = {}
         reasons: list[str | None] = [None] * len(prompt_ids)
         weights: dict[str, float] = {}
-        if self._model is not None:
-            raw = self._model.score([list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
-            components[MODEL] = [v if math.isfinite(v) else None for v in raw]
-            weights[MODEL] = self._config.model_weight
-            _mark(reasons, "model", ["non_finite" if v is None else None for v in components["model"]])
-        if self._runner is not None or self._remote is not None:
-            prompts = self._decoder.batch_decode(prompt_ids)
-            responses = self._decoder.batch_decode(response_ids)
-            self._score_text(prompts, responses, extras, components, weights, reasons)
+        for source in self._sources:
+            for part in source.score(batch):
+                if len(part.values) != len(prompt_ids):
+                    raise ValueError(f"reward source {type(source).__name__} gave {len(part.values)} values for "
+                                     f"{part.name!r}, not one per response ({len(prompt_ids)})")
+                components[part.name] = part.values
+                weights[part.name] = part.weight
+                _mark(reasons, part.name, part.reasons)
         return ScoreBatch(weighted_sum(components, weights, reasons), components, reasons, weights)
 
     def gold(
@@ -106,28 +100,11 @@ class RewardService:
         responses = self._decoder.batch_decode(response_ids)
         return weighted_rules(self._runner, self._gold, prompts, responses, extras)
 
-    def _score_text(self, prompts, responses, extras, components, weights, reasons) -> None:
-        for i, rule in enumerate(self._config.rules):
-            name = f"rules[{i}]"
-            outcomes = self._runner.run(rule.function, rule.timeout_s, prompts, responses, extras)
-            components[name] = [o.value for o in outcomes]
-            weights[name] = rule.weight
-            _mark(reasons, name, [o.why for o in outcomes])
-        if self._remote is not None:
-            try:
-                raw = self._remote.score(prompts, responses, extras)
-                outcomes = [judge("ok", v) for v in raw]
-            except RemoteScorerError as err:
-                outcomes = [judge("error", str(err))] * len(prompts)
-            components["remote"] = [o.value for o in outcomes]
-            weights["remote"] = self._config.remote.weight
-            _mark(reasons, "remote", [o.why for o in outcomes])
-
     def close(self) -> None:
+        for source in self._sources:
+            source.close()
         if self._runner is not None:
             self._runner.close()
-        if self._remote is not None:
-            self._remote.close()
 
 
 def _mark(reasons: list[str | None], source: str, new: Sequence[str | None]) -> None:

@@ -7,6 +7,7 @@ policy sampled the token.
 
 from __future__ import annotations
 
+from rlfleet.common.registry import Registry, UnknownNameError
 from rlfleet.learner.algos.advantages import (
     discounted_returns,
     gae,
@@ -34,7 +35,6 @@ from rlfleet.learner.algos.masked import (
     masked_whiten,
 )
 from rlfleet.learner.algos.policy_losses import POLICY_LOSSES, LossInfo, ppo_policy_loss
-from rlfleet.learner.algos.registry import Registry, UnknownNameError
 from rlfleet.learner.algos.rollout_correction import off_policy_metrics, rollout_correction
 
 __all__ = [

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlfleet.common.registry import ADVANTAGE_ESTIMATORS
 from rlfleet.learner.algos import group_estimators as ge
 from rlfleet.learner.algos.advantages import (
     gae,
@@ -22,7 +23,6 @@ from rlfleet.learner.algos.advantages import (
     rloo_advantages,
 )
 from rlfleet.learner.algos.masked import masked_whiten
-from rlfleet.learner.algos.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,9 @@ class EstimatorInfo:
     """It reads a greedy response's reward per prompt (generated beside the batch)."""
 
 
-ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
-"""name → estimator(AdvantageInputs) → (advantages, returns); `estimator.info` is its `EstimatorInfo`."""
-
-
 def register(name: str, info: EstimatorInfo = EstimatorInfo()) -> Callable[[Callable], Callable]:
-    """Register a estimator under `name` (a decorator; also how one from outside is added)."""
+    """Register an estimator, `fn(AdvantageInputs) -> (advantages, returns)`, under `name`, its
+    capabilities as `fn.info` (a decorator; also how one from outside the package is added)."""
     return ADVANTAGE_ESTIMATORS.register(name, info)
 
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlfleet.common.registry import POLICY_LOSSES
 from rlfleet.learner.algos.masked import AggMode, agg_loss, masked_mean, zero_masked
-from rlfleet.learner.algos.registry import Registry
 
 Metrics = dict[str, torch.Tensor]
 
@@ -53,10 +53,6 @@ class LossInfo:
     """False: it aggregates its own way whatever `agg` says (sapo, geo_mean)."""
     needs_old_logprobs: bool = True
     """False: its value and gradient do not read the old log-probs (gpg, reinforce)."""
-
-
-POLICY_LOSSES = Registry("policy loss")
-"""name → loss_fn (see the module docstring); `loss_fn.info` is its `LossInfo`."""
 
 
 def register(name: str, info: LossInfo = LossInfo()) -> Callable[[Callable], Callable]:

@@ -70,8 +70,6 @@ def test_unknown_section_suggests_closest(capsys):
         (["reference.enabled=false"], "algorithm.kl_in='reward' needs reference.enabled=true"),
         (["model.tiny.num_heads=8"], "model.tiny: head_dim"),
         (["rollout.partial_rollout=true"], "rollout.partial_rollout=true interrupts generation that overlaps a push"),
-        (["rollout.partial_rollout=true", "rollout.max_staleness=1", "rollout.backend=hf"],
-         "rollout.partial_rollout=true needs rollout.backend='vllm'"),
     ],
 )
 def test_cross_field_rules_name_the_field(overrides, field, capsys):

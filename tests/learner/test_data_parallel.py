@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from rlfleet.common.collate import balanced_shards
 from rlfleet.common.config import ClusterConfig
-from rlfleet.common.weights import iter_state_dict
 from rlfleet.deploy.learner_group import LearnerGroup
 from rlfleet.learner.learner import Learner
+from rlfleet.weight_sync.object_store import OBJECT_STORE, iter_state_dict
 from tests.learner.test_learner import (
     experience,
     make_config,
@@ -102,7 +102,7 @@ def check_gradients(want: list[dict[str, torch.Tensor]], got: list[dict[str, tor
 
 
 def published(group: LearnerGroup) -> dict[str, torch.Tensor]:
-    return dict(iter_state_dict(ray.get(list(group.publish_refs()))))
+    return dict(iter_state_dict(ray.get(list(OBJECT_STORE.source(0, group, 1).chunks))))
 
 
 CASES = [("gae", "ddp", False), ("grpo", "ddp", False), ("gae", "fsdp", False), ("grpo", "fsdp", True)]

@@ -18,7 +18,7 @@ from rlfleet.deploy.smoke import response_logprobs
 from rlfleet.learner.learner import Learner, NonFiniteError, StaleRolloutError
 from rlfleet.learner.models import full_tensor, merged_state_dict
 from rlfleet.learner.step_data import reuses_update_logprobs, token_budget_batches
-from rlfleet.learner.weights import object_store_chunks
+from rlfleet.weight_sync.object_store import OBJECT_STORE, object_store_chunks
 
 pytestmark = pytest.mark.unit
 
@@ -290,7 +290,7 @@ def test_pushed_lora_weights_change_what_vllm_generates(ray_cluster, vllm_worker
     spec = SamplingSpec(n=1, max_tokens=6, temperature=1.0, seed=7)
     prompts = [r.prompt_ids for r in make_rollouts()[:4]]
     try:
-        ray.get(vllm_worker.load_weights.remote(learner.version, *list(learner.publish())))
+        ray.get(vllm_worker.receive_weights.remote(OBJECT_STORE, learner.version, 0, *learner.weight_stream(OBJECT_STORE, "chunks")))
         batch = ray.get(vllm_worker.generate.remote(prompts, spec))
         adapted = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
         adapted.load_state_dict(merged_state_dict(learner.policy))
@@ -300,7 +300,7 @@ def test_pushed_lora_weights_change_what_vllm_generates(ray_cluster, vllm_worker
             torch.testing.assert_close(vllm_lp, response_logprobs(adapted, r), atol=1e-4, rtol=0)
             assert (vllm_lp - response_logprobs(tiny_policy, r)).abs().max() > 1e-3
     finally:  # the session's engine goes back to the initial weights
-        ray.get(vllm_worker.load_weights.remote(0, *object_store_chunks(tiny_policy.state_dict())))
+        ray.get(vllm_worker.receive_weights.remote(OBJECT_STORE, 0, 0, *object_store_chunks(tiny_policy.state_dict())))
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])

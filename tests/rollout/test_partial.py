@@ -17,8 +17,7 @@ from transformers import AutoModelForCausalLM
 from rlfleet.common.config import RoleResources, RolloutConfig
 from rlfleet.common.records import SamplingSpec
 from rlfleet.deploy.assembly import start_rollout_pool
-from rlfleet.learner.weights import object_store_chunks
-from rlfleet.rollout.weight_sources import ObjectStoreWeights
+from rlfleet.weight_sync.object_store import OBJECT_STORE, ObjectStoreWeights, object_store_chunks
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -97,7 +96,7 @@ def test_without_partial_rollouts_a_push_lands_between_requests_of_calls_sharing
         while not ray.get(worker.generating.remote()):
             assert time.monotonic() < deadline, "the worker never started generating"
             time.sleep(0.02)
-        push = worker.load_weights.remote(1, *chunks)
+        push = worker.receive_weights.remote(OBJECT_STORE, 1, 0, *chunks)
         time.sleep(0.2)  # the push is waiting for the running requests
         later = worker.generate.remote(PROMPTS[3:4], SamplingSpec(n=2, max_tokens=8, min_tokens=8, seed=4))
         assert ray.get(push) == 1
@@ -112,7 +111,7 @@ def test_without_partial_rollouts_a_push_lands_between_requests_of_calls_sharing
                 assert torch.allclose(torch.tensor(r.logprobs), want, rtol=0, atol=1e-3)
         assert 0 in versions[:3] and versions[3] == 1  # a running call ended on v0; the later one is v1
     finally:
-        ray.get(worker.load_weights.remote(0, *object_store_chunks(tiny_policy.state_dict())))
+        ray.get(worker.receive_weights.remote(OBJECT_STORE, 0, 0, *object_store_chunks(tiny_policy.state_dict())))
 
 
 class _Params:

@@ -17,8 +17,9 @@ from rlfleet.common.records import SamplingSpec
 from rlfleet.common.threads import ThreadBudget, node_cores
 from rlfleet.deploy.assembly import rollout_worker_factory, start_rollout_pool
 from rlfleet.deploy.smoke import response_logprobs
-from rlfleet.learner.weights import WeightBroadcaster, object_store_chunks
-from rlfleet.rollout.weight_sources import BroadcastWeights, ObjectStoreWeights
+from rlfleet.weight_sync import BROADCAST
+from rlfleet.weight_sync.object_store import ObjectStoreWeights, object_store_chunks
+from tests.rollout.publisher import Learner, Publisher
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -59,20 +60,6 @@ def push(pool, model, version: int) -> None:
     pool.push_weights(ObjectStoreWeights(version, tuple(refs)))
 
 
-class Publisher:
-    """The learner's publishing side: a real model and a WeightBroadcaster (rank 0)."""
-
-    def __init__(self, model_dir: str):
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.broadcaster = WeightBroadcaster(bucket_bytes=300_000)
-
-    def open_weight_group(self, world_size: int):
-        return self.broadcaster.open(self.model.state_dict(), world_size)
-
-    def broadcast_weights(self) -> int:
-        return self.broadcaster.send(self.model.state_dict())
-
-
 @pytest.fixture(scope="module")
 def publisher(ray_cluster, tiny_model_dir):
     handle = ray.remote(Publisher).options(num_cpus=0).remote(str(tiny_model_dir))
@@ -101,7 +88,7 @@ def test_broadcast_push_reaches_every_worker(pool, publisher, tiny_policy):
     """The bucketed broadcast path (gloo here, NCCL on GPU) through real vLLM engines; from
     here on the pool re-syncs restarted workers by broadcast too."""
     assert not any(greedy_matches(h, tiny_policy) for h in pool.handles())  # they hold v1 now
-    pool.push_weights(BroadcastWeights(2, publisher))
+    pool.push_weights(BROADCAST.source(2, Learner(publisher), 1))
     assert pool.versions() == [2, 2]
     assert all(greedy_matches(h, tiny_policy) for h in pool.handles())
 
@@ -110,7 +97,7 @@ def test_broadcast_push_into_hf_worker(ray_cluster, publisher, tiny_policy, tiny
     spawn = rollout_worker_factory(str(tiny_model_v1_dir), RolloutConfig(backend="hf"), RoleResources(num_cpus=0))
     worker = spawn()
     assert not greedy_matches(worker, tiny_policy)
-    assert BroadcastWeights(5, publisher).load_into([worker], timeout_s=120) == [5]
+    assert BROADCAST.source(5, Learner(publisher), 1).load_into([worker], timeout_s=120) == [5]
     assert greedy_matches(worker, tiny_policy)
     ray.kill(worker)
 

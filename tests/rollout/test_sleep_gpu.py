@@ -36,32 +36,17 @@ def test_sleep_then_wake_keeps_weights(ray_cluster, tiny_model_dir):
     ray.kill(worker)
 
 
-class CudaPublisher:
-    """The learner's publishing side on a GPU: NCCL is chosen because its weights are on CUDA."""
-
-    def __init__(self, model_dir: str):
-        from rlfleet.learner.weights import WeightBroadcaster
-
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
-        self.broadcaster = WeightBroadcaster(bucket_bytes=1 << 20)
-
-    def open_weight_group(self, world_size: int):
-        return self.broadcaster.open(self.model.state_dict(), world_size)
-
-    def broadcast_weights(self) -> int:
-        return self.broadcaster.send(self.model.state_dict())
-
-
 @pytest.mark.gpu
 def test_nccl_broadcast_push_between_gpus(ray_cluster, tiny_model_dir, tiny_model_v1_dir):
-    from rlfleet.rollout.weight_sources import BroadcastWeights
+    from rlfleet.weight_sync import BROADCAST
+    from tests.rollout.publisher import Learner, Publisher
 
     if torch.cuda.device_count() < 2:
         pytest.skip("an NCCL push needs the sender and a receiver on different GPUs")
-    publisher = ray.remote(CudaPublisher).options(num_gpus=1).remote(str(tiny_model_dir))
+    publisher = ray.remote(Publisher).options(num_gpus=1).remote(str(tiny_model_dir), "cuda", 1 << 20)
     cfg = RolloutConfig(backend="hf")
     worker = rollout_worker_factory(str(tiny_model_v1_dir), cfg, RoleResources(num_gpus=1))()
-    assert BroadcastWeights(1, publisher).load_into([worker], timeout_s=300) == [1]
+    assert BROADCAST.source(1, Learner(publisher), 1).load_into([worker], timeout_s=300) == [1]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     batch = ray.get(worker.generate.remote(["12+7="], SamplingSpec(n=2, max_tokens=16)))
     for r in batch.rollouts:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlfleet.common.weights import (
-    iter_state_dict,
+from rlfleet.weight_sync.broadcast import (
+    WeightBroadcaster,
     pack_bucket,
     plan_buckets,
-    serialize_state_dict,
     unpack_bucket,
+)
+from rlfleet.weight_sync.object_store import (
+    iter_state_dict,
+    object_store_chunks,
+    serialize_state_dict,
 )
 
 pytestmark = pytest.mark.unit
@@ -64,11 +68,10 @@ def test_buckets_round_trip_bit_exactly(limit):
 
 
 def test_non_finite_weights_are_never_published():
-    from rlfleet.learner.weights import WeightBroadcaster, object_store_chunks
 
     sd = mixed_state_dict()
     sd["d.weight"][3, 4] = float("nan")
     with pytest.raises(ValueError, match="refusing to publish weights: d.weight has non-finite values"):
         list(object_store_chunks(sd))
     with pytest.raises(ValueError, match="d.weight has non-finite values"):
-        WeightBroadcaster().open(sd, world_size=2)
+        WeightBroadcaster().open(2, sd)
