@@ -74,7 +74,7 @@ def trl_python() -> Path:
 def warm_start(root: Path) -> str:
     """The demo's SFT stage on `reverse`: a model that half-knows the task."""
     from rlfleet.common.config import RunConfig
-    from rlfleet.deploy.stages import run_stage
+    from rlfleet.deploy.app.stages import run_stage
 
     cfg = RunConfig.model_validate({"seed": 0, "data": {"task": "reverse", "task_size": TASK_SIZE},
                                     "sft": SFT, "logging": {"run_dir": str(root), "progress_bar": False}})
@@ -97,7 +97,7 @@ def run_rlfleet(model: str, steps: int, run_dir: Path, cluster: dict | None = No
     `max_staleness` >= 1: the overlapped loop."""
     from rlfleet.common.config import RunConfig
     from rlfleet.common.metrics import read_metrics
-    from rlfleet.deploy.trainer import Trainer
+    from rlfleet.deploy.app.trainer import Trainer
 
     s = settings or SETTINGS
     cfg = RunConfig.model_validate({

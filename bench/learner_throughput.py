@@ -36,7 +36,7 @@ from weight_push import SHAPES  # bench/ is the script's folder
 from rlfleet.common.config import RunConfig, TinyModelConfig
 from rlfleet.common.records import Experience, Rollout
 from rlfleet.common.tiny_models import build_tiny_causal_lm
-from rlfleet.deploy.learner_group import LearnerGroup
+from rlfleet.deploy.actors.learner_group import LearnerGroup
 from rlfleet.learner.learner import Learner
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from rlfleet.common.config import RoleResources, RolloutConfig, TinyModelConfig
 from rlfleet.common.records import SamplingSpec
 from rlfleet.common.tiny_models import build_tiny_causal_lm
-from rlfleet.deploy.assembly import rollout_worker_factory, start_rollout_pool
+from rlfleet.deploy.actors.assembly import rollout_worker_factory, start_rollout_pool
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

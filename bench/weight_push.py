@@ -28,9 +28,10 @@ import ray
 
 from rlfleet.common.config import RoleResources, RunConfig, TinyModelConfig
 from rlfleet.common.tiny_models import build_tiny_causal_lm
-from rlfleet.deploy import driver
-from rlfleet.deploy.assembly import start_rollout_pool
-from rlfleet.deploy.learner_group import LearnerGroup
+from rlfleet.deploy.actors.assembly import start_rollout_pool
+from rlfleet.deploy.actors.learner_group import LearnerGroup
+from rlfleet.deploy.actors.parts import Parts
+from rlfleet.deploy.loop.stages import push_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,7 +64,7 @@ def bench_size(model: str, pushes: int) -> dict:
     cfgs = {path: RunConfig.model_validate({"rollout": {"weight_sync": path, "num_workers": 1}}) for path in PATHS}
     learner = LearnerGroup.start(cfgs["object_store"], model)
     pool = start_rollout_pool(model, cfgs["object_store"].rollout, RoleResources(num_cpus=1))
-    parts = driver.Parts(learner, pool, None, None, model)
+    parts = Parts(learner, pool, None, None, model)
     seconds: dict[str, list[float]] = {p: [] for p in PATHS}
     version = 0
     try:
@@ -71,7 +72,7 @@ def bench_size(model: str, pushes: int) -> dict:
             for path in PATHS:
                 version += 1
                 start = time.perf_counter()
-                driver.push_weights(cfgs[path], parts, version)
+                push_weights(cfgs[path], parts, version)
                 if i:  # the first push of each path warms up (connections, buffers)
                     seconds[path].append(time.perf_counter() - start)
     finally:

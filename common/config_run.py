@@ -120,7 +120,7 @@ class GuardConfig(Section):
 
 
 class RunHealthConfig(Section):
-    """Early, named failure for a run that cannot learn (`rlfleet.deploy.health`)."""
+    """Early, named failure for a run that cannot learn (`rlfleet.deploy.loop.health`)."""
 
     patience: int = Field(3, ge=1)
     """Steps in a row that stop the run (every response unscorable, or no update made) or make

@@ -80,7 +80,7 @@ def hf_worker(ray_cluster, tiny_model_dir: Path):
 
 def _worker(ray, model_dir: Path, backend: str):
     from rlfleet.common.config import RoleResources, RolloutConfig
-    from rlfleet.deploy.assembly import rollout_worker_factory
+    from rlfleet.deploy.actors.assembly import rollout_worker_factory
 
     spawn = rollout_worker_factory(str(model_dir), RolloutConfig(backend=backend), RoleResources(num_cpus=1))
     handle = spawn()

@@ -70,7 +70,7 @@ def test_a_registered_backend_and_weight_sync_method_serve_a_pool_and_a_push(ray
     """The backend (HF generate that counts its calls) through the pool, then the pool's push
     by the new weight-sync method (the whole state in one object): the workers then generate
     exactly as the pushed model."""
-    from rlfleet.deploy.assembly import start_rollout_pool
+    from rlfleet.deploy.actors.assembly import start_rollout_pool
     from rlfleet.weight_sync import WEIGHT_SYNC
 
     cfg = RunConfig.model_validate({"plugins": [f"{PLUGINS}.counting_backend", f"{PLUGINS}.whole_state_sync"],

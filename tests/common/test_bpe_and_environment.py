@@ -118,7 +118,7 @@ def test_the_agent_demo_traces_mix_tool_use_and_answers_in_the_head_token_exactl
     traces answer at once; the mix is `IN_THE_HEAD`."""
     from rlfleet.common.chat import observation_ids, turn_closing
     from rlfleet.common.tasks import build_task
-    from rlfleet.deploy.agent_demo import IN_THE_HEAD, calculator_traces
+    from rlfleet.deploy.app.agent_demo import IN_THE_HEAD, calculator_traces
     from rlfleet.services.tools import tool_schema
 
     rows = build_task("calculator", 0, 400).rows

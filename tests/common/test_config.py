@@ -13,7 +13,7 @@ import pytest
 from rlfleet.common import config as config_module
 from rlfleet.common.config import RunConfig, Section
 from rlfleet.common.config_io import ConfigError, config_from_dict, dump_config, load_config
-from rlfleet.deploy.cli import main
+from rlfleet.deploy.app.cli import main
 
 pytestmark = pytest.mark.unit
 
@@ -103,7 +103,7 @@ def test_bad_files_are_named(tmp_path, capsys):
 def test_exit_code_2_from_a_real_process(tmp_path):
     path = write(tmp_path, "learner:\n  lr: -1\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "rlfleet.deploy.cli", "config", "check", str(path)],
+        [sys.executable, "-m", "rlfleet.deploy.app.cli", "config", "check", str(path)],
         capture_output=True, text=True,
     )
     assert proc.returncode == 2

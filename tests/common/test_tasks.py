@@ -32,7 +32,7 @@ def test_each_kind_of_wrong_answer_is_the_near_miss_it_names():
 
 def test_every_row_gives_one_pair_per_kind(tmp_path):
     from rlfleet.common.config import RunConfig
-    from rlfleet.deploy.stages import _rows
+    from rlfleet.deploy.app.stages import _rows
 
     cfg = RunConfig.model_validate({"data": {"task": "reverse", "task_size": 50},
                                     "rm": {"eval_size": 10, "negatives": ["swap", "random"]}})

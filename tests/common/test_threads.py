@@ -9,7 +9,7 @@ import torch
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget, node_cores
-from rlfleet.deploy.assembly import thread_budgets
+from rlfleet.deploy.actors.assembly import thread_budgets
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlfleet.common.config import RoleResources
-from rlfleet.deploy.assembly import actor_options
+from rlfleet.deploy.actors.assembly import actor_options
 
 pytestmark = pytest.mark.unit
 

@@ -76,8 +76,8 @@ def test_dynamic_sampling_trains_on_full_batches_of_informative_groups(ray_clust
     `prompts_per_step` informative groups (at most `algorithm.max_extra_batches` more),
     counting what it generated extra and what it left out. In the overlapped loop (here with
     two batches ahead) the extra batches are the next ones in flight, and the bound holds.
-    (The synchronous loop draws and generates them on the spot: `driver.train_step`'s `more`,
-    the same merge and choice, `deploy/groups.py`.)"""
+    (The synchronous loop draws and generates them on the spot: `Synchronous._extra_batches`,
+    the same merge and choice, `deploy/loop/groups.py`.)"""
     max_staleness = 2
     rule = {"rules": [{"function": "tests.services.rule_fixtures:constant_for_even_numbers"}]}
     cfg = grpo_config(tmp_path, total_steps=3, reward=rule, rollout={"max_staleness": max_staleness},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlfleet.common.metrics import MetricsWriter, read_metrics
-from rlfleet.deploy.checkpoints import CheckpointManager, read_state
+from rlfleet.deploy.loop.checkpoints import CheckpointManager, read_state
 
 pytestmark = pytest.mark.unit
 
@@ -62,7 +62,7 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
 
 
 def test_bad_training_data_exits_2_naming_the_line_and_keeps_checkpoints(tmp_path, capsys):
-    from rlfleet.deploy import cli
+    from rlfleet.deploy.app import cli
 
     ckpts = CheckpointManager(tmp_path / "run", keep_last=2)
     ckpts.save(4, fill, {"data": {"epoch": 0, "index": 4, "size": 2}})

@@ -13,8 +13,8 @@ import yaml
 
 from rlfleet.common.config import RoleResources, RunConfig
 from rlfleet.common.config_io import ConfigError, load_config
-from rlfleet.deploy.submit import RUNTIME_ENV_FILE, entrypoint, runtime_env
-from rlfleet.deploy.trainer import needs_reference_actor
+from rlfleet.deploy.actors.assembly import needs_reference_actor
+from rlfleet.deploy.app.submit import RUNTIME_ENV_FILE, entrypoint, runtime_env
 
 pytestmark = pytest.mark.unit
 
@@ -113,7 +113,7 @@ def test_rayjob_runs_an_example_and_carries_the_token_everywhere():
     spec = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
     assert spec["apiVersion"] == "ray.io/v1" and spec["kind"] == "RayJob"
     entry = spec["spec"]["entrypoint"].split()
-    assert entry[:3] == ["python", "-m", "rlfleet.deploy.job"]
+    assert entry[:3] == ["python", "-m", "rlfleet.deploy.app.job"]
     load_config(ROOT / entry[3], entry[4:])  # the config it names exists and validates
     cluster = spec["spec"]["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
@@ -135,7 +135,7 @@ def test_dockerfile_installs_what_the_jobs_run():
     text = (CLUSTER / "Dockerfile").read_text()
     assert "pip install --no-cache-dir \"vllm==${VLLM_VERSION}\"" in text  # vLLM (and its torch) first
     assert 'pip install --no-cache-dir ".[gpu]"' in text and "[cpu]" not in text
-    assert "import rlfleet.deploy.job" in text and "RAY_AUTH_MODE=token" in text
+    assert "import rlfleet.deploy.app.job" in text and "RAY_AUTH_MODE=token" in text
     for folder in ("common", "learner", "rollout", "services", "deploy", "examples"):
         assert f"COPY --chown=ray:users {folder} {folder}" in text
 
@@ -145,7 +145,7 @@ def test_submit_builds_the_documented_runtime_env_and_entrypoint():
     assert env["working_dir"] == "/some/dir" and set(env) == {"working_dir", "excludes"}
     assert {".venv/", ".git/", "runs/", "checkpoints/", "models/"} <= set(env["excludes"])
     assert entrypoint("examples/grpo_tiny.yaml", ["total_steps=2", "logging.run_dir=/a b"]) == (
-        "python -m rlfleet.deploy.job examples/grpo_tiny.yaml total_steps=2 'logging.run_dir=/a b'"
+        "python -m rlfleet.deploy.app.job examples/grpo_tiny.yaml total_steps=2 'logging.run_dir=/a b'"
     )
     assert RUNTIME_ENV_FILE.is_file()
 

@@ -11,7 +11,7 @@ import pytest
 
 from rlfleet.common.config_io import load_config
 from rlfleet.common.metrics import read_metrics
-from rlfleet.deploy.demo import DEMO_DEFAULTS, print_summary, run_demo
+from rlfleet.deploy.app.demo import DEMO_DEFAULTS, print_summary, run_demo
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 

@@ -6,7 +6,7 @@ import pytest
 
 from rlfleet.common.data import Example
 from rlfleet.common.records import Held, Rollout, ScoreBatch
-from rlfleet.deploy.groups import ScoredBatch, choose_groups, informative_groups, merge
+from rlfleet.deploy.loop.groups import ScoredBatch, choose_groups, informative_groups, merge
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rlfleet.common.config_run import CheckpointConfig, GuardConfig
-from rlfleet.deploy.checkpoints import CheckpointManager
-from rlfleet.deploy.guard import GoldWatch
+from rlfleet.deploy.loop.checkpoints import CheckpointManager
+from rlfleet.deploy.loop.guard import GoldWatch
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""A run that cannot learn says why, early (`deploy/health.py`, `deploy/preflight.py`): reward
+"""A run that cannot learn says why, early (`deploy/loop/health.py`, `deploy/app/preflight.py`): reward
 code that cannot score stops the run before Ray starts (exit 2) or after `run_health.patience`
 steps (exit 3), and a run that learns nothing is warned of, by name and step."""
 
@@ -14,8 +14,9 @@ import pytest
 from rlfleet.common.config import RuleRewardConfig
 from rlfleet.common.config_io import dump_config
 from rlfleet.common.metrics import read_metrics
-from rlfleet.deploy import Trainer, cli
-from rlfleet.deploy.preflight import dry_call_rules
+from rlfleet.deploy import Trainer
+from rlfleet.deploy.app import cli
+from rlfleet.deploy.app.preflight import dry_call_rules
 from tests.deploy.test_training import ROOT, grpo_config
 
 FIX = "tests.services.rule_fixtures"
@@ -53,7 +54,7 @@ def test_a_verl_style_reward_function_exits_2_before_ray_starts(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "rlfleet.deploy.cli", "train", str(path)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "rlfleet.deploy.app.cli", "train", str(path)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "reward.rules[0].function='tests.services.rule_fixtures:verl_style': it returned dict" in done.stderr
@@ -73,7 +74,7 @@ def test_a_rule_that_raises_on_every_response_stops_the_run_naming_it(ray_cluste
                       checkpoint={"every_steps": 0})
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
-    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.health"):
+    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.loop.health"):
         assert cli.main(["train", str(path)]) == 3
     err = capsys.readouterr().err
     assert "run health: every response of steps 1–3 was unscorable (rules[0]: 32 of 32" in err
@@ -92,7 +93,7 @@ def test_a_constant_reward_and_truncated_responses_are_warned_of(ray_cluster, tm
     end (max_response_tokens 1): one warning each, with the step numbers; the run completes."""
     cfg = grpo_config(tmp_path, total_steps=3, reward={"rules": [{"function": f"{FIX}:constant_reward"}]},
                       rollout={"max_response_tokens": 1}, checkpoint={"every_steps": 0})
-    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.health"):
+    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.loop.health"):
         summary = Trainer(cfg).fit()
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run health:")]
     assert any("steps 1–3: every group's responses got the same reward (frac_reward_zero_std 1.0, reward 0.5)"
@@ -105,7 +106,7 @@ def test_a_constant_reward_and_truncated_responses_are_warned_of(ray_cluster, tm
 def _watch(rows: list[dict], **run_health):
     """RunHealth over synthetic step metrics; the warnings it logged."""
     from rlfleet.common.config import RunConfig
-    from rlfleet.deploy.health import RunHealth, UnscorableLog
+    from rlfleet.deploy.loop.health import RunHealth, UnscorableLog
 
     health = RunHealth(RunConfig.model_validate({"run_health": run_health}))
     for step, row in enumerate(rows, start=1):
@@ -115,7 +116,7 @@ def _watch(rows: list[dict], **run_health):
 
 @pytest.mark.unit
 def test_each_warning_names_its_cause_once_and_a_learning_run_gets_none(caplog):
-    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.health"):
+    with caplog.at_level(logging.WARNING, logger="rlfleet.deploy.loop.health"):
         quiet = _watch([{"reward": 0.1 * i, "frac_reward_zero_std": 0.2, "completions/clipped_ratio": 0.1,
                          "objective/kl": 0.1 * i, "rollout/logprob_diff_same_version": 1e-4 * i,
                          "policy/entropy_avg": 1.0 / i} for i in range(1, 9)])
@@ -131,7 +132,7 @@ def test_each_warning_names_its_cause_once_and_a_learning_run_gets_none(caplog):
 
 @pytest.mark.unit
 def test_no_update_for_patience_steps_stops_and_a_run_without_updates_never_ends_quietly():
-    from rlfleet.deploy.health import RunHealthError
+    from rlfleet.deploy.loop.health import RunHealthError
 
     with pytest.raises(RunHealthError, match=r"no update was made in steps 2–3 \(the rollout correction rejected "
                                              r"every token: rs_options=None"):

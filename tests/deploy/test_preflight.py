@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlfleet.deploy import cli
+from rlfleet.deploy.app import cli
 
 pytestmark = pytest.mark.unit
 
@@ -67,7 +67,7 @@ def test_a_reward_rule_that_does_not_import_is_named(tmp_path, capsys, rule, mes
 
 def test_bad_inputs_fail_before_ray_starts(tmp_path):
     """In a fresh process: exit 2, a message rather than a traceback, and Ray never started."""
-    code = ("import sys; from rlfleet.deploy import cli; rc = cli.main(sys.argv[1:]); "
+    code = ("import sys; from rlfleet.deploy.app import cli; rc = cli.main(sys.argv[1:]); "
             "assert 'ray' not in sys.modules or not sys.modules['ray'].is_initialized(); sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, "train", EXAMPLE, f"model.path={MISSING}",
                            "reward.rules=[{function: 'no_such_module:f'}]", f"logging.run_dir={tmp_path / 'run'}"],

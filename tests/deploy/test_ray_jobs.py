@@ -216,7 +216,7 @@ def test_a_submitted_job_scaled_to_2_workers_survives_them_killed_every_few_step
 
 def test_a_scale_request_the_cluster_cannot_place_is_refused_with_the_numbers(ray_cluster):
     from rlfleet.common.config import RoleResources
-    from rlfleet.deploy.driver import missing_resources
+    from rlfleet.deploy.loop.scaling import missing_resources
 
     assert missing_resources(RoleResources(num_cpus=0), 3) == ""
     short = missing_resources(RoleResources(num_cpus=1, resources={"rollout": 1}), 2)

@@ -22,8 +22,9 @@ from rlfleet.common.config_io import config_from_dict, load_config
 from rlfleet.common.metric_names import describe
 from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tiny_models import build_tiny_reward_model
-from rlfleet.deploy import Trainer, cli
-from rlfleet.deploy.checkpoints import CheckpointManager, read_state
+from rlfleet.deploy import Trainer
+from rlfleet.deploy.app import cli
+from rlfleet.deploy.loop.checkpoints import CheckpointManager, read_state
 from rlfleet.learner.step_data import reuses_update_logprobs
 from tests.procs import pids_titled
 
@@ -175,7 +176,7 @@ def test_the_guard_stops_a_run_whose_proxy_rises_while_gold_falls_and_keeps_the_
                       data={"eval_size": 8, "eval_reward": [{"function": "tests.services.rule_fixtures:without_letter_a"}]},
                       logging={"eval_every_steps": 2}, guard={"patience": 2},
                       checkpoint={"keep_best": "eval/gold", "keep_last": 1, "every_steps": 0})
-    with caplog.at_level("WARNING", logger="rlfleet.deploy.trainer"):
+    with caplog.at_level("WARNING", logger="rlfleet.deploy.app.trainer"):
         summary = Trainer(cfg).fit()
     evals = [r for r in read_metrics(tmp_path) if r.get("eval/gold") is not None]
     stop = summary["steps"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rlfleet.common.collate import balanced_shards
 from rlfleet.common.config import ClusterConfig
-from rlfleet.deploy.learner_group import LearnerGroup
+from rlfleet.deploy.actors.learner_group import LearnerGroup
 from rlfleet.learner.learner import Learner
 from rlfleet.weight_sync.object_store import OBJECT_STORE, iter_state_dict
 from tests.learner.test_learner import (

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Experience, Rollout, SamplingSpec
-from rlfleet.deploy.smoke import response_logprobs
+from rlfleet.deploy.app.smoke import response_logprobs
 from rlfleet.learner.learner import Learner, NonFiniteError, StaleRolloutError
 from rlfleet.learner.models import full_tensor, merged_state_dict
 from rlfleet.learner.step_data import reuses_update_logprobs, token_budget_batches

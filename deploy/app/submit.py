@@ -4,9 +4,9 @@
     rlfleet scale JOB --rollout-workers K [--address ADDRESS]
 
 `submit` validates the config here (a bad one exits 2 before anything is sent), then submits
-`python -m rlfleet.deploy.job CONFIG ...` with the runtime environment of
+`python -m rlfleet.deploy.app.job CONFIG ...` with the runtime environment of
 `deploy/cluster/runtime_env.yaml` and prints the job's submission id. `scale` leaves a request
-with the job's control actor (`deploy/control.py`); the driver applies it at the next step
+with the job's control actor (`deploy/app/control.py`); the driver applies it at the next step
 boundary. Ray's token authentication is honoured as Ray does it (RAY_AUTH_TOKEN,
 RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from rlfleet.deploy.control import NAMESPACE, ControlStatus, find_control
+from rlfleet.deploy.app.control import NAMESPACE, ControlStatus, find_control
 
-RUNTIME_ENV_FILE = Path(__file__).resolve().parent / "cluster" / "runtime_env.yaml"
+RUNTIME_ENV_FILE = Path(__file__).resolve().parents[1] / "cluster" / "runtime_env.yaml"
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -35,7 +35,7 @@ def runtime_env(working_dir: str) -> dict:
 
 
 def entrypoint(config: str, overrides: Sequence[str]) -> str:
-    return shlex.join(["python", "-m", "rlfleet.deploy.job", config, *overrides])
+    return shlex.join(["python", "-m", "rlfleet.deploy.app.job", config, *overrides])
 
 
 def submit(config: str, overrides: Sequence[str], address: str | None, working_dir: str) -> str:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlfleet.common.config import RunConfig
 from rlfleet.common.records import Rollout, SamplingSpec
 from rlfleet.common.tiny_models import build_tiny_causal_lm
-from rlfleet.deploy.assembly import start_vllm_worker
+from rlfleet.deploy.actors.assembly import start_vllm_worker
 
 logger = logging.getLogger(__name__)
 

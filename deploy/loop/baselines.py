@@ -9,7 +9,7 @@ from rlfleet.common.data import Example
 from rlfleet.common.records import Rollout, SamplingSpec
 
 if TYPE_CHECKING:
-    from rlfleet.deploy.driver import Parts
+    from rlfleet.deploy.actors.parts import Parts
 
 
 def greedy_baselines(parts: Parts, examples: list[Example], rollouts: list[Rollout], greedy: SamplingSpec

@@ -14,8 +14,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from rlfleet.common.config import RunConfig
-from rlfleet.deploy.driver import sampling_spec
-from rlfleet.deploy.trainer import gold_rules, load_data
+from rlfleet.deploy.app.inputs import gold_rules, load_data
+from rlfleet.deploy.loop.stages import sampling_spec
 from rlfleet.rollout.hf_worker import HFRolloutWorker
 from rlfleet.services.rules import RuleRunner, weighted_rules
 

@@ -28,9 +28,9 @@ from rlfleet.common.config_io import dump_config
 from rlfleet.common.machine import describe_machine, machine_line
 from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tiny_models import build_tiny_causal_lm
-from rlfleet.deploy.report import write_report
-from rlfleet.deploy.stages import run_stage
-from rlfleet.deploy.trainer import Trainer
+from rlfleet.deploy.app.report import write_report
+from rlfleet.deploy.app.stages import run_stage
+from rlfleet.deploy.app.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 

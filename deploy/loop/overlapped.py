@@ -19,7 +19,7 @@ Streaming (vLLM, single-turn): the pool hands each prompt group on as it comes b
 (`RolloutPool.generate(on_group=...)`), and the driver's thread submits the scoring of the
 groups back so far (reward ∥ reference ∥ prepare) while it waits for the batch or while the
 learner trains, so a group's scoring starts about when the group is complete; the batch is
-trained on the parts joined in its order (`driver.Streamed`, `rollout/scoring_parts`).
+trained on the parts joined in its order (`scoring.Streamed`, `rollout/scoring_parts`).
 
 Every wait on the thread has a deadline (a backstop over the pool's own per-call deadlines);
 when it passes, the error names what was awaited. A queued push or rescale that failed is
@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
@@ -47,7 +47,10 @@ import ray
 from rlfleet.common.config import RunConfig
 from rlfleet.common.data import Example, PromptDataset, PromptSampler
 from rlfleet.common.records import RolloutBatch
-from rlfleet.deploy import driver, episodes
+from rlfleet.deploy.actors.parts import Parts
+from rlfleet.deploy.loop import episodes, stages
+from rlfleet.deploy.loop.health import UnscorableLog
+from rlfleet.deploy.loop.scoring import Scoring, Streamed, submit_scoring
 from rlfleet.rollout.pool import RolloutPool
 from rlfleet.weight_sync.base import WeightSource
 
@@ -117,6 +120,12 @@ class ThreadedPool:
     def scale_to(self, k: int) -> None:
         self._later(f"scaling the rollout fleet to {k} workers", self._pool.scale_to, k)
 
+    def sleep(self) -> None:
+        self.wait(self._submit(self._pool.sleep), "putting the rollout workers to sleep")
+
+    def wake_up(self) -> None:
+        self.wait(self._submit(self._pool.wake_up), "waking the rollout workers")
+
     def _later(self, what: str, fn: Callable, *args) -> None:
         self.check()
         self._queued.append((what, self._submit(fn, *args)))
@@ -168,23 +177,25 @@ class _InFlight:
     position: dict
     """The sampler's state before this batch's prompts were drawn."""
     queued_at_version: int
-    scoring: driver.Scoring | None = None
+    scoring: Scoring | None = None
     """Its reward / reference / old-log-prob calls, once submitted (while the learner trained)."""
     done_groups: deque = field(default_factory=deque)
     """Streaming: (first prompt index, records) of each call back from the fleet, not yet scored
     (appended on the rollout thread, taken on the driver's)."""
-    streamed: list[driver.Scoring] = field(default_factory=list)
+    streamed: list[Scoring] = field(default_factory=list)
     """Streaming: the scoring calls submitted for its groups so far."""
 
 
-class Pipeline:
-    """Steps of the overlapped loop; generation for up to k later steps is always in flight."""
+class Overlapped:
+    """Steps of the overlapped loop; generation for up to k later steps is always in flight.
+    It drives the fleet from its own thread: `parts.pool` becomes a `ThreadedPool` (after
+    resume, whose push is synchronous)."""
 
-    def __init__(self, cfg: RunConfig, parts: driver.Parts, data: PromptDataset, sampler: PromptSampler,
-                 version: int):
-        if not isinstance(parts.pool, ThreadedPool):
-            raise TypeError("the overlapped loop needs parts.pool to be a ThreadedPool")
+    def __init__(self, cfg: RunConfig, parts: Parts, data: PromptDataset, sampler: PromptSampler,
+                 unscorable: UnscorableLog, version: int):
+        parts.pool = ThreadedPool(parts.pool, pipeline_deadline_s(cfg))
         self._cfg, self._parts, self._data, self._sampler = cfg, parts, data, sampler
+        self._unscorable = unscorable
         self._pool: ThreadedPool = parts.pool
         self._ahead: deque[_InFlight] = deque()
         self._next_index: int | None = None
@@ -204,8 +215,8 @@ class Pipeline:
         """Keep `n` batches in flight (drawn in order, so a checkpoint's position is exact)."""
         while len(self._ahead) < n:
             position = self._sampler.state_dict()
-            examples = driver.draw(self._cfg, self._data, self._sampler)
-            spec = driver.sampling_spec(self._cfg, self._next_index)
+            examples = stages.draw(self._cfg, self._data, self._sampler)
+            spec = stages.sampling_spec(self._cfg, self._next_index)
             done: deque = deque()
             on_group = (lambda start, part, d=done: d.append((start, part))) if self._streaming else None
             future = self._pool.generate_async(
@@ -222,58 +233,66 @@ class Pipeline:
             taken.append(batch.done_groups.popleft())
         rollouts = [replace(r, prompt_index=r.prompt_index + start) for start, part in taken for r in part.rollouts]
         if rollouts:
-            batch.streamed.append(driver.submit_scoring(self._cfg, self._parts, rollouts, batch.examples))
+            batch.streamed.append(submit_scoring(self._cfg, self._parts, rollouts, batch.examples))
 
-    def _take(self, what: str) -> tuple[_InFlight, RolloutBatch, driver.Scoring | None]:
+    def _take(self, what: str) -> stages.Generated:
         """The oldest batch in flight, once generated, without records past the bound."""
         mine = self._ahead.popleft()
-        score = (lambda: self._score_groups(mine)) if self._streaming else None
+        score_groups = (lambda: self._score_groups(mine)) if self._streaming else None
         batch = self._pool.wait(mine.future, f"{what} (batch {mine.index}, queued at policy v{mine.queued_at_version})",
-                                score)
+                                score_groups)
         if self._streaming:
             self._score_groups(mine)  # the last groups
-            rows = driver.Streamed.rows_of(mine.streamed, batch.rollouts)
+            rows = Streamed.rows_of(mine.streamed, batch.rollouts)
         generated = len(batch.rollouts)
         batch, kept = self._fresh(batch)
         if self._streaming:  # the groups' scoring, without the records refused
             self.streamed_parts += len(mine.streamed)
-            return mine, batch, driver.Streamed(mine.streamed, [rows[i] for i in kept])
-        return mine, batch, mine.scoring if len(kept) == generated else None  # scored early: the batch as generated
+            return stages.Generated(mine.examples, batch, Streamed(mine.streamed, [rows[i] for i in kept]))
+        # scored early: only the batch as generated
+        return stages.Generated(mine.examples, batch, mine.scoring if len(kept) == generated else None)
 
     def step(self, step: int) -> dict[str, Any]:
-        cfg, k = self._cfg, self._cfg.rollout.max_staleness
-        timer = driver.PhaseTimer()
-        began = time.perf_counter()
+        cfg, parts, k = self._cfg, self._parts, self._cfg.rollout.max_staleness
+        timer, began = stages.PhaseTimer(), time.perf_counter()
         if self._next_index is None:
             self._next_index = step
         refused_before, parts_before = self.refused, self.streamed_parts
         self._fill(k + 1)
         with timer("generate"):  # the wait: the engines' own time is timing/generate_busy
-            mine, batch, scoring = self._take(f"the rollouts of step {step}")
-
-        def more():  # dynamic sampling: the next batch in flight, and another queued behind
-            self._fill(1)
-            extra, extra_batch, extra_scoring = self._take(f"an extra batch of step {step}")
-            self._fill(k)
-            return extra.examples, extra_batch, extra_scoring
-
-        metrics, result = driver.learn(cfg, self._parts, mine.examples, batch, timer, scoring, self._score_next,
-                                       more, version=self.version)
+            generated = self._take(f"the rollouts of step {step}")
+        sb, metrics = stages.score(cfg, parts, generated, timer, self._extra_batches(step))
+        batch_metrics, exp = stages.experience(cfg, parts, sb, timer, self._unscorable, version=self.version)
+        metrics.update(batch_metrics)
         metrics.update({
             "rollout/refused_stale": float(self.refused - refused_before),
             # streaming: scoring calls this step's batches were scored in (1: the whole batch at once)
             "rollout/scoring_parts": float(self.streamed_parts - parts_before),
             # partial_rollout: records whose tokens span a push (generated by two versions)
-            "rollout/interrupted": float(sum(1 for r in batch.rollouts
+            "rollout/interrupted": float(sum(1 for r in generated.batch.rollouts
                                              if r.token_versions and r.token_versions[0] != r.token_versions[-1])),
             "rollout/num_workers": float(self._pool.num_workers),
         })
-        if result is None:
-            return {**metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+        if exp is None:
+            return stages.step_metrics(metrics, None, timer, began)
+        with timer("train"):
+            pending = stages.submit_train(cfg, parts, exp, timer)
+            self._score_next(pending)  # the next batch's scoring, off the learner's path
+            result = stages.trained(pending)
         with timer("push"):  # publish and queue: the workers load it after the calls queued before
-            driver.push_weights(cfg, self._parts, result.version)
+            stages.push_weights(cfg, parts, result.version)
         self.version = result.version
-        return {**result.metrics, **metrics, **timer.metrics(), "timing/step": time.perf_counter() - began}
+        return stages.step_metrics(metrics, result, timer, began)
+
+    def _extra_batches(self, step: int) -> Iterator[stages.Generated]:
+        """Dynamic sampling's further batches of this step: the next in flight, another queued
+        behind it as each is taken."""
+        k = self._cfg.rollout.max_staleness
+        while True:
+            self._fill(1)
+            extra = self._take(f"an extra batch of step {step}")
+            self._fill(k)
+            yield extra
 
     def _score_next(self, training: list) -> None:
         """While the learner trains: submit the next batch's scoring as soon as the fleet has
@@ -288,7 +307,7 @@ class Pipeline:
             if nxt.future.done():
                 if nxt.future.exception() is None and not self._streaming:
                     batch = nxt.future.result()
-                    nxt.scoring = driver.submit_scoring(self._cfg, self._parts, batch.rollouts, nxt.examples)
+                    nxt.scoring = submit_scoring(self._cfg, self._parts, batch.rollouts, nxt.examples)
                 elif nxt.future.exception() is None:
                     self._score_groups(nxt)
                 return
@@ -315,25 +334,3 @@ def pipeline_deadline_s(cfg: RunConfig) -> float:
     the batches ahead, a push, the awaited one) at its worst (all redispatches spent)."""
     r = cfg.rollout
     return (r.max_staleness + 2) * r.generate_timeout_s * (r.max_redispatch + 2)
-
-
-class Synchronous:
-    """The synchronous loop (`rollout.max_staleness: 0`), with the pipeline's interface."""
-
-    def __init__(self, cfg: RunConfig, parts: driver.Parts, data: PromptDataset, sampler: PromptSampler):
-        self._cfg, self._parts, self._data, self._sampler = cfg, parts, data, sampler
-
-    def step(self, step: int) -> dict[str, Any]:
-        return driver.train_step(self._cfg, self._parts, self._data, self._sampler, step)
-
-    def position(self) -> dict:
-        return self._sampler.state_dict()
-
-
-def build_loop(cfg: RunConfig, parts: driver.Parts, data: PromptDataset,
-               sampler: PromptSampler) -> Synchronous | Pipeline:
-    """The loop `cfg` asks for; the overlapped one takes the pool into its thread (after resume)."""
-    if cfg.rollout.max_staleness == 0:
-        return Synchronous(cfg, parts, data, sampler)
-    parts.pool = ThreadedPool(parts.pool, pipeline_deadline_s(cfg))
-    return Pipeline(cfg, parts, data, sampler, parts.learner.version())

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from rlfleet.common.config import RunConfig
 from rlfleet.common.data import PromptDataset
-from rlfleet.common.reward_scale import MODEL, RewardScaler
-from rlfleet.deploy import episodes
-from rlfleet.deploy.driver import Parts, sampling_spec
+from rlfleet.common.reward_scale import MODEL
+from rlfleet.deploy.actors.parts import EvalParts, Parts
+from rlfleet.deploy.loop import episodes
+from rlfleet.deploy.loop.stages import sampling_spec
 
 
-def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -> dict[str, float]:
+def evaluate(cfg: RunConfig, parts: Parts | EvalParts, data: PromptDataset, step: int = 0) -> dict[str, float]:
     """Greedy responses to the first `data.eval_size` held-out prompts, scored by the training
-    reward (`eval/reward`, the proxy; with a reward model also its raw score,
-    `eval/reward_model`, whose scale normalisation does not move) and, when the run has one,
-    the gold checker (`eval/gold`)."""
+    reward (`eval/reward`, the proxy, normalised as `parts.scale` says; with a reward model also
+    its raw score, `eval/reward_model`) and, when the run has one, the gold checker (`eval/gold`)."""
     examples = data.examples[: cfg.data.eval_size]
     if cfg.environment.enabled:
         return episodes.evaluate_episodes(cfg, parts.pool, examples, sampling_spec(cfg, step, greedy=True))
@@ -23,10 +23,7 @@ def evaluate(cfg: RunConfig, parts: Parts, data: PromptDataset, step: int = 0) -
     args = ([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
             [examples[r.prompt_index].extra for r in rollouts])
     scored = parts.reward.scores(parts.reward.score(*args))
-    if parts.learner is not None:  # normalised as the learner trains (no statistics move)
-        scores = parts.learner.scale_scores(scored)
-    else:  # a saved policy alone (`rlfleet eval`): fixed normalisation and clipping still apply
-        scores = RewardScaler.of(cfg.reward)(scored.scores, scored.components, scored.weights, update=False)
+    scores = parts.scale.scale_scores(scored)
     out = {
         **_mean_of(scores, "eval/reward", "eval/unscorable"),
         "eval/mean_length": sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1),

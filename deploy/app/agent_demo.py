@@ -30,9 +30,10 @@ from rlfleet.common.config_io import dump_config
 from rlfleet.common.machine import describe_machine, machine_line
 from rlfleet.common.metrics import read_metrics
 from rlfleet.common.tasks import build_task
-from rlfleet.deploy.report import AGENT_PANELS, write_report
-from rlfleet.deploy.stages import stage_settings
-from rlfleet.deploy.trainer import Trainer, policy_path
+from rlfleet.deploy.app.inputs import policy_path
+from rlfleet.deploy.app.report import AGENT_PANELS, write_report
+from rlfleet.deploy.app.stages import stage_settings
+from rlfleet.deploy.app.trainer import Trainer
 from rlfleet.learner.supervised import Demonstration, sft
 from rlfleet.services.sandbox import import_path
 from rlfleet.services.tools import tool_schema

@@ -24,10 +24,10 @@ from rlfleet.common.config import RunConfig, StageConfig
 from rlfleet.common.data import DataError, read_rows, render_prompt
 from rlfleet.common.metrics import MetricsWriter
 from rlfleet.common.tasks import build_task, wrong_answer
-from rlfleet.deploy.gold import generation_gold
-from rlfleet.deploy.negatives import sampled_negatives
-from rlfleet.deploy.preflight import check_inputs
-from rlfleet.deploy.trainer import policy_path
+from rlfleet.deploy.app.gold import generation_gold
+from rlfleet.deploy.app.inputs import policy_path
+from rlfleet.deploy.app.negatives import sampled_negatives
+from rlfleet.deploy.app.preflight import check_inputs
 from rlfleet.learner.supervised import (
     Demonstration,
     PreferencePair,

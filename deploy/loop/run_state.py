@@ -9,8 +9,9 @@ from pathlib import Path
 from rlfleet.common.config import RunConfig
 from rlfleet.common.data import PromptSampler
 from rlfleet.common.metrics import MetricsWriter
-from rlfleet.deploy.checkpoints import CheckpointManager, read_state
-from rlfleet.deploy.driver import Parts, push_weights
+from rlfleet.deploy.actors.parts import Parts
+from rlfleet.deploy.loop.checkpoints import CheckpointManager, read_state
+from rlfleet.deploy.loop.stages import push_weights
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The entry point of a Ray job: `python -m rlfleet.deploy.job CONFIG [key.path=value ...]`.
+"""The entry point of a Ray job: `python -m rlfleet.deploy.app.job CONFIG [key.path=value ...]`.
 
     ray job submit --runtime-env deploy/cluster/runtime_env.yaml --working-dir . -- \
-        python -m rlfleet.deploy.job examples/grpo_tiny.yaml total_steps=2
+        python -m rlfleet.deploy.app.job examples/grpo_tiny.yaml total_steps=2
 
 The same as `rlfleet train` (same exit codes: 2 for a bad config, bad data or reward code that
 cannot score; 3 for a run that cannot learn: the job ends FAILED with the message), run as the
@@ -16,13 +16,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from rlfleet.deploy import cli
+from rlfleet.deploy.app import cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0].startswith("-"):
-        sys.stderr.write("usage: python -m rlfleet.deploy.job CONFIG [key.path=value ...]\n")
+        sys.stderr.write("usage: python -m rlfleet.deploy.app.job CONFIG [key.path=value ...]\n")
         return 2
     return cli.main(["train", *args])
 

@@ -118,11 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _scale(args)
         path, overrides = _split_config_arg(args)
         if args.command == "demo":
-            from rlfleet.deploy.demo import DEMO_DEFAULTS
+            from rlfleet.deploy.app.demo import DEMO_DEFAULTS
 
             out = [f"logging.run_dir={args.out}"] if args.out else []
             if args.agent:
-                from rlfleet.deploy.agent_demo import AGENT_DEFAULTS
+                from rlfleet.deploy.app.agent_demo import AGENT_DEFAULTS
             cfg = load_config(path, [*overrides, *out], base=AGENT_DEFAULTS if args.agent else DEMO_DEFAULTS)
         else:
             cfg = load_config(path, overrides)
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _submit(args, path, overrides)
     if args.command in ("train", "eval", "sft", "rm", "dpo", "demo"):
         return _run(args, cfg)
-    from rlfleet.deploy import smoke
+    from rlfleet.deploy.app import smoke
 
     return smoke.main(cfg)
 
@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     import logging
 
     from rlfleet.common.data import DataError
-    from rlfleet.deploy.health import RunHealthError
+    from rlfleet.deploy.loop.health import RunHealthError
 
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -159,15 +159,15 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 
 def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
-    from rlfleet.deploy.trainer import Trainer, evaluate_checkpoint
+    from rlfleet.deploy.app.trainer import Trainer, evaluate_checkpoint
 
     if args.command == "demo":
-        from rlfleet.deploy.demo import print_summary, run_demo
-        from rlfleet.deploy.preflight import check_inputs
+        from rlfleet.deploy.app.demo import print_summary, run_demo
+        from rlfleet.deploy.app.preflight import check_inputs
 
         check_inputs(cfg)
         if args.agent:
-            from rlfleet.deploy.agent_demo import print_agent_summary, run_agent_demo
+            from rlfleet.deploy.app.agent_demo import print_agent_summary, run_agent_demo
 
             print_agent_summary(run_agent_demo(cfg))
         else:
@@ -176,7 +176,7 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.command == "train":
         summary = Trainer(cfg).fit()
     elif args.command in ("sft", "rm", "dpo"):
-        from rlfleet.deploy.stages import run_stage
+        from rlfleet.deploy.app.stages import run_stage
 
         summary = run_stage(cfg, args.command)
     else:
@@ -186,7 +186,7 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 
 def _submit(args: argparse.Namespace, path: str, overrides: list[str]) -> int:
-    from rlfleet.deploy import submit
+    from rlfleet.deploy.app import submit
 
     job = submit.submit(path, overrides, args.address, args.working_dir)
     sys.stdout.write(f"{job}\n")
@@ -199,7 +199,7 @@ def _submit(args: argparse.Namespace, path: str, overrides: list[str]) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from rlfleet.deploy import submit
+    from rlfleet.deploy.app import submit
 
     if args.rollout_workers < 1:
         sys.stderr.write(f"rlfleet: --rollout-workers must be >= 1 (got {args.rollout_workers})\n")
