@@ -52,6 +52,12 @@ class ClusterConfig(Section):
     learner_placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy of the learner group's bundles: PACK keeps the ranks on as
     few nodes as possible (NVLink/fast intra-node collectives), STRICT_PACK insists on one node."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of each GPU the roles run on, for the planner (`rlfleet plan`); None: the local
+    GPU's, when there is one."""
+    check_fit: bool = True
+    """Refuse, before Ray starts, a run the planner says cannot fit its GPUs (false, or
+    `rlfleet train --force`: run it anyway)."""
 
     @model_validator(mode="after")
     def _gpu_shares(self) -> ClusterConfig:

@@ -84,6 +84,12 @@ def _backbone_config(tok: PreTrainedTokenizerFast, shape: TinyModelConfig) -> Pr
     )
 
 
+def tiny_model_config(shape: TinyModelConfig | None = None) -> PretrainedConfig:
+    """The transformers config of the tiny model `build_tiny_causal_lm` would build (no weights)."""
+    shape = shape or TinyModelConfig()
+    return _backbone_config(build_tokenizer(shape.tokenizer), shape)
+
+
 def build_tiny_causal_lm(
     out_dir: str | Path, seed: int = 0, shape: TinyModelConfig | None = None
 ) -> Path:

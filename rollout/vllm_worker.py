@@ -133,7 +133,9 @@ class VLLMRolloutWorker:
         """Identity, process, the weight version this worker holds and its threads."""
         import torch
 
-        return WorkerInfo(self._id, "vllm", os.getpid(), self._loop.version, torch.get_num_threads())
+        cache = self._llm.llm_engine.vllm_config.cache_config
+        tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+        return WorkerInfo(self._id, "vllm", os.getpid(), self._loop.version, torch.get_num_threads(), tokens or None)
 
     def generating(self) -> bool:
         """Whether requests are running on the engine now."""

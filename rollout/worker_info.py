@@ -53,6 +53,8 @@ class WorkerInfo:
     """Version of the weights it holds (0 = the initial weights)."""
     threads: int = 1
     """Intra-op threads it generates with (its thread budget, rlfleet.common.threads)."""
+    kv_cache_tokens: int | None = None
+    """Tokens its KV cache holds (vLLM: blocks × block size, as the engine reported at start-up)."""
 
 
 class RolloutWorker(Protocol):

@@ -43,7 +43,7 @@ def test_the_reference_pages_are_generated_from_the_current_code():
     for path, *_ in config_rows(RunConfig):
         assert f"| `{path}` |" in config, path
     cli = (ROOT / "docs" / "reference" / "cli.md").read_text()
-    for command in ("demo", "smoke", "train", "eval", "sft", "rm", "dpo", "submit", "scale", "config check",
+    for command in ("demo", "smoke", "train", "eval", "sft", "rm", "dpo", "submit", "scale", "plan", "config check",
                     "config schema", "tiny-model"):
         assert f"## `rlfleet {command}`" in cli, command
     metrics = (ROOT / "docs" / "reference" / "metrics.md").read_text()

@@ -3,7 +3,8 @@
     rlfleet demo [CONFIG] [key.path=value ...] [--rlhf | --agent] [--out DIR]
                                                    the built-in job: SFT → GRPO (→ RM → PPO), report
     rlfleet smoke [CONFIG] [key.path=value ...]    check the install: vLLM vs transformers log-probs
-    rlfleet train CONFIG [key.path=value ...]      train; resumes from the newest checkpoint
+    rlfleet train CONFIG [key.path=value ...] [--force]
+                                                   train; resumes from the newest checkpoint
     rlfleet eval CONFIG --checkpoint DIR [key.path=value ...]
                                                    score a checkpoint's greedy answers
     rlfleet sft | rm | dpo CONFIG [key.path=value ...]
@@ -12,6 +13,8 @@
                                                    submit a training run as a Ray job; prints its id
     rlfleet scale JOB --rollout-workers K [--address ADDRESS] [--wait-s S]
                                                    resize a running job's rollout fleet
+    rlfleet plan CONFIG [key.path=value ...] [--gpu-memory 80GiB]
+                                                   memory per role and device; exit 2 if it cannot fit
     rlfleet config check CONFIG [key.path=value ...]   validate; print the resolved YAML
     rlfleet config schema                          the JSON schema of the config
     rlfleet tiny-model OUT [--reward] [--seed N] [--layers N]   build a tiny model folder
@@ -46,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train (resumes from the run folder's newest checkpoint)")
     _config_args(train, required=True)
+    train.add_argument("--force", action="store_true",
+                       help="run even where `rlfleet plan` says it cannot fit (cluster.check_fit=false)")
 
     evaluate = sub.add_parser("eval", help="score a checkpoint's greedy answers on the eval prompts")
     _config_args(evaluate, required=True)
@@ -72,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="the cluster's GCS address, host:port (default: the cluster of this node)")
     scale.add_argument("--wait-s", type=float, default=60.0,
                        help="how long to wait for a job that is still starting (default: 60)")
+
+    plan = sub.add_parser("plan", help="the memory each role takes on its device, and whether the run fits")
+    _config_args(plan, required=True)
+    plan.add_argument("--gpu-memory", default=None,
+                      help="memory of each GPU, e.g. 80GiB (default: cluster.gpu_memory_gib, else the local GPU's)")
 
     config = sub.add_parser("config", help="check a config or print its schema")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -125,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from rlfleet.deploy.app.agent_demo import AGENT_DEFAULTS
             cfg = load_config(path, [*overrides, *out], base=AGENT_DEFAULTS if args.agent else DEMO_DEFAULTS)
         else:
-            cfg = load_config(path, overrides)
+            forced = ["cluster.check_fit=false"] if getattr(args, "force", False) else []
+            cfg = load_config(path, [*overrides, *forced])
     except ConfigError as err:
         sys.stderr.write(f"rlfleet: {err}\n")
         return ConfigError.exit_code
@@ -134,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "submit":
         return _submit(args, path, overrides)
+    if args.command == "plan":
+        return _plan(args, cfg)
     if args.command in ("train", "eval", "sft", "rm", "dpo", "demo"):
         return _run(args, cfg)
     from rlfleet.deploy.app import smoke
@@ -183,6 +196,18 @@ def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:
         summary = evaluate_checkpoint(cfg, args.checkpoint)
     sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
     return 0
+
+
+def _plan(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from rlfleet.deploy.app.plan import format_plan, gpu_bytes_of, make_plan, parse_bytes
+
+    try:
+        plan = make_plan(cfg, gpu_bytes_of(cfg, parse_bytes(args.gpu_memory) if args.gpu_memory else None))
+    except (ConfigError, ValueError) as err:
+        sys.stderr.write(f"rlfleet: {err}\n")
+        return ConfigError.exit_code
+    sys.stdout.write(format_plan(plan) + "\n")
+    return ConfigError.exit_code if plan.problems else 0
 
 
 def _submit(args: argparse.Namespace, path: str, overrides: list[str]) -> int:

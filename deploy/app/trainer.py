@@ -39,6 +39,7 @@ from rlfleet.deploy.app.inputs import (
     reward_config,
     reward_fields,
 )
+from rlfleet.deploy.app.plan import check_fits
 from rlfleet.deploy.app.preflight import check_inputs, dry_call_rules
 from rlfleet.deploy.loop import Loop, build_loop, evaluation, run_state
 from rlfleet.deploy.loop.checkpoints import CheckpointManager
@@ -62,6 +63,7 @@ class Trainer:
         cfg = self.config
         started = time.perf_counter()
         check_inputs(cfg)  # bad paths and rules fail before anything starts or is written
+        check_fits(cfg)  # so does a run that cannot fit its GPUs (`rlfleet plan`)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         model = policy_path(cfg, self.run_dir)
         tokenizer_path = cfg.model.tokenizer_path or model
