@@ -10,6 +10,7 @@ either the GPU side is planned but not judged.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 from rlfleet.common.config import RunConfig
 from rlfleet.common.config_io import ConfigError
 from rlfleet.deploy.app.plan_math import GiB, ModelShape, Part, engine_parts, learner_parts
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,7 +207,12 @@ def check_fits(cfg: RunConfig) -> None:
     gpu_bytes = gpu_bytes_of(cfg) if cfg.cluster.check_fit and uses_gpu else None
     if gpu_bytes is None:
         return
-    plan = make_plan(cfg, gpu_bytes)
+    try:
+        plan = make_plan(cfg, gpu_bytes)
+    except Exception as err:  # noqa: BLE001 - an architecture the planner cannot build must not stop the run
+        logger.warning("no memory plan for this model (%s: %s); starting without the fit check",
+                       type(err).__name__, err)
+        return
     if plan.problems:
         raise ConfigError("this run does not fit (rlfleet plan shows the arithmetic; --force runs it anyway): "
                           + "; ".join(plan.problems))
