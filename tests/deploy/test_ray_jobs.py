@@ -115,6 +115,22 @@ def test_the_clusters_guides_ray_job_submit_line_runs_a_grpo_job_with_token_auth
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
 
 
+def test_a_job_whose_reward_code_cannot_score_ends_failed_with_the_message(ray_head, tmp_path):
+    """A rule that raises: the job's driver exits 2 at the dry call (before any actor starts),
+    so Ray marks the job FAILED, and its log names the function and the exception."""
+    submitted = subprocess.run(
+        [str(BIN / "rlfleet"), "submit", "examples/grpo_tiny.yaml", "total_steps=2", f"logging.run_dir={tmp_path}",
+         "--address", ray_head.dashboard, "reward.rules=[{function: 'tests.services.rule_fixtures:raises'}]"],
+        env=ray_head.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job = submitted.stdout.strip().splitlines()[-1]
+    assert ray_head.wait(job, timeout=300) == "FAILED", ray_head.logs(job)
+    logs = ray_head.logs(job)
+    assert "reward.rules[0].function='tests.services.rule_fixtures:raises'" in logs, logs
+    assert "RuntimeError: broken reward code" in logs, logs
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def alive_rollout_pids(head: Head) -> set[int]:
     """PIDs of this head's rollout workers that are up (not restarting): processes titled
     `ray::VLLMRolloutWorker` whose environment holds this head's token (the test session's
