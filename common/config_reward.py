@@ -15,8 +15,13 @@ from rlfleet.common.registry import RewardSourceName
 class RuleRewardConfig(Section):
     """A rule-based reward function."""
 
-    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    """`package.module:function`."""
+    function: str = Field(pattern=r"^([A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_]\w*$")
+    """`package.module:function`, or `path/to/file.py:function` (relative to the working directory)."""
+    style: Literal["auto", "rlfleet", "verl", "trl", "openrlhf"] = "auto"
+    """The function's calling convention: rlfleet's `fn(prompt, response, extra)`, verl's
+    `compute_score(data_source, solution_str, ground_truth, extra_info)`, TRL's batch
+    `fn(prompts, completions, **columns)` or OpenRLHF's `reward_func(queries, prompts, labels)`;
+    `auto` tells them apart by parameter names. A batch style's `timeout_s` covers the batch's call."""
     weight: float = 1.0
     """Weight of this source in the summed reward."""
     timeout_s: float = Field(5.0, gt=0)

@@ -152,6 +152,13 @@ class ScoreBatch:
     weights: dict[str, float] = field(default_factory=dict)
     """Each source's weight in `scores`. `scores` holds the reward model's raw value; the
     learner normalises it (`common/reward_scale.py`) and sums again."""
+    logs: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Numbers the sources returned beside their values ('rules[0]/acc' → (sum, count)), over
+    every response scored (a verl dict's other keys, OpenRLHF's extra_logs)."""
+
+    def log_metrics(self) -> dict[str, float]:
+        """`reward/logs/<component>/<name>`: the mean of each logged number."""
+        return {f"reward/logs/{name}": total / count for name, (total, count) in self.logs.items() if count}
 
     @property
     def unscorable_counts(self) -> dict[str, int]:

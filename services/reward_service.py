@@ -46,11 +46,11 @@ class RewardService:
         self._config = config
         self._gold = list(gold)
         self._decoder = TextDecoder(tokenizer_path)
+        styles = {}
         for field, rules in (("reward.rules", config.rules), ("data.eval_reward", self._gold)):
             for i, rule in enumerate(rules):
-                load_rule(rule.function, field=f"{field}[{i}].function")
-        paths = sorted({r.function for r in [*config.rules, *self._gold]})
-        self._runner = RuleRunner(paths, config.rule_processes) if paths else None
+                styles[rule.function] = load_rule(rule.function, f"{field}[{i}].function", rule.style)
+        self._runner = RuleRunner(sorted(styles), config.rule_processes, styles) if styles else None
         self._sources = build_sources(config, self._runner, threads, compute_dtype)
 
     def info(self) -> ServiceInfo | None:
@@ -76,6 +76,7 @@ class RewardService:
         components: dict[str, list[float | None]] = {}
         reasons: list[str | None] = [None] * len(prompt_ids)
         weights: dict[str, float] = {}
+        logs: dict[str, tuple[float, int]] = {}
         for source in self._sources:
             for part in source.score(batch):
                 if len(part.values) != len(prompt_ids):
@@ -84,7 +85,8 @@ class RewardService:
                 components[part.name] = part.values
                 weights[part.name] = part.weight
                 _mark(reasons, part.name, part.reasons)
-        return ScoreBatch(weighted_sum(components, weights, reasons), components, reasons, weights)
+                logs.update({f"{part.name}/{key}": total for key, total in part.logs.items()})
+        return ScoreBatch(weighted_sum(components, weights, reasons), components, reasons, weights, logs)
 
     def gold(
         self,

@@ -55,6 +55,9 @@ class Component:
     weight: float
     values: list[float | None]
     reasons: list[str | None]
+    logs: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Numbers the source returned beside its values (a verl dict's other keys): name → (sum,
+    count) over the responses; logged as `reward/logs/<component>/<name>` means."""
 
     @classmethod
     def of(cls, name: str, weight: float, values: Sequence[float | None]) -> Component:
@@ -104,8 +107,15 @@ class RuleSource:
     def score(self, batch: ScoringBatch) -> list[Component]:
         out = []
         for i, rule in enumerate(self._rules):
-            outcomes = self._runner.run(rule.function, rule.timeout_s, batch.prompts, batch.responses, batch.extras)
-            out.append(Component(f"rules[{i}]", rule.weight, [o.value for o in outcomes], [o.why for o in outcomes]))
+            outcomes = self._runner.run(rule.function, rule.timeout_s, batch.prompts, batch.responses, batch.extras,
+                                        batch.response_ids)
+            logs: dict[str, tuple[float, int]] = {}
+            for outcome in outcomes:
+                for key, value in (outcome.logs or {}).items():
+                    total, count = logs.get(key, (0.0, 0))
+                    logs[key] = (total + value, count + 1)
+            out.append(Component(f"rules[{i}]", rule.weight, [o.value for o in outcomes], [o.why for o in outcomes],
+                                 logs))
         return out
 
     def close(self) -> None:

@@ -18,12 +18,14 @@ START_S = 120.0
 """How long the interpreter may take to start and import the rule's module."""
 
 
-def probe_rule(path: str, prompt: str, response: str, extra: dict[str, Any], timeout_s: float):
-    """The `RuleOutcome` of one call of `path`, made in a fresh interpreter."""
+def probe_rule(path: str, prompt: str, response: str, extra: dict[str, Any], timeout_s: float,
+               style: str = "rlfleet"):
+    """The `RuleOutcome` of one call of `path` in its `style` (a batch style: a batch of one),
+    made in a fresh interpreter."""
     from rlfleet.services.rules import RuleOutcome, judge
 
     request = json.dumps({"path": path, "prompt": prompt, "response": response, "extra": extra,
-                          "timeout_s": timeout_s}, default=str)
+                          "timeout_s": timeout_s, "style": style}, default=str)
     try:
         done = subprocess.run([sys.executable, "-m", "rlfleet.services.rule_probe"], input=request, text=True,
                               capture_output=True, timeout=START_S + timeout_s)
@@ -45,13 +47,23 @@ def _timeout(*_):
 
 def main() -> None:
     request = json.loads(sys.stdin.read())
+    from rlfleet.services.reward_styles import BATCH_STYLES, Scored, call
     from rlfleet.services.sandbox import import_path
 
-    fn = import_path(request["path"])
+    path, style = request["path"], request.get("style", "rlfleet")
+    prompt, response, extra = request["prompt"], request["response"], request["extra"]
+    fn = import_path(path)
     signal.signal(signal.SIGALRM, _timeout)
     signal.setitimer(signal.ITIMER_REAL, request["timeout_s"])
     try:
-        value = fn(request["prompt"], request["response"], request["extra"])
+        if style == "rlfleet":
+            value = fn(prompt, response, extra)
+        elif style in BATCH_STYLES:
+            [value] = call(path, style, [prompt], [response], [extra], [[]])
+        else:
+            value = call(path, style, prompt, response, extra)
+        if isinstance(value, Scored):
+            value = value.value
         reply: dict[str, Any] = {"status": "value", "value": value}
     except TimeoutError:
         reply = {"status": "timeout"}

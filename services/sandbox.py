@@ -26,9 +26,34 @@ START_TIMEOUT_S = 120.0
 
 
 def import_path(path: str) -> Any:
-    """The object named by `package.module:attribute`."""
-    module_name, _, attr = path.partition(":")
+    """The object named by `package.module:attribute` or `path/to/file.py:attribute` (a file
+    path as verl's `custom_reward_function.path` takes it; relative to the working directory)."""
+    module_name, _, attr = path.rpartition(":")
+    if module_name.endswith(".py"):
+        return getattr(_import_file(module_name), attr)
     return getattr(importlib.import_module(module_name), attr)
+
+
+def _import_file(file: str) -> Any:
+    import hashlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    resolved = Path(file).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"no such file: {file}")
+    name = f"rlfleet_user_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, resolved)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def _serve(conn: Connection, paths: Sequence[str], memory_bytes: int | None) -> None:

@@ -14,6 +14,7 @@ from rlfleet.common.config import RuleRewardConfig, RunConfig
 from rlfleet.common.config_io import ConfigError
 from rlfleet.common.environment import EnvironmentLoadError, load_environment
 from rlfleet.rollout.backends import capability_problems
+from rlfleet.services.reward_styles import ACCEPTED
 from rlfleet.services.rule_probe import probe_rule
 from rlfleet.services.rules import RuleOutcome, load_rule
 from rlfleet.services.sandbox import import_path
@@ -55,7 +56,7 @@ def check_inputs(cfg: RunConfig, stage: str | None = None, checkpoint: str | Non
         problems.append(folder_problem("--checkpoint", checkpoint, marker=None))
     for i, rule in enumerate(cfg.reward.rules):
         try:
-            load_rule(rule.function, field=f"reward.rules[{i}].function")
+            load_rule(rule.function, f"reward.rules[{i}].function", rule.style)
         except ValueError as err:
             problems.append(str(err))
     problems += _environment_problems(cfg)
@@ -92,24 +93,33 @@ def _environment_problems(cfg: RunConfig) -> list[str]:
 
 DRY_RESPONSE = "0"
 """The placeholder response of a reward rule's dry call."""
-ACCEPTED_SIGNATURES = ("rlfleet calls a reward rule as fn(prompt: str, response: str, extra: dict) -> float | None "
-                       "(None: this response cannot be scored), extra holding the data row's other fields")
 
 
 def dry_call_rules(rules: list[tuple[str, RuleRewardConfig]], prompt: str, extra: dict) -> None:
-    """Call each (field, rule) once, in a fresh interpreter, with the first training row's `prompt` and
-    `extra` and the response DRY_RESPONSE; raise `ConfigError` naming every rule that raised,
-    hung, crashed or returned something other than a number or None."""
+    """Call each (field, rule) once, in its style, in a fresh interpreter, with the first training
+    row's `prompt` and `extra` and the response DRY_RESPONSE; raise `ConfigError` naming every
+    rule that raised, hung, crashed or returned something other than its style promises."""
     problems = []
     for field, rule in rules:
-        outcome = probe_rule(rule.function, prompt, DRY_RESPONSE, extra, rule.timeout_s)
+        try:
+            style = load_rule(rule.function, field, rule.style)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        outcome = probe_rule(rule.function, prompt, DRY_RESPONSE, extra, rule.timeout_s, style)
         what = _failure(outcome, field, rule.timeout_s)
         if what is not None:
-            problems.append(f"{field}={rule.function!r}: {what}, when called once before the run as "
-                            f"fn(prompt, response, extra) with prompt={_short(prompt)}, response={DRY_RESPONSE!r}, "
-                            f"extra with keys {sorted(extra)} (the first training row). {ACCEPTED_SIGNATURES}")
+            problems.append(f"{field}={rule.function!r}: {what}, when called once before the run as {_as(style)} with "
+                            f"prompt={_short(prompt)}, response={DRY_RESPONSE!r}, extra with keys {sorted(extra)} "
+                            f"(the first training row). {ACCEPTED}")
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+
+
+def _as(style: str) -> str:
+    return {"rlfleet": "fn(prompt, response, extra)", "verl": "a verl-style compute_score",
+            "trl": "a TRL-style batch function (a batch of one)",
+            "openrlhf": "an OpenRLHF-style reward_func (a batch of one)"}[style]
 
 
 def _failure(outcome: RuleOutcome, field: str, timeout_s: float) -> str | None:

@@ -28,6 +28,16 @@ class ScoredBatch:
     """Prompts the fleet dropped (empty or too long: `rollout.on_bad_prompt: drop`)."""
 
 
+def add_logs(*logs: dict[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
+    """`ScoreBatch.logs` of several batches together."""
+    out: dict[str, tuple[float, int]] = {}
+    for part in logs:
+        for name, (total, count) in part.items():
+            t, c = out.get(name, (0.0, 0))
+            out[name] = (t + total, c + count)
+    return out
+
+
 def _cat(a: Held | None, b: Held | None) -> Held | None:
     return None if a is None or b is None else a.then(b)
 
@@ -39,7 +49,7 @@ def merge(a: ScoredBatch, b: ScoredBatch) -> ScoredBatch:
     scored = ScoreBatch(
         sa.scores + sb.scores,
         {k: sa.components[k] + sb.components.get(k, [None] * len(sb.scores)) for k in sa.components},
-        sa.reasons + sb.reasons, {**sb.weights, **sa.weights},
+        sa.reasons + sb.reasons, {**sb.weights, **sa.weights}, add_logs(sa.logs, sb.logs),
     )
     return ScoredBatch(
         a.examples + b.examples,
@@ -59,7 +69,7 @@ def join(collected: list[tuple[ScoreBatch, tuple[Held | None, ...]]], order: lis
     scored = ScoreBatch(pick([s for b in batches for s in b.scores]),
                         {k: pick([v for b in batches for v in b.components[k]]) for k in names},
                         pick([r for b in batches for r in b.reasons]),
-                        {k: w for b in batches for k, w in b.weights.items()})
+                        {k: w for b in batches for k, w in b.weights.items()}, add_logs(*(b.logs for b in batches)))
     rows = []
     for i in range(3):  # old log-probs, values, reference log-probs
         held = [h[i] for _, h in collected]
@@ -97,7 +107,8 @@ def select(batch: ScoredBatch, groups: set[int]) -> ScoredBatch:
     idx = [i for i, r in enumerate(batch.rollouts) if r.prompt_index in groups]
     pick = lambda values: None if values is None else [values[i] for i in idx]  # noqa: E731
     s = batch.scored
-    scored = ScoreBatch(pick(s.scores), {k: pick(v) for k, v in s.components.items()}, pick(s.reasons), s.weights)
+    scored = ScoreBatch(pick(s.scores), {k: pick(v) for k, v in s.components.items()}, pick(s.reasons), s.weights,
+                        s.logs)
     take = lambda held: None if held is None else held.take(idx)  # noqa: E731
     return replace(batch, rollouts=pick(batch.rollouts), scored=scored, old_logprobs=take(batch.old_logprobs),
                    values=take(batch.values), ref=take(batch.ref))

@@ -22,8 +22,8 @@ from tests.deploy.test_training import ROOT, grpo_config
 FIX = "tests.services.rule_fixtures"
 
 
-def _rule(name: str, timeout_s: float = 5.0) -> list[tuple[str, RuleRewardConfig]]:
-    return [("reward.rules[0].function", RuleRewardConfig(function=f"{FIX}:{name}", timeout_s=timeout_s))]
+def _rule(name: str, timeout_s: float = 5.0, style: str = "auto") -> list[tuple[str, RuleRewardConfig]]:
+    return [("reward.rules[0].function", RuleRewardConfig(function=f"{FIX}:{name}", timeout_s=timeout_s, style=style))]
 
 
 @pytest.mark.unit
@@ -31,10 +31,13 @@ def test_the_dry_call_names_a_rule_that_raises_hangs_or_returns_a_non_number():
     extra = {"answer": "42"}
     dry_call_rules(_rule("by_length"), "What is 6 x 7?", extra)  # a number: fine
     dry_call_rules(_rule("returns_nan_on_x"), "p", extra)
+    dry_call_rules(_rule("verl_style"), "What is 6 x 7?", extra)  # verl's style, detected: fine
     with pytest.raises(Exception, match=r"reward.rules\[0\].function='tests.services.rule_fixtures:verl_style': "
                                         r"it returned dict \{'score': 0.0, 'acc': 1.0\}, not a number.*"
-                                        r"fn\(prompt: str, response: str, extra: dict\) -> float \| None"):
-        dry_call_rules(_rule("verl_style"), "What is 6 x 7?", extra)
+                                        r"rlfleet fn\(prompt, response, extra\) -> float \| None"):
+        dry_call_rules(_rule("verl_style", style="rlfleet"), "What is 6 x 7?", extra)  # forced: its dict is refused
+    with pytest.raises(Exception, match=r"verl_without_score.*it raised ValueError: returned a dict without 'score'"):
+        dry_call_rules(_rule("verl_without_score"), "p", extra)
     with pytest.raises(Exception, match="it raised RuntimeError: broken reward code, when called once before the run "
                                         r"as fn\(prompt, response, extra\) with prompt='p', response='0', "
                                         r"extra with keys \['answer'\]"):
@@ -46,19 +49,20 @@ def test_the_dry_call_names_a_rule_that_raises_hangs_or_returns_a_non_number():
 
 
 @pytest.mark.unit
-def test_a_verl_style_reward_function_exits_2_before_ray_starts(tmp_path):
-    """`rlfleet train` with a verl-style compute_score as a rule: its signature binds to
-    rlfleet's three arguments, so only a call can tell — it returns a dict. Exit 2, the
-    function, what it got and returned, and the signature rlfleet accepts; Ray never started."""
-    cfg = grpo_config(tmp_path / "run", reward={"rules": [{"function": f"{FIX}:verl_style"}]})
+def test_a_reward_function_of_no_known_style_exits_2_before_ray_starts(tmp_path):
+    """`rlfleet train` with a reward function whose signature fits none of the styles rlfleet
+    runs (rlfleet, verl, TRL, OpenRLHF): exit 2, the function, its signature and the styles
+    accepted; Ray never started."""
+    cfg = grpo_config(tmp_path / "run", reward={"rules": [{"function": f"{FIX}:one_argument"}]})
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "rlfleet.deploy.app.cli", "train", str(path)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "reward.rules[0].function='tests.services.rule_fixtures:verl_style': it returned dict" in done.stderr
-    assert "rlfleet calls a reward rule as fn(prompt: str, response: str, extra: dict)" in done.stderr
+    assert "reward.rules[0].function='tests.services.rule_fixtures:one_argument': one_argument(text) fits no " \
+           "reward style" in done.stderr
+    assert "rlfleet fn(prompt, response, extra)" in done.stderr and "verl compute_score(" in done.stderr
     assert "Started a local Ray instance" not in done.stderr + done.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert time.monotonic() - started < 120

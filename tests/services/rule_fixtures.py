@@ -104,6 +104,16 @@ def verl_style(data_source, solution_str, ground_truth, extra_info=None):
     return {"score": float(str(ground_truth) in str(solution_str)), "acc": 1.0}
 
 
+def verl_without_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl's signature, but a dict with no 'score'."""
+    return {"acc": 1.0}
+
+
+def one_argument(text):
+    """A signature no reward style has."""
+    return 0.0
+
+
 def constant_reward(prompt, response, extra):
     """The same reward for every response: a group-relative estimator gets no signal."""
     return 0.5
@@ -118,3 +128,8 @@ def raises_on_model_output(prompt, response, extra):
 
 def sleeps_forever(prompt, response, extra):
     time.sleep(3600)
+
+
+def trl_one_value(prompts, completions, **kwargs):
+    """A TRL-style function that returns one value for the whole batch."""
+    return [1.0]

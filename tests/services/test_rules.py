@@ -43,7 +43,8 @@ def test_builtin_rules_by_hand():
     [
         ("no_such_module_xyz:f", "module 'no_such_module_xyz' does not import (ModuleNotFoundError"),
         (f"{FIX}:missing", "has no function 'missing'"),
-        (f"{FIX}:wrong_signature", "a rule must accept (prompt, response, extra); wrong_signature has signature (response)"),
+        (f"{FIX}:wrong_signature", "wrong_signature(response) fits no reward style. rlfleet accepts a reward function "
+                                   "in one of these styles"),
     ],
 )
 def test_bad_rule_paths_fail_at_startup_naming_the_field(tmp_path, path, message):
