@@ -8,7 +8,7 @@ and dotted command-line overrides is in `rlfleet.common.config_io`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -119,9 +119,28 @@ class DataConfig(Section):
     """Held-out examples, in the same formats; None uses fresh prompts of the built-in task."""
     eval_size: int = Field(16, ge=1)
     """Held-out prompts scored at each evaluation (the first ones of the eval data)."""
+    format: Literal["auto", "rlfleet", "trl", "verl", "openrlhf"] = "auto"
+    """The data's layout: rlfleet's or TRL's (`prompt`: text or chat messages, other columns
+    passed on), verl's RL parquet (`prompt` messages, `data_source`, `reward_model.ground_truth`
+    — checked in every row — and `extra_info`), OpenRLHF's (`input`, or `prompt_key`, and
+    `label_key`). `auto` tells them apart from the first row."""
     prompt_key: str = "prompt"
-    """Field of the prompt: text, or chat messages rendered with the tokenizer's chat template.
-    The other fields are passed to the reward functions."""
+    """Field of the prompt: text, or chat messages rendered with the tokenizer's chat template
+    (OpenRLHF's `input_key`; with data.format openrlhf, `input` when there is no `prompt`).
+    Every field of a row, the prompt too, is passed to the reward functions as it is."""
+    label_key: str | None = None
+    """OpenRLHF's `label_key`: this field is also each row's `label` (the `labels` an
+    OpenRLHF-style reward_func gets). None: a `label` field is used as it is."""
+    apply_chat_template: bool = False
+    """A text prompt becomes one user message rendered with the chat template (OpenRLHF's
+    --apply_chat_template); chat-message prompts always are."""
+    chat_template_kwargs: dict[str, Any] = {}
+    """Passed to the chat template, e.g. `{enable_thinking: false}` for Qwen3."""
+    train_split: str = "train"
+    """The split read from a dataset folder that holds several (a DatasetDict's save_to_disk,
+    a hub-cache snapshot's `data/<split>-*.parquet`)."""
+    eval_split: str = "test"
+    """The split read from `eval_path` when it is such a folder."""
     max_prompt_tokens: int = Field(128, ge=1)
     """Longest prompt, in tokens after rendering."""
     on_long_prompt: Literal["drop", "error"] = "drop"

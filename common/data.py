@@ -1,10 +1,12 @@
 """Prompt data: loading, rendering to token ids, and a resumable, seeded sampler.
 
-Sources: a JSON-lines file, a Parquet file, or a folder written by `datasets`'
-`save_to_disk` (Arrow files; read with pyarrow, no `datasets` import). Each example has a
-prompt field (text, or chat messages rendered with the tokenizer's chat template); its other
-fields travel with it to the reward functions (e.g. a reference `answer`). Every error names
-the file and the line or row.
+Sources, read as users have them (no conversion, no `datasets` import): a JSON-lines file, a
+Parquet file, a folder written by `datasets`' `save_to_disk` (Arrow files; a DatasetDict's
+split folders), or a folder of Parquet shards (a hub-cache snapshot, `data/train-*.parquet`).
+Layouts (`data.format`): rlfleet's and TRL's (`prompt`: text or chat messages), verl's RL
+parquet (`prompt` as messages, `data_source`, `reward_model.ground_truth`, `extra_info`),
+OpenRLHF's (`input_key`, `label_key`, `apply_chat_template`). Each example's fields travel with
+it, as they are, to the reward functions. Every error names the file and the line or row.
 """
 
 from __future__ import annotations
@@ -47,26 +49,29 @@ class PromptDataset:
         return len(self.examples)
 
 
-def render_prompt(prompt: PromptInput, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of a prompt given as ids, text, or chat messages (rendered with the chat template)."""
+def render_prompt(prompt: PromptInput, tokenizer: PreTrainedTokenizerBase,
+                  template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    """Token ids of a prompt given as ids, text, or chat messages (rendered with the chat
+    template, given `template_kwargs` such as enable_thinking; tokenized without adding special
+    tokens, so a template that writes the BOS gives exactly one)."""
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt, add_special_tokens=False))
     if prompt and isinstance(prompt[0], dict):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False,
+                                                  **dict(template_kwargs or {})))
     return [int(t) for t in prompt]  # type: ignore[union-attr]
 
 
-def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(where, row) for every example in a .jsonl / .parquet file or a `save_to_disk` folder."""
+def read_rows(path: str | Path, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) for every example in a .jsonl / .parquet file or a dataset folder (its
+    `split` where it holds several)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _read_arrow_dir(path)
+        return _read_dir(path, split)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        return _read_parquet(path)
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -82,18 +87,57 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def _read_arrow_dir(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+
+
+def _read_dir(path: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """A `save_to_disk` folder (Arrow files; a DatasetDict has one folder per split) or a folder
+    of Parquet shards, e.g. a hub-cache snapshot (`data/<split>-00000-of-00001.parquet`)."""
+    if (path / "dataset_dict.json").is_file() or (path / split / "dataset_info.json").is_file():
+        if not (path / split).is_dir():
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise DataError(f"{path}: no split {split!r} (data.train_split / data.eval_split); splits: {splits}")
+        path = path / split
+    arrows = sorted(path.glob("*.arrow"))
+    if arrows:
+        return _read_arrow(arrows)
+    shards = sorted(p for p in path.rglob("*.parquet"))
+    if not shards:
+        raise DataError(f"{path}: a dataset folder needs the .arrow files written by save_to_disk or .parquet shards")
+    named = [p for p in shards if p.name.split("-")[0] == split or p.parent.name == split]
+    if len({p.name.split("-")[0] for p in shards}) > 1 or named:
+        shards = named
+        if not shards:
+            raise DataError(f"{path}: no Parquet shard of split {split!r} (data.train_split / data.eval_split)")
+    return [r for shard in shards for r in _read_parquet(shard)]
+
+
+def _read_arrow(files: list[Path]) -> list[tuple[str, dict[str, Any]]]:
     import pyarrow as pa
 
-    files = sorted(path.glob("*.arrow"))
-    if not files:
-        raise DataError(f"{path}: a dataset folder needs the .arrow files written by save_to_disk")
     rows: list[tuple[str, dict[str, Any]]] = []
     for file in files:
         with pa.memory_map(str(file)) as source:
             table = pa.ipc.open_stream(source).read_all()
         rows.extend((f"{file} row {i}", row) for i, row in enumerate(table.to_pylist()))
     return rows
+
+
+FORMATS = ("rlfleet", "trl", "verl", "openrlhf")
+
+
+def detect_format(row: Mapping[str, Any], prompt_key: str) -> str:
+    """The layout of a data row (`data.format: auto`): verl's when it has `reward_model` or
+    `data_source`; OpenRLHF's when the prompt field is missing and `input` is there; else
+    rlfleet's / TRL's (the same: a `prompt` field and any others)."""
+    if "reward_model" in row or "data_source" in row:
+        return "verl"
+    if prompt_key not in row and "input" in row:
+        return "openrlhf"
+    return "rlfleet"
 
 
 def build_dataset(
@@ -103,18 +147,41 @@ def build_dataset(
     max_prompt_tokens: int,
     on_long_prompt: str = "drop",
     source: str = "",
+    data_format: str = "rlfleet",
+    label_key: str | None = None,
+    apply_chat_template: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> PromptDataset:
-    """Render every row's prompt; longer than `max_prompt_tokens`: drop (counted) or raise."""
+    """Render every row's prompt; longer than `max_prompt_tokens`: drop (counted) or raise.
+    `data_format` "auto" is detected from the first row. A row keeps all its fields (the prompt
+    too) for the reward functions; `label_key`'s field is also its `label` (OpenRLHF's)."""
+    if data_format == "auto" and rows:
+        data_format = detect_format(rows[0][1], prompt_key)
+    if data_format == "openrlhf" and prompt_key == "prompt" and rows and "prompt" not in rows[0][1]:
+        prompt_key = "input"  # OpenRLHF's default input_key
     examples: list[Example] = []
     dropped = 0
     for where, row in rows:
         if prompt_key not in row:
             raise DataError(f"{where}: no '{prompt_key}' field (data.prompt_key); fields: {sorted(row)}")
         prompt = row[prompt_key]
+        if apply_chat_template and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
         if not _is_prompt(prompt):
             raise DataError(f"{where}: '{prompt_key}' must be text or a list of chat messages "
                             f"({{'role', 'content'}}), got {type(prompt).__name__}")
-        ids = render_prompt(prompt, tokenizer)
+        extra = dict(row)
+        if data_format == "verl":
+            _check_verl(where, row)
+        if label_key is not None:
+            if label_key not in row:
+                raise DataError(f"{where}: no '{label_key}' field (data.label_key); fields: {sorted(row)}")
+            extra["label"] = row[label_key]
+        try:
+            ids = render_prompt(prompt, tokenizer, template_kwargs)
+        except Exception as err:  # noqa: BLE001 - a template error is this row's
+            raise DataError(f"{where}: the chat template failed on '{prompt_key}' ({type(err).__name__}: {err})") \
+                from None
         if not ids:
             raise DataError(f"{where}: the prompt is empty")
         if len(ids) > max_prompt_tokens:
@@ -123,11 +190,19 @@ def build_dataset(
                                 f"{max_prompt_tokens} (or set data.on_long_prompt=drop)")
             dropped += 1
             continue
-        examples.append(Example(ids, {k: v for k, v in row.items() if k != prompt_key}))
+        examples.append(Example(ids, extra))
     if not examples:
         raise DataError(f"{source or 'data'}: no usable prompts ({dropped} longer than "
                         f"data.max_prompt_tokens={max_prompt_tokens})")
     return PromptDataset(examples, dropped, source)
+
+
+def _check_verl(where: str, row: Mapping[str, Any]) -> None:
+    """verl's RL parquet: `reward_model.ground_truth` is what its reward functions score against."""
+    model = row.get("reward_model")
+    if not isinstance(model, Mapping) or "ground_truth" not in model:
+        raise DataError(f"{where}: a verl row needs reward_model.ground_truth (data.format: verl); "
+                        f"reward_model is {model!r}")
 
 
 def _is_prompt(prompt: Any) -> bool:

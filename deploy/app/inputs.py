@@ -62,11 +62,13 @@ def load_data(cfg: RunConfig, tokenizer) -> RunData:
     d = cfg.data
 
     def dataset(path: str | None, split: str, size: int) -> PromptDataset:
-        rows = read_rows(path) if path is not None else [
+        rows = read_rows(path, d.train_split if split == "train" else d.eval_split) if path is not None else [
             (f"task {d.task} {split} #{i}", row) for i, row in enumerate(build_task(d.task, cfg.seed, size, split).rows)
         ]
         data = build_dataset(rows, tokenizer, d.prompt_key, d.max_prompt_tokens, d.on_long_prompt,
-                             source=path or f"task {d.task}")
+                             source=path or f"task {d.task}", data_format=d.format if path else "rlfleet",
+                             label_key=d.label_key, apply_chat_template=d.apply_chat_template,
+                             template_kwargs=d.chat_template_kwargs)
         if data.dropped_too_long:
             logger.warning("%s: dropped %d prompts longer than data.max_prompt_tokens=%d",
                            data.source, data.dropped_too_long, d.max_prompt_tokens)

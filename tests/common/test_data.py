@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlfleet.common.data import DataError, PromptSampler, build_dataset, read_rows
+from rlfleet.common.data import DataError, PromptSampler, build_dataset, detect_format, read_rows
 from rlfleet.common.tasks import build_task
 
 pytestmark = pytest.mark.unit
@@ -46,7 +47,9 @@ def test_jsonl_parquet_and_arrow_folder_give_the_same_examples(tmp_path, tiny_to
                                                   add_generation_prompt=True, return_dict=False)
     assert chat.prompt_ids == list(rendered)
     assert tiny_tokenizer.decode(chat.prompt_ids) == "User: 3+4=\nAssistant: "
-    assert text.extra == {"answer": "19"}  # other fields travel to the reward functions
+    # every field travels to the reward functions as it is, the prompt too (TRL's get the messages)
+    assert text.extra == {"prompt": "12+7=", "answer": "19"}
+    assert chat.extra["prompt"] == [{"role": "user", "content": "3+4="}]
 
 
 def test_long_prompts_can_be_an_error_naming_the_line(tmp_path, tiny_tokenizer):
@@ -111,3 +114,54 @@ def test_built_in_tasks_are_deterministic_and_carry_their_checker():
     with pytest.raises(ValueError, match="unknown data.task 'nope'; built-in tasks: addition, calculator, "
                                          "guess_number, char_fraction"):
         build_task("nope", 0, 1)
+
+
+def test_verl_openrlhf_and_trl_layouts_are_read_as_they_are(tmp_path, tiny_tokenizer):
+    chat = [{"role": "user", "content": "3+4="}]
+    verl = [{"data_source": "gsm8k", "prompt": chat, "reward_model": {"style": "rule", "ground_truth": "7"},
+             "extra_info": {"index": 0, "split": "train"}}]
+    pq.write_table(pa.Table.from_pylist(verl), tmp_path / "verl.parquet")
+    rows = read_rows(tmp_path / "verl.parquet")
+    assert detect_format(rows[0][1], "prompt") == "verl"
+    data = build_dataset(rows, tiny_tokenizer, "prompt", 64, data_format="auto")
+    assert data.examples[0].extra["reward_model"] == {"style": "rule", "ground_truth": "7"}  # nested, as it is
+    assert data.examples[0].extra["extra_info"] == {"index": 0, "split": "train"}
+    broken = [(f"{tmp_path}/verl.parquet row 3", {**verl[0], "reward_model": {"style": "rule"}})]
+    with pytest.raises(DataError, match=r"verl.parquet row 3: a verl row needs reward_model.ground_truth"):
+        build_dataset(broken, tiny_tokenizer, "prompt", 64, data_format="auto")
+    # OpenRLHF: `input`, a label key, and --apply_chat_template for a text input
+    openrlhf = [("f.jsonl:1", {"input": "3+4=", "solution": "7"})]
+    assert detect_format(openrlhf[0][1], "prompt") == "openrlhf"
+    example = build_dataset(openrlhf, tiny_tokenizer, "prompt", 64, data_format="auto", label_key="solution",
+                            apply_chat_template=True).examples[0]
+    assert tiny_tokenizer.decode(example.prompt_ids) == "User: 3+4=\nAssistant: " and example.extra["label"] == "7"
+    with pytest.raises(DataError, match=r"f.jsonl:1: no 'answer' field \(data.label_key\)"):
+        build_dataset(openrlhf, tiny_tokenizer, "prompt", 64, data_format="auto", label_key="answer")
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% if enable_thinking is defined and not enable_thinking %}NT {% endif %}{{ messages[0]['content'] }}"
+    rows = [("r", {"prompt": [{"role": "user", "content": "hi"}]})]
+    assert tok.decode(build_dataset(rows, tok, "prompt", 64).examples[0].prompt_ids) == "hi"
+    off = build_dataset(rows, tok, "prompt", 64, template_kwargs={"enable_thinking": False})
+    assert tok.decode(off.examples[0].prompt_ids) == "NT hi"
+
+
+def test_dataset_folders_by_split_save_to_disk_and_hub_cache(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "validation": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "dd"))
+    assert [r["prompt"] for _, r in read_rows(tmp_path / "dd")] == ["q0", "q1", "q2"]
+    assert [r["prompt"] for _, r in read_rows(tmp_path / "dd", "validation")] == ["q0"]
+    with pytest.raises(DataError, match=r"no split 'test' \(data.train_split / data.eval_split\); splits: "
+                                        r"\['train', 'validation'\]"):
+        read_rows(tmp_path / "dd", "test")
+    snapshot = tmp_path / "datasets--org--name" / "snapshots" / "abc" / "data"
+    snapshot.mkdir(parents=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(snapshot / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(rows[:2]).to_parquet(str(snapshot / "test-00000-of-00001.parquet"))
+    assert len(read_rows(tmp_path / "datasets--org--name")) == 3
+    assert len(read_rows(tmp_path / "datasets--org--name", "test")) == 2
