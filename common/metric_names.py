@@ -52,6 +52,13 @@ METRICS: dict[str, str] = {
     "rollout/redispatched": "Prompt groups sent to another worker after a failure, cumulative.",
     "rollout/recovered": "Worker recoveries, cumulative.",
     "rollout/replaced": "Workers replaced by new ones, cumulative.",
+    "rollout/scale_requested": "Rollout workers a scale request asked for (rlfleet scale, Trainer.scale_rollout), at the "
+                               "step boundary that took it.",
+    "rollout/scale_refused": "1 when that request was refused (the cluster lacks the resources; the decision's reason "
+                             "names them), else 0.",
+    "rollout/lost_workers": "Workers set aside because the cluster had no room to restart them (their node lost), "
+                            "cumulative; each rejoins when it is back.",
+    "rollout/workers_down": "Workers set aside now (counted in rollout/num_workers, given no work until back).",
     "rollout/resynced": "Restarted workers re-synced to the current weights, cumulative.",
     "rollout/timeouts": "Generate calls cut at rollout.generate_timeout_s, cumulative.",
     "rollout/dropped_prompts": "Prompts dropped as empty or too long (rollout.on_bad_prompt: drop).",
@@ -105,6 +112,8 @@ PATTERNS: dict[str, str] = {
     r"timing/[a-z_]+": "Seconds of one phase of the step (generate, score, reward, reference, old_logprobs, train, "
                        "push, baselines, extra_batches, wait, …).",
     r"reward/unscorable/.+": "Responses the named reward source could not score this step.",
+    r"reward/logs/.+": "Mean of a number a reward function returned beside its value (a verl-style dict's other "
+                       "keys, OpenRLHF's extra_logs), over the step's scored responses: reward/logs/<component>/<key>.",
     r"rollout_corr/[a-z0-9_]+": "Rollout correction: off-policy, importance-weight and rejection statistics "
                                 "(docs/algorithms/rollout-correction.md).",
     r"episode/[a-z_]+": "Multi-turn episode statistics.",

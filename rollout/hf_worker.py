@@ -23,7 +23,7 @@ from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingS
 from rlfleet.common.registry import ROLLOUT_BACKENDS
 from rlfleet.common.threads import ThreadBudget, apply_thread_budget
 from rlfleet.rollout.prompts import PromptLimits, split_bad_prompts
-from rlfleet.rollout.worker_info import BackendCapabilities, WorkerInfo
+from rlfleet.rollout.worker_info import BackendCapabilities, WorkerInfo, ray_node_id
 from rlfleet.weight_sync.base import tied_aliases
 
 
@@ -72,7 +72,7 @@ class HFRolloutWorker:
         self._eos_ids = list(dict.fromkeys([t for t in (self._tokenizer.eos_token_id, *listed) if t is not None]))
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self._id, "hf", os.getpid(), self._version, torch.get_num_threads())
+        return WorkerInfo(self._id, "hf", os.getpid(), self._version, torch.get_num_threads(), node_id=ray_node_id())
 
     def policy_version(self) -> int:
         return self._version

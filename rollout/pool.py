@@ -24,13 +24,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
-from rlfleet.common.records import PromptInput, Rollout, RolloutBatch, SamplingSpec
+from rlfleet.common.records import PromptInput, RolloutBatch, SamplingSpec
+from rlfleet.rollout.pool_records import (
+    PoolStats,
+    RolloutPoolError,
+    _Chunk,
+    _Slot,
+    assemble,
+    offset_seed,
+)
+from rlfleet.rollout.pool_recovery import WorkerRecovery
 from rlfleet.weight_sync.base import WeightSource
 
 logger = logging.getLogger(__name__)
@@ -44,45 +52,7 @@ OnGroup = Callable[[int, RolloutBatch], None]
 call comes back, before the batch is assembled."""
 
 
-class RolloutPoolError(RuntimeError):
-    """The pool could not produce the requested rollouts (retry budget spent, version mismatch)."""
-
-
-@dataclass
-class _Slot:
-    handle: ActorHandle
-    in_flight: int = 0
-    recoveries: int = 0
-    """Times it was recovered: a call dispatched before the last recovery needs none."""
-    suspect: bool = False
-    """It failed and was not yet recovered: recover and re-sync it before it gets work."""
-
-
-@dataclass
-class _Chunk:
-    start: int
-    """Index of the chunk's first prompt in the request."""
-    prompts: list[PromptInput]
-    method: str = "generate"
-    """The worker method: `generate`, or `run_episodes` (prompts are then examples)."""
-    attempts: int = 0
-
-
-@dataclass
-class PoolStats:
-    """Counters since the pool was built."""
-
-    redispatched: int = 0
-    recovered: int = 0
-    replaced: int = 0
-    resynced: int = 0
-    timeouts: int = 0
-    pushes_mid_generate: int = 0
-    """partial_rollout: pushes that landed while a generate call ran."""
-    per_worker_tokens: dict[str, int] = field(default_factory=dict)
-
-
-class RolloutPool:
+class RolloutPool(WorkerRecovery):
     """Holds rollout workers; generates, scales and pushes weights through them."""
 
     def __init__(
@@ -98,6 +68,9 @@ class RolloutPool:
     ):
         self._spawn = spawn
         self._slots: list[_Slot] = []
+        self._down: list[_Slot] = []
+        """Workers set aside: their node was lost; each rejoins when its restart is placed."""
+        self._checked_down = 0.0
         self._source: WeightSource | None = None
         self._call_timeout_s = call_timeout_s
         self._max_redispatch = max_redispatch
@@ -115,7 +88,13 @@ class RolloutPool:
 
     @property
     def num_workers(self) -> int:
-        return len(self._slots)
+        """The fleet's size: the workers up, and those set aside until their node is back."""
+        return len(self._slots) + len(self._down)
+
+    @property
+    def num_down(self) -> int:
+        """Workers set aside: their restart could not be placed yet."""
+        return len(self._down)
 
     @property
     def version(self) -> int:
@@ -134,9 +113,11 @@ class RolloutPool:
         """Add or remove workers; new ones hold the current weights before they get work."""
         if k < 1:
             raise ValueError(f"a rollout pool needs at least 1 worker (asked for {k})")
+        while self._down and self.num_workers > k:  # the ones set aside go first
+            ray.kill(self._down.pop().handle, no_restart=True)
         while len(self._slots) > k:
             ray.kill(self._slots.pop().handle, no_restart=True)
-        added = [_Slot(self._spawn()) for _ in range(k - len(self._slots))]
+        added = [_Slot(self._spawn()) for _ in range(k - self.num_workers)]
         self._slots.extend(added)
         for slot in added:
             self._ensure_current(slot)
@@ -144,8 +125,9 @@ class RolloutPool:
 
     def close(self) -> None:
         """Stop every worker (the pool is unusable afterwards)."""
-        while self._slots:
-            ray.kill(self._slots.pop().handle, no_restart=True)
+        for slot in self._slots + self._down:
+            ray.kill(slot.handle, no_restart=True)
+        self._slots, self._down = [], []
 
     def push_weights(self, source: WeightSource) -> list[int]:
         """Load `source`'s version into every worker concurrently, then verify that each one
@@ -157,12 +139,12 @@ class RolloutPool:
             try:
                 reported = source.load_into(self.handles(), self._call_timeout_s)
             except WorkerFailure:
-                for slot in self._slots:
+                for slot in list(self._slots):
                     self._recover(slot)  # re-syncs every worker that is not at `source.version`
                 reported = self.versions()
         except Exception:
             self._source = previous
-            for slot in self._slots:
+            for slot in list(self._slots):
                 try:
                     self._ensure_current(slot)  # back to the previous version where it moved
                 except Exception:  # noqa: BLE001 - recovered before its next call instead
@@ -207,7 +189,8 @@ class RolloutPool:
         return self._run(list(examples), spec, "run_episodes")
 
     def _run(self, prompts: list, spec: SamplingSpec, method: str, on_group: OnGroup | None = None) -> RolloutBatch:
-        for slot in self._slots:
+        self._check_down(wait_s=0.0 if self._slots else self._recover_timeout_s)
+        for slot in list(self._slots):
             slot.in_flight = 0  # one call at a time: nothing of an earlier call counts (one that raised left some)
             if slot.suspect:
                 self._recover(slot)
@@ -226,6 +209,9 @@ class RolloutPool:
                 if self._offered is not None:
                     self.stats.pushes_mid_generate += 1
                     self.push_offered()
+            if self._down and time.monotonic() - self._checked_down > 1.0:
+                wait_s = min(wait_s, 1.0)
+                self._check_down(wait_s=0.0)
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             if not ready and time.monotonic() < deadline:
                 continue
@@ -245,8 +231,7 @@ class RolloutPool:
             if on_group is not None:
                 on_group(chunk.start, results[chunk.start])
             self._fill(queue, spec, pending, window)
-        batch = self._assemble(chunks, results, len(prompts), spec, oldest)
-        return batch
+        return assemble(chunks, results, len(prompts), spec, oldest, self.version, self.stats)
 
     def _split(self, prompts: list, method: str) -> list[_Chunk]:
         """A chunk per prompt group when streaming, else one per worker."""
@@ -264,7 +249,7 @@ class RolloutPool:
             self.stats.redispatched += 1
         candidates = [s for s in self._slots if s is not avoid] or self._slots
         slot = min(candidates, key=lambda s: s.in_flight)
-        seeded = spec if spec.seed is None else _offset_seed(spec, chunk.start)
+        seeded = spec if spec.seed is None else offset_seed(spec, chunk.start)
         ref = getattr(slot.handle, chunk.method).remote(chunk.prompts, seeded)
         slot.in_flight += 1
         pending[ref] = (chunk, slot, time.monotonic() + self._call_timeout_s, slot.recoveries)
@@ -299,98 +284,12 @@ class RolloutPool:
                 f"{which} failed {chunk.attempts} "
                 f"time{'s' if chunk.attempts != 1 else ''}; giving up (rollout.max_redispatch={self._max_redispatch})"
             )
-        stale = failed.recoveries == recoveries  # not recovered since this chunk was sent
+        stale = failed.recoveries == recoveries and failed in self._slots  # not recovered since it was sent
         if any(s is not failed for s in self._slots):
             self._dispatch(chunk, spec, pending, avoid=failed)
             if stale:
-                self._recover(failed)
+                self._recover(failed)  # sets it aside at once if its restart cannot be placed
         else:
             if stale:
                 self._recover(failed)
             self._dispatch(chunk, spec, pending, avoid=None)
-
-    def _assemble(
-        self, chunks: list[_Chunk], results: dict[int, RolloutBatch], total: int, spec: SamplingSpec, oldest: int,
-    ) -> RolloutBatch:
-        """The chunks' records in prompt order; each was generated by versions from `oldest` (the
-        pool's at the call's start) to the pool's now (a push lands mid-call only with partial_rollout)."""
-        rollouts: list[Rollout] = []
-        dropped: list[int] = []
-        seconds = 0.0
-        for chunk in chunks:
-            part = results[chunk.start]
-            seconds = max(seconds, part.generate_seconds)
-            dropped += [chunk.start + i for i in part.dropped]
-            for r in part.rollouts:
-                newest = max(r.token_versions) if r.token_versions else r.policy_version
-                if r.policy_version < oldest or newest > self.version:
-                    expected = f"v{oldest}" if oldest == self.version else f"v{oldest}..v{self.version}"
-                    raise RolloutPoolError(
-                        f"worker {part.worker_id} generated with v{r.policy_version}, expected {expected}"
-                    )
-                rollouts.append(replace(r, prompt_index=r.prompt_index + chunk.start))
-            self.stats.per_worker_tokens[part.worker_id] = (
-                self.stats.per_worker_tokens.get(part.worker_id, 0) + part.num_tokens
-            )
-        rollouts.sort(key=lambda r: r.prompt_index)  # stable: samples keep their order in a group
-        expected = (total - len(dropped)) * spec.n
-        if len(rollouts) != expected:
-            raise RolloutPoolError(f"expected {expected} rollouts, got {len(rollouts)}")
-        num_tokens = sum(len(r.response_ids) for r in rollouts)
-        return RolloutBatch(rollouts, "pool", seconds, num_tokens, sorted(dropped))
-
-    # ------------------------------------------------------------------ recovery
-    def _recover(self, slot: _Slot) -> None:
-        """Make `slot` usable again: wait for Ray's restart or spawn a replacement; re-sync it."""
-        slot.suspect = False
-        slot.recoveries += 1
-        if self._probe(slot.handle):
-            self.stats.recovered += 1
-        else:
-            logger.warning("rollout worker did not come back; spawning a replacement")
-            ray.kill(slot.handle, no_restart=True)
-            slot.handle = self._spawn()  # the old handle's calls in flight fail and are counted off
-            self.stats.replaced += 1
-        try:
-            self._ensure_current(slot)
-        except ActorUnavailableError:
-            # A kill that landed after the probe (a worker answers queries while it generates,
-            # so the probe may reach the old process): wait for the restart and re-sync again.
-            if not self._probe(slot.handle):
-                raise RolloutPoolError("a rollout worker restarted during its recovery and did not come back") from None
-            self._ensure_current(slot)
-
-    def _probe(self, handle: ActorHandle, race_window_s: float = 5.0) -> bool:
-        """Whether the worker answers, after Ray's restart if one is under way. While Ray
-        restarts an actor, calls fail with ActorUnavailableError: wait (up to the recovery
-        timeout). ActorDiedError means gone for good, except right at the moment of a kill:
-        it gets a short window."""
-        start = time.monotonic()
-        while True:
-            try:
-                ray.get(handle.policy_version.remote(), timeout=self._recover_timeout_s)
-                return True
-            except GetTimeoutError:
-                return False
-            except ActorUnavailableError:
-                if time.monotonic() - start > self._recover_timeout_s:
-                    return False
-            except RayActorError:
-                if time.monotonic() - start > race_window_s:
-                    return False
-            time.sleep(0.5)
-
-    def _ensure_current(self, slot: _Slot) -> None:
-        """A worker that restarted comes back with the initial weights: load the current ones."""
-        held = ray.get(slot.handle.policy_version.remote(), timeout=self._recover_timeout_s)
-        if held == self.version:
-            return
-        if self._source is None:
-            raise RolloutPoolError(f"a worker holds v{held} but the pool has no weights for v{self.version}")
-        self._source.load_into([slot.handle], self._call_timeout_s)
-        self.stats.resynced += 1
-
-
-def _offset_seed(spec: SamplingSpec, start: int) -> SamplingSpec:
-    """Seeds depend on the global prompt index, not on how prompts were split among workers."""
-    return replace(spec, seed=spec.seed + start * spec.n)

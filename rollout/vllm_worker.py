@@ -43,7 +43,7 @@ from rlfleet.rollout.prompts import (
     PromptLimits,
     split_bad_prompts,
 )
-from rlfleet.rollout.worker_info import BackendCapabilities, WorkerInfo
+from rlfleet.rollout.worker_info import BackendCapabilities, WorkerInfo, ray_node_id
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ class VLLMRolloutWorker:
 
         cache = self._llm.llm_engine.vllm_config.cache_config
         tokens = (cache.num_gpu_blocks or 0) * cache.block_size
-        return WorkerInfo(self._id, "vllm", os.getpid(), self._loop.version, torch.get_num_threads(), tokens or None)
+        return WorkerInfo(self._id, "vllm", os.getpid(), self._loop.version, torch.get_num_threads(), tokens or None,
+                          node_id=ray_node_id())
 
     def generating(self) -> bool:
         """Whether requests are running on the engine now."""

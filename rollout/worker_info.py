@@ -55,6 +55,19 @@ class WorkerInfo:
     """Intra-op threads it generates with (its thread budget, rlfleet.common.threads)."""
     kv_cache_tokens: int | None = None
     """Tokens its KV cache holds (vLLM: blocks × block size, as the engine reported at start-up)."""
+    node_id: str = ""
+    """The Ray node it runs on (`ray_node_id()`; '' when unknown): when a worker fails and its
+    node is dead, the pool goes on without it instead of waiting for a restart there."""
+
+
+def ray_node_id() -> str:
+    """The Ray node of the calling process ('' outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return ""
 
 
 class RolloutWorker(Protocol):

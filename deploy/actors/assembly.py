@@ -116,6 +116,17 @@ def start_rollout_pool(
     )
 
 
+def missing_resources(res: RoleResources, extra: int) -> str:
+    """'' when `extra` more actors of `res` fit in the cluster's free resources, else what lacks."""
+    if extra <= 0:
+        return ""
+    free = ray.available_resources()
+    need = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
+    short = [f"{name} {amount * extra:g} (free {free.get(name, 0.0):g})"
+             for name, amount in need.items() if amount and free.get(name, 0.0) < amount * extra - 1e-9]
+    return ", ".join(short)
+
+
 def start_vllm_worker(
     model_path: str, rollout: RolloutConfig, resources: RoleResources, seed: int = 0
 ) -> ray.actor.ActorHandle:

@@ -85,6 +85,10 @@ class ThreadedPool:
         return self._pool.num_workers
 
     @property
+    def num_down(self) -> int:
+        return self._pool.num_down
+
+    @property
     def stats(self):
         return self._pool.stats
 

@@ -130,6 +130,8 @@ def experience(cfg: RunConfig, parts: Parts, sb: ScoredBatch, timer: PhaseTimer,
         "rollout/recovered": float(stats.recovered),
         "rollout/replaced": float(stats.replaced),
         "rollout/resynced": float(stats.resynced),
+        "rollout/lost_workers": float(stats.lost),
+        "rollout/workers_down": float(parts.pool.num_down),
         "rollout/timeouts": float(stats.timeouts),
         "rollout/dropped_prompts": float(sb.dropped),
         "reward/unscorable": float(len(keep) - sum(keep)),
@@ -144,6 +146,7 @@ def experience(cfg: RunConfig, parts: Parts, sb: ScoredBatch, timer: PhaseTimer,
                         "rollout/staleness_max": float(max(staleness, default=0))})
     metrics.update(episodes.episode_metrics(rollouts))
     metrics.update(unscorable.see(scores))
+    metrics.update(scores.log_metrics())
     if not any(keep):
         logger.warning("every group of this step was dropped (unscorable); no update")
         return {**metrics, "learner/updated": 0.0}, None

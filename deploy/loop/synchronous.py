@@ -41,7 +41,7 @@ class Synchronous:
                 parts.pool.wake_up()
             versions = stages.push_weights(cfg, parts, result.version)
         metrics.update({"rollout/min_version": float(min(versions)), "rollout/max_version": float(max(versions)),
-                        "rollout/num_workers": float(len(versions))})
+                        "rollout/num_workers": float(parts.pool.num_workers)})
         return stages.step_metrics(metrics, result, timer, began)
 
     def _extra_batches(self, step: int) -> Iterator[stages.Generated]:

@@ -74,7 +74,7 @@ def _learner_loop(conn) -> None:
     def gap(rollouts):
         with torch.no_grad():
             mine = logprobs([(p, r) for p, r, _ in rollouts])
-        return float(torch.cat([(m - torch.tensor(lp)).abs() for m, (_, _, lp) in zip(mine, rollouts)]).mean())
+        return float(torch.cat([(m - torch.tensor(lp)).abs() for m, (_, _, lp) in zip(mine, rollouts, strict=True)]).mean())
 
     def step(rollouts):  # a step that moves every weight: raise the sampled responses' log-probs
         loss = -sum(t.sum() for t in logprobs([(p, r) for p, r, _ in rollouts]))
@@ -161,7 +161,7 @@ def main(args: list[str]) -> None:
                 result = check(family, backend or "vllm", Path(tmp), learner)
             except Exception as err:  # noqa: BLE001 - reported in the table, with the upstream message
                 result = {"family": family, "backend": backend or "vllm", "error": f"{type(err).__name__}: {err}"}
-        print(json.dumps(result), flush=True)
+        print(json.dumps(result), flush=True)  # noqa: T201 - the caller reads stdout
 
 
 if __name__ == "__main__":
