@@ -19,6 +19,8 @@ from typing import Any
 
 import ray
 
+from rlfleet.deploy.loop.scaling import ScaleDecision
+
 NAMESPACE = "rlfleet"
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in the driver
 
@@ -47,6 +49,8 @@ class ControlStatus:
     rollout_workers: int
     pending_rollout_workers: int | None
     """A request not yet applied."""
+    ticket: int = 0
+    """Requests taken so far, this one included (a `ScaleDecision` answers its ticket)."""
 
 
 class RunControl:
@@ -57,21 +61,32 @@ class RunControl:
         self._pending: int | None = None
         self._step = 0
         self._workers = 0
+        self._ticket = 0
+        self._decision: ScaleDecision | None = None
 
     def request_rollout_workers(self, k: int) -> ControlStatus:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"--rollout-workers must be a whole number >= 1 (got {k!r})")
         self._pending = k
+        self._ticket += 1
         return self.status()
 
-    def take(self, step: int, rollout_workers: int) -> int | None:
-        """Driver: report progress; returns the pending worker count (and clears it)."""
+    def take(self, step: int, rollout_workers: int) -> tuple[int | None, int]:
+        """Driver: report progress; returns the pending worker count (and clears it) and its ticket."""
         self._step, self._workers = step, rollout_workers
         pending, self._pending = self._pending, None
-        return pending
+        return pending, self._ticket
+
+    def decide(self, decision: ScaleDecision) -> None:
+        """Driver: what it did with the request of `decision.ticket`."""
+        self._decision = decision
+
+    def decision(self) -> ScaleDecision | None:
+        """The last request's outcome (None before any)."""
+        return self._decision
 
     def status(self) -> ControlStatus:
-        return ControlStatus(self._step, self._workers, self._pending)
+        return ControlStatus(self._step, self._workers, self._pending, self._ticket)
 
 
 def start_control(key: str) -> Any:

@@ -45,7 +45,7 @@ from rlfleet.deploy.loop import Loop, build_loop, evaluation, run_state
 from rlfleet.deploy.loop.checkpoints import CheckpointManager
 from rlfleet.deploy.loop.guard import GoldWatch
 from rlfleet.deploy.loop.health import RunHealth, UnscorableLog
-from rlfleet.deploy.loop.scaling import apply_control
+from rlfleet.deploy.loop.scaling import CONTROL_TIMEOUT_S, ScaleDecision, apply_control
 from rlfleet.services.decoding import TextDecoder
 
 logger = logging.getLogger(__name__)
@@ -87,10 +87,28 @@ class Trainer:
         summary["seconds"] = time.perf_counter() - started
         return summary
 
-    def scale_rollout(self, k: int) -> None:
-        """Ask the running `fit` (in another thread or process) for `k` rollout workers; applied
-        at the next step boundary (`rlfleet scale` does the same from a shell)."""
-        ray.get(find_control(run_key(self.run_dir)).request_rollout_workers.remote(k))
+    def scale_rollout(self, k: int, wait_s: float = 300.0) -> ScaleDecision | None:
+        """Ask this Trainer's running `fit` (in another thread) for `k` rollout workers; applied
+        at the next step boundary (`rlfleet scale` does the same from a shell). Returns what the
+        driver decided — granted, unchanged, or refused with the resources the cluster lacks —
+        or None when no step boundary came within `wait_s`. With no `fit` running it raises and
+        starts nothing (no Ray instance)."""
+        if not ray.is_initialized():
+            raise RuntimeError("Trainer.scale_rollout: no fit() of this Trainer is running (not started, or ended); "
+                               "nothing was started. Call it while fit() runs in another thread, or set "
+                               "rollout.num_workers for the next run")
+        try:
+            control = find_control(run_key(self.run_dir))
+        except LookupError as err:
+            raise RuntimeError(f"Trainer.scale_rollout: no fit() of this Trainer is running ({err})") from None
+        ticket = ray.get(control.request_rollout_workers.remote(k), timeout=CONTROL_TIMEOUT_S).ticket
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            decision = ray.get(control.decision.remote(), timeout=CONTROL_TIMEOUT_S)
+            if decision is not None and decision.ticket >= ticket:
+                return decision
+            time.sleep(0.2)
+        return None
 
     def _loop(self, parts: Parts, data: RunData, control: Any) -> dict[str, Any]:
         cfg = self.config
@@ -117,9 +135,9 @@ class Trainer:
                 metrics.write(0, before)
                 self._watch(watch, ckpts, parts, loop, 0, before)
             for step in range(first, cfg.total_steps + 1):
-                apply_control(cfg, parts, control, step - 1)
+                scaled = apply_control(cfg, parts, control, step - 1)
                 unscorable.step = step
-                last = loop.step(step)
+                last = {**loop.step(step), **scaled}
                 evaluated = cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0
                 if evaluated:
                     last.update(evaluation.evaluate(cfg, parts, data.eval, step))
