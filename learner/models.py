@@ -155,7 +155,8 @@ def weight_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     published shape and dtype (a sharded DTensor reports its full shape)."""
     layout = {}
     for name, like, _ in _weight_entries(model):
-        layout.update(_checkpoint_format(model, name, torch.empty(like.shape, dtype=like.dtype, device="meta")))
+        parts = _checkpoint_format(model, name, torch.empty(like.shape, dtype=like.dtype, device="meta"))
+        layout.update({name: like} if list(parts) == [name] else parts)  # a split weight: its parts' shapes
     return layout
 
 
