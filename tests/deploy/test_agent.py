@@ -4,8 +4,6 @@ them, in the synchronous loop and the overlapped one."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from rlfleet.common.metrics import read_metrics
@@ -16,7 +14,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
 
 @pytest.mark.parametrize("max_staleness", [0, 1])
-def test_multi_turn_episodes_train_in_the_sync_and_the_overlapped_loop(ray_cluster, tmp_path, max_staleness, caplog):
+def test_multi_turn_episodes_train_in_the_sync_and_the_overlapped_loop(ray_cluster, tmp_path, max_staleness):
     cfg = grpo_config(tmp_path, total_steps=3, data={"task": "guess_number", "eval_size": 4},
                       model={"tiny": {"tokenizer": "bpe"}},
                       rollout={"max_staleness": max_staleness, "prompts_per_step": 4, "max_response_tokens": 6},
@@ -24,10 +22,7 @@ def test_multi_turn_episodes_train_in_the_sync_and_the_overlapped_loop(ray_clust
                       environment={"path": "guess_number", "max_turns": 3, "max_episode_tokens": 48},
                       logging={"run_dir": str(tmp_path), "progress_bar": False, "eval_every_steps": 3},
                       checkpoint={"every_steps": 0})
-    with caplog.at_level(logging.WARNING):
-        summary = Trainer(cfg).fit()
-    # no false alarm: multi-turn episodes (the agent demo's loop) learn, and nothing says they cannot
-    assert not [r.getMessage() for r in caplog.records if "run health" in r.getMessage()]
+    summary = Trainer(cfg).fit()
     rows = read_metrics(tmp_path)
     assert summary["steps"] == 3 and [r["step"] for r in rows] == [0, 1, 2, 3]
     for row in rows[1:]:
