@@ -81,8 +81,10 @@ class Cluster:
             self.kill_node(name)
 
 
-def start_cluster(head_cpus: int = 2) -> Cluster:
-    """A head node (no custom resources) with token auth; `Cluster.add_node` adds workers."""
+def start_cluster(head_cpus: int = 2, head_resources: dict[str, float] | None = None) -> Cluster:
+    """A head node with token auth; `Cluster.add_node` adds workers."""
+    import json
+
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}:{env['PATH']}",
@@ -90,7 +92,8 @@ def start_cluster(head_cpus: int = 2) -> Cluster:
     gcs, dash = free_port(), free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           f"--num-cpus={head_cpus}", f"--temp-dir={temp}", "--disable-usage-stats",
+           f"--num-cpus={head_cpus}", f"--resources={json.dumps(head_resources or {})}", f"--temp-dir={temp}",
+           "--disable-usage-stats",
            f"--ray-client-server-port={free_port()}", *_agent_ports()]
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     cluster = Cluster(env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp, {"head": head})

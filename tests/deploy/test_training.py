@@ -154,10 +154,28 @@ def check_tensorboard(run_dir: Path, rows: list[dict]) -> None:
 
 def test_grpo_learns_a_rule_reward(ray_cluster, tmp_path):
     """examples/grpo_rule.yaml (GRPO, k3 KL in the loss): the fraction of 'a' in the response goes
-    from ~1% to >= 0.9."""
+    from ~1% to >= 0.9. While it trains, `Trainer.scale_rollout` asks for more workers than the
+    cluster can place: the caller gets the refusal with the numbers, the step's metrics say so."""
     overrides = [f"logging.run_dir={tmp_path}", "total_steps=25", "logging.progress_bar=false",
                  "logging.eval_every_steps=0", "checkpoint.every_steps=0"]
-    summary = Trainer(load_config(ROOT / "examples" / "grpo_rule.yaml", overrides)).fit()
+    trainer = Trainer(load_config(ROOT / "examples" / "grpo_rule.yaml", overrides))
+    done: dict = {}
+    fit = threading.Thread(target=lambda: done.update(trainer.fit()))
+    fit.start()
+    decision = None
+    while decision is None and fit.is_alive():
+        try:
+            decision = trainer.scale_rollout(500, wait_s=120)
+        except RuntimeError as err:  # the run's control actor is not up yet
+            assert "no fit() of this Trainer is running" in str(err)
+            time.sleep(0.2)
+    fit.join(timeout=900)
+    summary = done
+    assert decision is not None and decision.outcome == "refused" and decision.requested == 500, decision
+    assert decision.reason.startswith("the cluster lacks CPU 499") and decision.rollout_workers == 1
+    refused = [r for r in read_metrics(tmp_path) if r.get("rollout/scale_refused") == 1.0]
+    assert [r["step"] for r in refused] == [decision.after_step + 1]
+    assert refused[0]["rollout/scale_requested"] == 500.0
     rows = read_metrics(tmp_path)
     check_steps(rows, 25, critic=False)
     assert rows[0]["reward"] < 0.1

@@ -1,8 +1,9 @@
 """Data and reward code as users bring them, through `rlfleet train`, with no change to their
-files: a verl RL parquet with a verl `compute_score` file, a TRL conversational dataset in a
-hub-cache folder with a TRL batch reward function, an OpenRLHF JSONL with an OpenRLHF
-`reward_func`, and a `datasets` save_to_disk folder (train and test splits). The task in each:
-answer with as many copies of a letter as possible (the tiny model's reward starts ~0.02)."""
+files: a verl RL parquet with a verl `compute_score` file, a TRL conversational dataset saved
+with `datasets`' save_to_disk (train and test splits) with a TRL batch reward function, and an
+OpenRLHF JSONL with an OpenRLHF `reward_func` (a hub-cache parquet snapshot is read in
+tests/common/test_data.py). The task in each: answer with as many copies of a letter as
+possible (the tiny model's reward starts ~0.02)."""
 
 from __future__ import annotations
 
@@ -38,15 +39,12 @@ def verl_parquet(root: Path) -> dict:
             "reward": {"rules": [{"function": f"{REWARDS}/verl_reward.py:compute_score"}]}}
 
 
-def trl_hub_cache(root: Path) -> dict:
-    """A conversational prompt dataset as `datasets` caches a hub download: parquet shards under
-    snapshots/<revision>/data/<split>-*.parquet."""
+def trl_saved_to_disk(root: Path) -> dict:
+    """A conversational prompt dataset as TRL users keep one: a DatasetDict on disk."""
     rows = [{"prompt": [{"role": "user", "content": q}], "target": letter} for q, letter in map(_question, range(40))]
-    data = root / "datasets--someone--letters" / "snapshots" / "0123abc" / "data"
-    data.mkdir(parents=True)
-    datasets.Dataset.from_list(rows).to_parquet(str(data / "train-00000-of-00001.parquet"))
-    datasets.Dataset.from_list(rows[:8]).to_parquet(str(data / "test-00000-of-00001.parquet"))
-    return {"data": {"train_path": str(root / "datasets--someone--letters")},
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:8])}).save_to_disk(str(root / "letters"))
+    return {"data": {"train_path": str(root / "letters"), "eval_path": str(root / "letters")},
             "reward": {"rules": [{"function": "tests.fixtures.user_rewards.trl_rewards:letter_share"}]}}
 
 
@@ -59,15 +57,7 @@ def openrlhf_jsonl(root: Path) -> dict:
             "reward": {"rules": [{"function": f"{REWARDS}/openrlhf_reward.py:reward_func", "timeout_s": 30}]}}
 
 
-def saved_to_disk(root: Path) -> dict:
-    rows = [{"prompt": q, "target": letter} for q, letter in map(_question, range(40))]
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
-                          "test": datasets.Dataset.from_list(rows[:8])}).save_to_disk(str(root / "letters"))
-    return {"data": {"train_path": str(root / "letters"), "eval_path": str(root / "letters")},
-            "reward": {"rules": [{"function": "rlfleet.services.rules:char_fraction"}]}}
-
-
-CASES = {"verl": verl_parquet, "trl": trl_hub_cache, "openrlhf": openrlhf_jsonl, "save_to_disk": saved_to_disk}
+CASES = {"verl": verl_parquet, "trl_save_to_disk": trl_saved_to_disk, "openrlhf": openrlhf_jsonl}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,7 +66,8 @@ def test_three_grpo_steps_from_a_users_data_and_reward_code(ray_cluster, tmp_pat
     (tmp_path / "data").mkdir()
     sections = CASES[case](tmp_path / "data")
     cfg = grpo_config(tmp_path / "run", data={"task": None, "max_prompt_tokens": 96, **sections["data"]},
-                      reward=sections["reward"], checkpoint={"every_steps": 0},
+                      reward=sections["reward"], checkpoint={"every_steps": 0}, reference={"enabled": False},
+                      algorithm={"kl_in": "none", "kl_coef": 0.0},
                       logging={"run_dir": str(tmp_path / "run"), "progress_bar": False, "eval_every_steps": 0})
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(cfg))
