@@ -17,7 +17,7 @@ from tests.cluster import BIN, ROOT, start_cluster, stop_cluster
 from tests.services.rule_fixtures import HOLD_MARKER
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
-PROMPTS, SAMPLES, STEPS = 4, 4, 16
+PROMPTS, SAMPLES, STEPS = 4, 4, 24
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +121,10 @@ def test_a_job_across_nodes_survives_a_lost_rollout_node_and_grows_back(cluster,
     for row in rows:  # no group lost or duplicated, every record from the learner's version
         assert row["rollout/num_samples"] == PROMPTS * SAMPLES and row["rollout/complete_groups"] == PROMPTS
         assert row["learner/version"] == row["step"] and row["rollout/num_workers"] == 2.0
-    # back at the first step boundary after its restart is seen (a step or two: the pool's call
-    # to it is answered once Ray has told the driver where the restarted actor is), and for good
-    back = next(r["step"] for r in rows if r["step"] > rejoined_after and r["rollout/workers_down"] == 0.0)
-    assert back <= rejoined_after + 4, [(r["step"], r["rollout/workers_down"]) for r in rows]
+    # back within a few steps of its restart (these steps take 0.1 s; the pool's call to it is
+    # answered once Ray has told the driver where the restarted actor is), and for good
+    back = next((r["step"] for r in rows if r["step"] > rejoined_after and r["rollout/workers_down"] == 0.0), None)
+    assert back is not None and back <= rejoined_after + 8, [(r["step"], r["rollout/workers_down"]) for r in rows]
     assert all(r["rollout/workers_down"] == 0.0 for r in rows if r["step"] >= back)
     assert rows[-1]["rollout/resynced"] >= 1.0 and rows[-1]["rollout/lost_workers"] == 1.0
 
