@@ -201,8 +201,8 @@ def _check_verl(where: str, row: Mapping[str, Any]) -> None:
     """verl's RL parquet: `reward_model.ground_truth` is what its reward functions score against."""
     model = row.get("reward_model")
     if not isinstance(model, Mapping) or "ground_truth" not in model:
-        raise DataError(f"{where}: a verl row needs reward_model.ground_truth (data.format: verl); "
-                        f"reward_model is {model!r}")
+        raise DataError(f"{where}: a verl row needs reward_model.ground_truth (data.format: verl, or auto and the "
+                        f"row has data_source); reward_model is {model!r}. Data without it: set data.format: rlfleet")
 
 
 def _is_prompt(prompt: Any) -> bool:
