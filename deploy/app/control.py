@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rlfleet.deploy.loop.scaling import ScaleDecision
 
@@ -97,7 +98,11 @@ def start_control(key: str) -> Any:
         ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
     except ValueError:
         pass
-    handle = ray.remote(RunControl).options(name=name, namespace=NAMESPACE, num_cpus=0).remote()
+    # on the driver's own node: a 0-CPU actor may land on any node, and one on a rollout node
+    # would go with that node (a lost node must not take the run's control with it)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    handle = ray.remote(RunControl).options(name=name, namespace=NAMESPACE, num_cpus=0,
+                                            scheduling_strategy=here).remote()
     ray.get(handle.status.remote())
     return handle
 
