@@ -82,11 +82,12 @@ class WorkerRecovery:
                 if ready:
                     try:
                         ray.get(slot.probe)
-                    except (ActorUnavailableError, RayActorError) as err:
-                        if isinstance(err, ActorUnavailableError) or not slot.replaced:
-                            slot.probe = slot.handle.policy_version.remote()
-                        if not isinstance(err, ActorUnavailableError) and not slot.replaced:
-                            self._replace_down(slot)  # gone for good (its restarts spent)
+                    except ActorUnavailableError:  # still restarting: ask again
+                        slot.probe = slot.handle.policy_version.remote()
+                        continue
+                    except RayActorError:  # gone for good (its restarts spent)
+                        if not slot.replaced:
+                            self._replace_down(slot)
                         continue
                     self._down.remove(slot)
                     self._slots.append(slot)
