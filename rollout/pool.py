@@ -222,12 +222,21 @@ class RolloutPool(WorkerRecovery):
             chunk, slot, _, recoveries = pending.pop(ref)
             slot.in_flight -= 1
             try:
-                results[chunk.start] = ray.get(ref)
+                part = ray.get(ref)
             except RayActorError as err:
                 logger.warning("rollout worker died during generate (%s); re-running %d groups",
                                type(err).__name__, len(chunk.prompts))
                 self._rerun_elsewhere(chunk, slot, spec, pending, recoveries)
                 continue
+            if any(r.policy_version < oldest for r in part.rollouts):
+                # Killed and restarted by Ray between two calls, it came back with the initial
+                # weights: re-synced (`_recover`), its groups re-run, as after a failed call.
+                logger.warning("rollout worker %s generated with v%d weights, older than v%d (restarted since its "
+                               "last call); re-syncing it, re-running %d groups", part.worker_id,
+                               min(r.policy_version for r in part.rollouts), oldest, len(chunk.prompts))
+                self._rerun_elsewhere(chunk, slot, spec, pending, recoveries)
+                continue
+            results[chunk.start] = part
             if on_group is not None:
                 on_group(chunk.start, results[chunk.start])
             self._fill(queue, spec, pending, window)

@@ -2,7 +2,7 @@
 # Run pytest (or .ci/run with --ci) while a CPU hog keeps one core busy: a test that passes
 # alone but fails under load is a bug, in the code or in the test.
 #
-#   bash scripts/under_load.sh tests/deploy/test_ray_jobs.py -k scale    # these tests
+#   bash scripts/under_load.sh tests/deploy/test_multinode.py    # these tests
 #   bash scripts/under_load.sh --ci                                       # the whole CI run
 set -uo pipefail
 cd "$(dirname "$0")/.."

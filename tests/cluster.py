@@ -35,9 +35,27 @@ class Cluster:
     temp: str
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
+    def ray(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=env or self.env, capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
+
+    def status(self, job: str) -> str:
+        """A submitted job's status through Ray's job SDK, in a process that holds the token."""
+        code = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+                "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+        out = subprocess.run([str(BIN / "python"), "-c", code, self.dashboard, job], env=self.env,
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or f"UNKNOWN: {out.stderr[-500:]}"
+
+    def wait(self, job: str, timeout: float = 600) -> str:
+        """The job's status once it has ended (or the last one seen when `timeout` passes)."""
+        deadline = time.monotonic() + timeout
+        while (status := self.status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+            time.sleep(2)
+        return status
+
+    def logs(self, job: str) -> str:
+        return self.ray("job", "logs", job, "--address", self.dashboard).stdout[-4000:]
 
     def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
         """`ray start --address` a worker node (blocking in its own session) and wait until the

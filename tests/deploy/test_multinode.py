@@ -1,12 +1,23 @@
-"""A GRPO job on a real 3-node Ray cluster on this machine (tests/cluster.py: a head that is
-also the learner node, two rollout nodes; token auth), submitted as users submit it: placement by node resource,
-checked per actor; weights pushed from the learner's node to engines on two others; a rollout
-node SIGKILLed mid-run (its raylet and every process on it), the run going on with the other
-engine and growing back when a node with the `rollout` resource joins again."""
+"""Jobs on one real 3-node Ray cluster on this machine (tests/cluster.py: a head that is also the
+learner's and the services' node, two rollout nodes; token authentication on 127.0.0.1),
+submitted as users submit them:
+
+- the clusters guide's `ray job submit` line (docs/guides/clusters.md) runs a 2-step GRPO job to
+  SUCCEEDED, and a job whose reward code cannot score ends FAILED with the message;
+- a GRPO job placed by node resource (checked per actor), grown from 1 to 2 rollout workers by
+  `rlfleet scale` right after submission, in the overlapped loop: one engine's process
+  SIGKILLed (Ray restarts it), then a whole rollout node SIGKILLed (its raylet and every
+  process on it) — the run goes on with the other engine — and a node with the `rollout`
+  resource joining again, where the lost worker is restarted. Every step, every group complete,
+  none duplicated, nothing trained on more than one version old."""
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
+import signal
 import subprocess
 import time
 
@@ -14,6 +25,7 @@ import pytest
 
 from rlfleet.common.metrics import read_metrics
 from tests.cluster import BIN, ROOT, start_cluster, stop_cluster
+from tests.procs import pids_titled
 from tests.services.rule_fixtures import HOLD_MARKER
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
@@ -32,6 +44,52 @@ def cluster():
     finally:
         HOLD_MARKER.unlink(missing_ok=True)
         stop_cluster(c)
+
+
+def _guide_submit_line() -> str:
+    guide = ROOT / "docs" / "guides" / "clusters.md"
+    lines = [ln for ln in guide.read_text().splitlines() if ln.startswith("ray job submit ")]
+    assert len(lines) == 1, "the clusters guide shows exactly one `ray job submit` line"
+    return lines[0]
+
+
+def test_the_clusters_guides_ray_job_submit_line_runs_a_grpo_job_with_token_auth(cluster, tmp_path):
+    # Token auth is really on: a wrong token is refused.
+    refused = cluster.ray("job", "list", "--address", cluster.dashboard, env=dict(cluster.env, RAY_AUTH_TOKEN="0" * 32))
+    assert refused.returncode != 0 and "Invalid authentication token" in refused.stderr
+    env = dict(cluster.env, RAY_ADDRESS=cluster.dashboard, RLFLEET_RUNS=str(tmp_path))
+    done = subprocess.run(["bash", "-c", _guide_submit_line()], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    job = re.search(r"Job '(raysubmit_\w+)' (?:submitted|succeeded)", done.stderr + done.stdout)
+    assert done.returncode == 0 and job, done.stderr[-3000:]
+    assert cluster.status(job.group(1)) == "SUCCEEDED"
+    run = tmp_path / "grpo-tiny"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["learner/version"] == r["step"] for r in rows)
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert (ckpt / "learner" / "policy" / "model.safetensors").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_a_job_whose_reward_code_cannot_score_ends_failed_with_the_message(cluster, tmp_path):
+    """A rule that raises: the job's driver exits 2 at the dry call (before any actor starts),
+    so Ray marks the job FAILED, and its log names the function and the exception."""
+    job = _submit(cluster, "examples/grpo_tiny.yaml", "total_steps=2", f"logging.run_dir={tmp_path}",
+                  "reward.rules=[{function: 'tests.services.rule_fixtures:raises'}]")
+    assert cluster.wait(job, timeout=300) == "FAILED", cluster.logs(job)
+    logs = cluster.logs(job)
+    assert "reward.rules[0].function='tests.services.rule_fixtures:raises'" in logs, logs
+    assert "RuntimeError: broken reward code" in logs, logs
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _submit(cluster, *args: str) -> str:
+    submitted = subprocess.run([str(BIN / "rlfleet"), "submit", *args, "--address", cluster.dashboard],
+                               env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job = submitted.stdout.strip().splitlines()[-1]
+    assert job.startswith("raysubmit_"), submitted.stdout
+    return job
 
 
 def _state(cluster, kind: str) -> list[dict]:
@@ -56,82 +114,120 @@ def _rows(run) -> list[dict]:
 
 
 def _wait(what: str, until, deadline_s: float, cluster, job: str):
-    deadline = time.monotonic() + deadline_s
+    """Poll `until` (cheap) to a deadline; ask for the job's status (a process) every 10 s."""
+    deadline, ask = time.monotonic() + deadline_s, time.monotonic() + 10
     while not (value := until()):
-        assert time.monotonic() < deadline, f"waited {deadline_s:.0f} s for {what}\n" + _logs(cluster, job)
+        assert time.monotonic() < deadline, f"waited {deadline_s:.0f} s for {what}\n" + cluster.logs(job)
+        if time.monotonic() > ask:
+            ask += 10
+            assert cluster.status(job) in ("PENDING", "RUNNING"), f"while waiting for {what}\n" + cluster.logs(job)
         time.sleep(0.5)
     return value
 
 
-def _logs(cluster, job: str) -> str:
-    return cluster.ray("job", "logs", job, "--address", cluster.dashboard).stdout[-4000:]
-
-
-def test_a_job_across_nodes_survives_a_lost_rollout_node_and_grows_back(cluster, tmp_path):
+def _released_until(what: str, until, cluster, job: str, deadline_s: float = 300):
+    """The job is held at its scoring (rule_fixtures.HOLD_MARKER) except while the test waits for
+    what it must see: its steps take 0.1 s, so unheld it would end before a restarted engine is
+    back. Released, polled until `until` holds, held again; its value."""
     HOLD_MARKER.unlink(missing_ok=True)
-    submitted = subprocess.run(
-        [str(BIN / "rlfleet"), "submit", "examples/grpo_tiny.yaml", f"total_steps={STEPS}",
-         f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}", "rollout.num_workers=2",
-         "rollout.max_response_tokens=8", "cluster.learner.resources={learner: 1}",
-         "cluster.rollout.resources={rollout: 1}", "cluster.reward.resources={services: 1}",
-         "cluster.reference.resources={services: 1}", "checkpoint.every_steps=0", "logging.eval_every_steps=0",
-         f"logging.run_dir={tmp_path}", "--address", cluster.dashboard,
-         "reward.rules=[{function: 'tests.services.rule_fixtures:math_answer_while_not_held', timeout_s: 900}]"],
-        env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
-    job = submitted.stdout.strip().splitlines()[-1]
-    _wait("two steps", lambda: len(_rows(tmp_path)) >= 2, 300, cluster, job)
+    try:
+        return _wait(what, until, deadline_s, cluster, job)
+    finally:
+        HOLD_MARKER.touch()
 
-    # Placement by node resource, read per actor from Ray's state.
+
+def _engine_pids(cluster) -> set[int]:
+    """This cluster's rollout workers that are up: processes titled `ray::VLLMRolloutWorker`
+    whose environment holds this cluster's token (the session's own Ray has rollout workers
+    too), not still in `__init__`."""
+    token = f"RAY_AUTH_TOKEN={cluster.env['RAY_AUTH_TOKEN']}".encode()
+    return pids_titled(b"ray::VLLMRolloutWorker", environ_entry=token, unless=b"__init__")
+
+
+def _kill_one_engine(cluster, rng: random.Random) -> int:
+    """SIGKILL the process of one of the job's 2 rollout workers, once both are up; its pid."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        pids = _engine_pids(cluster)
+        if len(pids) == 2:
+            try:
+                os.kill(pid := rng.choice(sorted(pids)), signal.SIGKILL)
+                return pid
+            except ProcessLookupError:  # the state API lags a restart by a moment
+                pass
+        time.sleep(0.2)
+    raise AssertionError("the 2 rollout workers were never both up")
+
+
+def test_a_job_across_nodes_scales_survives_a_killed_engine_and_a_lost_node_and_grows_back(cluster, tmp_path):
+    HOLD_MARKER.touch()  # held but where _released_until lets it run
+    job = _submit(
+        cluster, "examples/grpo_tiny.yaml", f"total_steps={STEPS}", f"rollout.prompts_per_step={PROMPTS}",
+        f"rollout.samples_per_prompt={SAMPLES}", "rollout.num_workers=1", "rollout.max_staleness=1",
+        "rollout.max_response_tokens=8", "cluster.learner.resources={learner: 1}",
+        "cluster.rollout.resources={rollout: 1}", "cluster.reward.resources={services: 1}",
+        "cluster.reference.resources={services: 1}", "checkpoint.every_steps=0", "logging.eval_every_steps=0",
+        f"logging.run_dir={tmp_path}",
+        "reward.rules=[{function: 'tests.services.rule_fixtures:math_answer_while_not_held', timeout_s: 900}]")
+    # `rlfleet scale` right after `rlfleet submit`, while the job is still starting: it waits for
+    # the job's control actor; the request applies at the next step boundary
+    scaled = subprocess.run([str(BIN / "rlfleet"), "scale", job, "--rollout-workers", "2", "--address",
+                             cluster.gcs, "--wait-s", "300"],
+                            env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert scaled.returncode == 0, scaled.stderr[-3000:] + cluster.logs(job)
+    reply = json.loads(scaled.stdout)
+    assert reply["last_step"] == 0 and reply["requested_rollout_workers"] == 2, reply
+    _released_until("a step with 2 rollout workers", lambda: any(
+        r["rollout/num_workers"] == 2.0 for r in _rows(tmp_path)), cluster, job)
+
+    # Placement by node resource, read per actor from Ray's state, once the new engine is up.
+    _wait("the second rollout worker up", lambda: len(_placement(cluster).get("VLLMRolloutWorker", [])) == 2,
+          300, cluster, job)
     placed = _placement(cluster)
     assert placed["Learner"] == ["learner"], placed
     assert sorted(placed["VLLMRolloutWorker"]) == ["rollout", "rollout"], placed
     assert placed["RewardService"] == ["learner"] and placed["ReferenceService"] == ["learner"]  # not on rollout nodes
-    rows = _rows(tmp_path)
-    assert all(r["rollout/min_version"] == r["rollout/max_version"] == r["step"] for r in rows)  # pushes arrived
+
+    # One engine's process SIGKILLed: Ray restarts it on its node; it gets the current weights
+    # (the next push, or a re-sync when a generate call reaches it first) before its work counts.
+    killed = _kill_one_engine(cluster, random.Random(0))
+    _wait("the killed engine restarted", lambda: len(_engine_pids(cluster) - {killed}) == 2, 300, cluster, job)
+    after = len(_rows(tmp_path))
+    _released_until("two steps with the restarted engine", lambda: len(_rows(tmp_path)) >= after + 2, cluster, job)
 
     # A rollout node lost, as a host is: its raylet and every process on it, SIGKILLed at once.
-    HOLD_MARKER.touch()  # the job waits at its next scoring while the node goes
-    try:
-        killed_after = len(_rows(tmp_path))
-        assert cluster.kill_node("rollout-b") >= 2  # the raylet and at least the engine's worker
-    finally:
-        HOLD_MARKER.unlink(missing_ok=True)
-    down = _wait("a step run without the lost worker", lambda: next(
-        (r for r in _rows(tmp_path) if r.get("rollout/workers_down") == 1.0), None), 240, cluster, job)
+    killed_after = len(_rows(tmp_path))
+    assert cluster.kill_node("rollout-b") >= 2  # the raylet and at least the engine's worker
+    down = _released_until("a step run without the lost worker", lambda: next(
+        (r for r in _rows(tmp_path) if r["rollout/workers_down"] == 1.0), None), cluster, job)
     assert down["step"] > killed_after and down["rollout/lost_workers"] >= 1.0
 
     # The node joins again: the worker set aside is restarted there and rejoins, re-synced.
-    HOLD_MARKER.touch()
-    try:
-        cluster.add_node("rollout-b2", num_cpus=1, resources={"rollout": 1})
-        _wait("the lost worker restarted on the new node",
-              lambda: len(_placement(cluster).get("VLLMRolloutWorker", [])) == 2, 300, cluster, job)
-        rejoined_after = len(_rows(tmp_path))
-    finally:
-        HOLD_MARKER.unlink(missing_ok=True)
-    deadline = time.monotonic() + 600
-    status = ""
-    while (status := _job_status(cluster, job)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, _logs(cluster, job)
-        time.sleep(2)
-    assert status == "SUCCEEDED", _logs(cluster, job)
+    cluster.add_node("rollout-b2", num_cpus=1, resources={"rollout": 1})
+    _wait("the lost worker restarted on the new node",
+          lambda: len(_placement(cluster).get("VLLMRolloutWorker", [])) == 2, 300, cluster, job)
+    rejoined_after = len(_rows(tmp_path))
+    HOLD_MARKER.unlink()
+    assert cluster.wait(job, timeout=600) == "SUCCEEDED", cluster.logs(job)
+
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # every step once
-    for row in rows:  # no group lost or duplicated, every record from the learner's version
+    workers = [r["rollout/num_workers"] for r in rows]  # 1 until the request applied, then 2 for good
+    assert workers == sorted(workers) and workers[-1] == 2.0 and set(workers) <= {1.0, 2.0}, workers
+    for row in rows:  # no group lost or duplicated; pushed weights reached the engines on the other nodes
         assert row["rollout/num_samples"] == PROMPTS * SAMPLES and row["rollout/complete_groups"] == PROMPTS
-        assert row["learner/version"] == row["step"] and row["rollout/num_workers"] == 2.0
-    # back within a few steps of its restart (these steps take 0.1 s; the pool's call to it is
-    # answered once Ray has told the driver where the restarted actor is), and for good
+        assert row["learner/version"] == row["step"]
+        assert row["rollout/staleness_max"] <= 1 and row["rollout/refused_stale"] == 0
+    # back within a few steps of its restart (the pool's call to it is answered once Ray has told
+    # the driver where the restarted actor is), and for good
     back = next((r["step"] for r in rows if r["step"] > rejoined_after and r["rollout/workers_down"] == 0.0), None)
     assert back is not None and back <= rejoined_after + 8, [(r["step"], r["rollout/workers_down"]) for r in rows]
     assert all(r["rollout/workers_down"] == 0.0 for r in rows if r["step"] >= back)
     assert rows[-1]["rollout/resynced"] >= 1.0 and rows[-1]["rollout/lost_workers"] == 1.0
 
-
-def _job_status(cluster, job: str) -> str:
-    code = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
-            "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)")
-    out = subprocess.run([str(BIN / "python"), "-c", code, cluster.dashboard, job], env=cluster.env,
-                         capture_output=True, text=True, timeout=60)
-    return out.stdout.strip() or f"UNKNOWN: {out.stderr[-500:]}"
+    # A job that does not exist (or has ended) is named in a clear error once the wait is over.
+    missing = subprocess.run([str(BIN / "rlfleet"), "scale", "raysubmit_nope", "--rollout-workers", "2",
+                              "--address", cluster.gcs, "--wait-s", "1"], env=cluster.env, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "no running rlfleet job 'raysubmit_nope'" in missing.stderr
+    assert "did not appear in namespace 'rlfleet' within 1 s" in missing.stderr

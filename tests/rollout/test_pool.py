@@ -184,6 +184,32 @@ def test_ray_killed_worker_is_rerun_and_resynced(pool, tiny_policy):
     assert greedy_matches(pool.handles()[0], tiny_policy)
 
 
+def test_a_worker_restarted_between_calls_is_resynced_before_its_work_counts(pool, pushed_model, tiny_tokenizer):
+    """SIGKILLed while idle and restarted by Ray before the pool's next call, a worker answers
+    that call with the initial weights (v0): its groups are re-run and it is re-synced, and the
+    batch is the pool's version throughout."""
+    if pool.version == 0:
+        push(pool, pushed_model, 1)
+    victim = pool.handles()[0]
+    pid = ray.get(victim.info.remote()).pid
+    resynced = pool.stats.resynced
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while True:  # wait for Ray's restart, outside the pool
+        assert time.monotonic() < deadline, "the killed worker was not restarted"
+        try:
+            if ray.get(victim.info.remote(), timeout=10).pid != pid:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.5)
+    assert ray.get(victim.policy_version.remote()) == 0 < pool.version
+    batch = pool.generate(PROMPTS, SamplingSpec(n=2, max_tokens=8))
+    check_complete(batch, 2, pool.version, tiny_tokenizer)
+    assert pool.stats.resynced == resynced + 1
+    assert pool.versions() == [pool.version] * pool.num_workers
+
+
 def test_call_past_deadline_is_cut_and_retry_budget_bounds_the_wait(ray_cluster, tiny_model_dir):
     """A call that outlives rollout.generate_timeout_s is cut by restarting its worker; past
     rollout.max_redispatch re-runs the pool gives up with an error naming the prompts."""
