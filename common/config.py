@@ -205,6 +205,10 @@ class LearnerConfig(Section):
     state split over the ranks; the choice for models that do not fit one GPU)."""
     critic_init: Literal["policy", "reward_model"] = "policy"
     """Backbone the critic starts from."""
+    offload: bool = False
+    """Colocated mode: move the learner's parameters, gradients and optimizer state to host
+    memory after each push, while the engines generate, and back before the learner computes
+    (the synchronous loop, `ddp`; updates identical with and without it)."""
 
 
 class RunConfig(Section):
@@ -303,6 +307,9 @@ class RunConfig(Section):
         if self.rollout.max_staleness and self.rollout.sleep_between_steps:
             raise ValueError("rollout.max_staleness >= 1 generates while the learner trains; "
                              "rollout.sleep_between_steps=true (colocated) cannot: set one of them off")
+        if self.learner.offload and (self.rollout.max_staleness or self.learner.strategy == "fsdp"):
+            raise ValueError("learner.offload=true moves the learner off the accelerator while the engines generate: "
+                             "it needs the synchronous loop (rollout.max_staleness=0) and learner.strategy='ddp'")
         if self.rollout.partial_rollout and not self.rollout.max_staleness:
             raise ValueError("rollout.partial_rollout=true interrupts generation that overlaps a push; "
                              "the synchronous loop (rollout.max_staleness=0) has none: set max_staleness >= 1")

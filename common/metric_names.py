@@ -60,6 +60,8 @@ METRICS: dict[str, str] = {
                             "cumulative; each rejoins when it is back.",
     "rollout/workers_down": "Workers set aside now (counted in rollout/num_workers, given no work until back).",
     "rollout/resynced": "Restarted workers re-synced to the current weights, cumulative.",
+    "rollout/sleep_freed_mb": "Colocated mode: the memory the engines freed when put to sleep before the learner's phase (the least of any worker; resident memory on a CPU, allocated GPU memory on a GPU; absent where the backend does not measure it).",
+    "learner/offloaded_mb": "learner.offload: the parameters, gradients, buffers and optimizer state moved to host memory after the push (rank 0).",
     "rollout/timeouts": "Generate calls cut at rollout.generate_timeout_s, cumulative.",
     "rollout/dropped_prompts": "Prompts dropped as empty or too long (rollout.on_bad_prompt: drop).",
     "rollout/staleness_mean": "Mean learner version − record version (the overlapped loop).",

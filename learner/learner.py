@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from rlfleet.common.collate import pack
 from rlfleet.common.config import RunConfig
@@ -42,12 +41,12 @@ from rlfleet.learner.algos import (
     value_loss,
 )
 from rlfleet.learner.learner_state import load_learner, save_learner
+from rlfleet.learner.memory import LearnerMemory, onloaded
 from rlfleet.learner.models import (
     PolicyWeights,
     autocast,
     collision_rows,
     disabled_adapter,
-    full_tensor,
     iter_full_weights,
     load_critic,
     load_policy,
@@ -80,8 +79,9 @@ from rlfleet.learner.step_metrics import UpdateMetrics, batch_metrics, check_mis
 from rlfleet.weight_sync.base import WeightSync
 
 
-class Learner:
-    """Holds the policy, the critic (PPO with GAE) and their optimizers."""
+class Learner(LearnerMemory):
+    """Holds the policy, the critic (PPO with GAE) and their optimizers (where their state lives,
+    `learner.offload`: `learner/memory.py`)."""
 
     def __init__(self, config: RunConfig, policy_path: str, critic_path: str | None = None,
                  threads: ThreadBudget | None = None):
@@ -146,19 +146,8 @@ class Learner:
         """`scored`'s scores as this learner would train on them (evaluation: no statistics move)."""
         return self.rewards(scored.scores, scored.components, scored.weights, update=False)
 
-    def parameter_snapshot(self) -> dict[str, torch.Tensor]:
-        """Every trainable parameter (policy and critic) by name, on the CPU: for tests and audits."""
-        out = {f"policy.{n}": full_tensor(p).cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
-        if self.critic is not None:
-            out.update({f"critic.{n}": full_tensor(p).cpu().clone() for n, p in self.critic.named_parameters()})
-        return out
-
-    def local_numel(self) -> int:
-        """Parameters this rank holds (its shards under FSDP): policy, critic and reference."""
-        models = [self.policy, self.critic, self._reference]
-        return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for m in models if isinstance(m, torch.nn.Module) for p in m.parameters())
-
     # ------------------------------------------------------------------ prepare
+    @onloaded
     @torch.no_grad()
     def prepare(self, rollouts: Sequence[Rollout]) -> Prepared:
         """Old log-probs and values (and colocated reference log-probs) of every response."""
@@ -192,6 +181,7 @@ class Learner:
         return response_logprobs(self._reference, batch, temperature)[0]
 
     # ------------------------------------------------------------------ train
+    @onloaded
     def train_step(self, exp: Experience) -> StepResult:
         """One PPO-family update on a scored batch; returns the new version and the metrics.
         `exp.old_logprobs` None: the update's own log-probs serve (`reuses_update_logprobs`)."""
@@ -344,6 +334,7 @@ class Learner:
     # ------------------------------------------------------------------ publishing
     # Sharded (FSDP), gathering the full weights is a collective: every rank calls these
     # methods together and only rank 0 publishes (`LearnerGroup` arranges it).
+    @onloaded
     def publish_state(self) -> dict[str, torch.Tensor]:
         """The policy's weights as transformers / vLLM name them (LoRA merged), on rank 0."""
         return self.gathered(iter_full_weights(self.policy))
@@ -361,6 +352,7 @@ class Learner:
             yield item
 
     def _sender(self, sync: WeightSync) -> Any:
+        self._onload()
         if sync.name not in self._senders:
             self._senders[sync.name] = sync.sender(PolicyWeights(self.policy, self.rank))
         return self._senders[sync.name]
@@ -387,12 +379,14 @@ class Learner:
             self._build_optimizers()
 
     # ------------------------------------------------------------------ checkpoints
+    @onloaded
     def save(self, folder: str) -> None:
         """Policy (HF format; with LoRA also the adapter in PEFT format), critic, optimizers,
         schedulers, KL controller, RNG, counters: safetensors and JSON, no pickles. Every rank
         of a group calls it (sharded state is gathered); rank 0 writes."""
         save_learner(self, Path(folder))
 
+    @onloaded
     def load(self, folder: str, reward_state: dict | None = None) -> int:
         """Restore everything `save` wrote, with any number of ranks; returns the restored version.
         `reward_state`: a checkpoint's normaliser written by the reward service (before 2026-11)."""

