@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-import ray
 import torch
 
 from rlfleet.common.collate import pad_rows
@@ -24,9 +23,15 @@ def resolved(exp: Experience, rewards: RewardScaler) -> Experience:
     """`exp` with its held rows fetched from the object store and its scores as trained on:
     the reward model's component normalised (the batch moves the running statistics)."""
     cache: dict = {}
-    rows = {name: value.fetch(ray.get, cache) if isinstance(value, Held) else value
+    rows = {name: value.fetch(_ray_get, cache) if isinstance(value, Held) else value
             for name in ("old_logprobs", "values", "ref_logprobs") if (value := getattr(exp, name)) is not None}
     return replace(exp, **rows, scores=rewards(exp.scores, exp.components, exp.weights))
+
+
+def _ray_get(refs):
+    import ray  # only for rows held in the object store: the learner runs without Ray too (gpu_check)
+
+    return ray.get(refs)
 
 
 class StaleRolloutError(ValueError):

@@ -12,7 +12,6 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import ray
 import torch
 
 from rlfleet.common.collective import BroadcastGroup, serve_store
@@ -162,6 +161,8 @@ class BroadcastWeights:
     helpers: tuple[ActorHandle, ...] = ()
 
     def load_into(self, workers: Sequence[ActorHandle], timeout_s: float) -> list[int]:
+        import ray  # here: the learner and the workers import this module where Ray may be absent (gpu_check)
+
         world = 1 + len(workers) * self.procs_per_worker
         info = ray.get(self.sender.weight_call.remote(BROADCAST, "open", world), timeout=timeout_s)
         receives = [w.receive_weights.remote(BROADCAST, self.version, 1 + i * self.procs_per_worker, info)

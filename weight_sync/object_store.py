@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import ray
 import torch
 from safetensors.torch import load, save
 
 from rlfleet.common.registry import WEIGHT_SYNC
 from rlfleet.weight_sync.base import ActorHandle, LearnerGroupHandle, LearnerWeights, finite
+
+if TYPE_CHECKING:
+    import ray
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -81,6 +84,8 @@ class ObjectStoreWeights:
     chunks: tuple[ray.ObjectRef, ...]
 
     def load_into(self, workers: Sequence[ActorHandle], timeout_s: float) -> list[int]:
+        import ray  # here: the learner and the workers import this module where Ray may be absent (gpu_check)
+
         calls = [w.receive_weights.remote(OBJECT_STORE, self.version, 0, *self.chunks) for w in workers]
         return ray.get(calls, timeout=timeout_s)
 
