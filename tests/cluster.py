@@ -54,8 +54,10 @@ class Cluster:
             time.sleep(2)
         return status
 
-    def logs(self, job: str) -> str:
-        return self.ray("job", "logs", job, "--address", self.dashboard).stdout[-4000:]
+    def logs(self, job: str, tail: int | None = 4000) -> str:
+        """The job's log (its last `tail` characters; None: all of it)."""
+        out = self.ray("job", "logs", job, "--address", self.dashboard).stdout
+        return out if tail is None else out[-tail:]
 
     def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
         """`ray start --address` a worker node (blocking in its own session) and wait until the
@@ -106,7 +108,11 @@ def start_cluster(head_cpus: int = 2, head_resources: dict[str, float] | None = 
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}:{env['PATH']}",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=str(ROOT),
+               # a lost node declared dead after ~5 s of failed health checks, not Ray's ~15-30 s
+               # (the GCS reads these; a loaded 2-core machine still answers a check within 3 s)
+               RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="3000",
+               RAY_health_check_failure_threshold="5")
     gcs, dash = free_port(), free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",

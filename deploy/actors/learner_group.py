@@ -12,6 +12,7 @@ with any D resumes with any other.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,8 @@ class LearnerGroup:
         self.lead = self.handles[0]
         self._group = group
         self.helpers = tuple(self.handles[1:]) if sharded else ()
+        self.nodes: list[str] = []
+        """The Ray node of each rank, as placed at start."""
         """The ranks besides the lead that take part in gathering the weights (publish, save)."""
 
     @classmethod
@@ -54,11 +57,38 @@ class LearnerGroup:
             for rank in range(d)
         ]
         learners = cls(handles, group, sharded=d > 1 and cfg.learner.strategy == "fsdp")
+        learners.nodes = ray.get([h.__ray_call__.remote(_node_of) for h in handles], timeout=timeout_s)
         if d > 1:
             host, port = ray.get(learners.lead.open_dp_group.remote(d), timeout=timeout_s)
             ray.get([h.join_dp_group.remote(rank, d, host, port) for rank, h in enumerate(handles)],
                     timeout=timeout_s)
         return learners
+
+    def lost(self, timeout_s: float = 60.0) -> str | None:
+        """After a failure: which rank is gone (its actor dead, or unreachable or not answering
+        for `timeout_s`: Ray declares a lost node dead within ~30 s) and on which node, or None
+        when every rank answers."""
+        deadline = time.monotonic() + timeout_s
+        for rank, handle in enumerate(self.handles):
+            while True:  # unavailable (its node unreachable) may pass, or become dead once Ray declares it
+                left = max(1.0, deadline - time.monotonic())
+                try:
+                    ray.get(handle.policy_version.remote(), timeout=left)
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    return f"learner rank {rank} {self._where(rank)} did not answer within {timeout_s:.0f} s"
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() >= deadline:
+                        return f"learner rank {rank} {self._where(rank)} was unreachable for {timeout_s:.0f} s"
+                    time.sleep(1.0)
+                except ray.exceptions.RayActorError as err:
+                    return f"learner rank {rank} {self._where(rank)} is gone ({type(err).__name__})"
+        return None
+
+    def _where(self, rank: int) -> str:
+        node = self.nodes[rank] if rank < len(self.nodes) else ""
+        ip, alive = next(((n["NodeManagerAddress"], n["Alive"]) for n in ray.nodes() if n["NodeID"] == node), ("?", False))
+        return f"on node {node[:16]} ({ip}, {'alive' if alive else 'dead'})"
 
     def version(self) -> int:
         return ray.get(self.lead.policy_version.remote())
@@ -114,3 +144,8 @@ class LearnerGroup:
             ray.kill(h, no_restart=True)
         if self._group is not None:
             ray.util.remove_placement_group(self._group)
+
+
+def _node_of(actor: Any) -> str:
+    """Run inside a learner actor (`__ray_call__`): its Ray node."""
+    return ray.get_runtime_context().get_node_id()

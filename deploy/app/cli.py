@@ -19,7 +19,8 @@
     rlfleet config schema                          the JSON schema of the config
     rlfleet tiny-model OUT [--reward] [--seed N] [--layers N]   build a tiny model folder
 
-Bad configuration exits with code 2 and a message naming each field at fault.
+Bad configuration exits with code 2 and a message naming each field at fault; a run that cannot
+learn with 3 (`run_health`); a run whose learner was lost with 4, naming the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     from rlfleet.common.data import DataError
     from rlfleet.deploy.loop.health import RunHealthError
+    from rlfleet.deploy.loop.run_state import LearnerLostError
 
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -169,6 +171,9 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     except RunHealthError as err:  # a run that cannot learn: named, exit 3, its checkpoints kept
         sys.stderr.write(f"rlfleet: {err}\n")
         return RunHealthError.exit_code
+    except LearnerLostError as err:  # the learner's node lost: named with the checkpoint to resume from, exit 4
+        sys.stderr.write(f"rlfleet: {err}\n")
+        return LearnerLostError.exit_code
 
 
 def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:

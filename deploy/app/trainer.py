@@ -137,7 +137,13 @@ class Trainer:
             for step in range(first, cfg.total_steps + 1):
                 scaled = apply_control(cfg, parts, control, step - 1)
                 unscorable.step = step
-                last = {**loop.step(step), **scaled}
+                try:
+                    last = {**loop.step(step), **scaled}
+                except Exception as err:
+                    lost = run_state.learner_lost(cfg, parts, ckpts, step, err)
+                    if lost is None:
+                        raise
+                    raise lost from err
                 evaluated = cfg.logging.eval_every_steps and step % cfg.logging.eval_every_steps == 0
                 if evaluated:
                     last.update(evaluation.evaluate(cfg, parts, data.eval, step))

@@ -50,3 +50,27 @@ def save_checkpoint(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, posi
 def checkpoint_due(cfg: RunConfig, step: int) -> bool:
     every = cfg.checkpoint.every_steps
     return step == cfg.total_steps or (every > 0 and step % every == 0)
+
+
+class LearnerLostError(RuntimeError):
+    """The learner (a rank of it) is gone: its node lost, or its process killed. The run stops;
+    the same command resumes from the last complete checkpoint once the learner can be placed."""
+
+    exit_code = 4
+
+
+def learner_lost(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, step: int,
+                 err: BaseException) -> LearnerLostError | None:
+    """The error to stop with when `err` (raised at `step`) came from losing the learner, else None."""
+    lost = parts.learner.lost()
+    if lost is None:
+        return None
+    latest = ckpts.latest()
+    where = (f"The last complete checkpoint is {latest} (step {read_state(latest)['step']}); run the same command "
+             "again to resume there" if latest is not None else
+             "No checkpoint was written yet (checkpoint.every_steps); the same command starts over")
+    wants = cfg.cluster.learner
+    return LearnerLostError(
+        f"the learner was lost at step {step}: {lost} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+        f"{where} once the cluster can place the learner again (cluster.learner: num_cpus={wants.num_cpus}, "
+        f"num_gpus={wants.num_gpus}, resources={dict(wants.resources)}).")

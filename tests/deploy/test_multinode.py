@@ -34,10 +34,11 @@ PROMPTS, SAMPLES, STEPS = 4, 4, 24
 
 @pytest.fixture(scope="module")
 def cluster():
-    # the head is also the learner's node and the services' (pinned there: a service placed on a
-    # rollout node would take the CPU its engine needs)
-    c = start_cluster(head_cpus=4, head_resources={"learner": 1, "services": 2})
+    # the head holds the services (pinned there: a service placed on a rollout node would take
+    # the CPU its engine needs) and each job's driver; the learner has a node of its own
+    c = start_cluster(head_cpus=3, head_resources={"services": 2})
     try:
+        c.add_node("learner", num_cpus=1, resources={"learner": 1})
         c.add_node("rollout-a", num_cpus=1, resources={"rollout": 1})
         c.add_node("rollout-b", num_cpus=1, resources={"rollout": 1})
         yield c
@@ -159,16 +160,20 @@ def _kill_one_engine(cluster, rng: random.Random) -> int:
     raise AssertionError("the 2 rollout workers were never both up")
 
 
+def _job_args(run_dir, steps: int) -> list[str]:
+    """A GRPO job placed by node resource, its scoring held while HOLD_MARKER exists."""
+    return ["examples/grpo_tiny.yaml", f"total_steps={steps}", f"rollout.prompts_per_step={PROMPTS}",
+            f"rollout.samples_per_prompt={SAMPLES}", "rollout.max_response_tokens=8",
+            "cluster.learner.resources={learner: 1}", "cluster.rollout.resources={rollout: 1}",
+            "cluster.reward.resources={services: 1}", "cluster.reference.resources={services: 1}",
+            "logging.eval_every_steps=0", f"logging.run_dir={run_dir}",
+            "reward.rules=[{function: 'tests.services.rule_fixtures:math_answer_while_not_held', timeout_s: 900}]"]
+
+
 def test_a_job_across_nodes_scales_survives_a_killed_engine_and_a_lost_node_and_grows_back(cluster, tmp_path):
     HOLD_MARKER.touch()  # held but where _released_until lets it run
-    job = _submit(
-        cluster, "examples/grpo_tiny.yaml", f"total_steps={STEPS}", f"rollout.prompts_per_step={PROMPTS}",
-        f"rollout.samples_per_prompt={SAMPLES}", "rollout.num_workers=1", "rollout.max_staleness=1",
-        "rollout.max_response_tokens=8", "cluster.learner.resources={learner: 1}",
-        "cluster.rollout.resources={rollout: 1}", "cluster.reward.resources={services: 1}",
-        "cluster.reference.resources={services: 1}", "checkpoint.every_steps=0", "logging.eval_every_steps=0",
-        f"logging.run_dir={tmp_path}",
-        "reward.rules=[{function: 'tests.services.rule_fixtures:math_answer_while_not_held', timeout_s: 900}]")
+    job = _submit(cluster, *_job_args(tmp_path, STEPS), "rollout.num_workers=1", "rollout.max_staleness=1",
+                  "checkpoint.every_steps=0")
     # `rlfleet scale` right after `rlfleet submit`, while the job is still starting: it waits for
     # the job's control actor; the request applies at the next step boundary
     scaled = subprocess.run([str(BIN / "rlfleet"), "scale", job, "--rollout-workers", "2", "--address",
@@ -186,7 +191,7 @@ def test_a_job_across_nodes_scales_survives_a_killed_engine_and_a_lost_node_and_
     placed = _placement(cluster)
     assert placed["Learner"] == ["learner"], placed
     assert sorted(placed["VLLMRolloutWorker"]) == ["rollout", "rollout"], placed
-    assert placed["RewardService"] == ["learner"] and placed["ReferenceService"] == ["learner"]  # not on rollout nodes
+    assert placed["RewardService"] == ["head"] and placed["ReferenceService"] == ["head"]  # not on rollout nodes
 
     # One engine's process SIGKILLed: Ray restarts it on its node; it gets the current weights
     # (the next push, or a re-sync when a generate call reaches it first) before its work counts.
@@ -231,3 +236,35 @@ def test_a_job_across_nodes_scales_survives_a_killed_engine_and_a_lost_node_and_
                              text=True, timeout=120)
     assert missing.returncode == 2 and "no running rlfleet job 'raysubmit_nope'" in missing.stderr
     assert "did not appear in namespace 'rlfleet' within 1 s" in missing.stderr
+
+
+def test_a_lost_learner_node_stops_the_job_naming_it_and_the_checkpoint_and_the_same_command_resumes(
+        cluster, tmp_path):
+    """The learner's node SIGKILLed mid-run: the job ends FAILED within a bounded time, its log
+    naming the learner's node (declared dead) and the last complete checkpoint; once a node with
+    the `learner` resource joins, the same submission resumes there and completes every step once."""
+    steps = 8
+    args = [*_job_args(tmp_path, steps), "rollout.num_workers=2", "checkpoint.every_steps=2"]
+    HOLD_MARKER.touch()
+    job = _submit(cluster, *args)
+    _released_until("step 5 (the checkpoint of step 4 complete)", lambda: len(_rows(tmp_path)) >= 5, cluster, job)
+    killed = time.monotonic()
+    assert cluster.kill_node("learner") >= 2  # the raylet and at least the learner's worker
+    HOLD_MARKER.unlink()
+    assert cluster.wait(job, timeout=300) == "FAILED", cluster.logs(job)
+    took = time.monotonic() - killed
+    logs = cluster.logs(job, tail=None)
+    latest = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())[-1]
+    assert "the learner was lost at step" in logs and ", dead)" in logs, logs
+    assert f"The last complete checkpoint is {tmp_path / 'checkpoints' / latest}" in logs, logs
+    # Ray declares the node dead (this cluster's health checks: ~5 s; Ray's defaults: ~15-30 s),
+    # the step in flight fails, the learner is found gone, the job ends
+    assert took < 90, took
+
+    cluster.add_node("learner-2", num_cpus=1, resources={"learner": 1})
+    again = _submit(cluster, *args)  # the same command
+    assert cluster.wait(again, timeout=600) == "SUCCEEDED", cluster.logs(again)
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # resumed: every step once
+    assert all(r["learner/version"] == r["step"] and r["rollout/complete_groups"] == PROMPTS for r in rows)
+    assert f"resumed from {tmp_path / 'checkpoints' / latest}" in cluster.logs(again, tail=None)
