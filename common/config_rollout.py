@@ -12,6 +12,29 @@ from rlfleet.common.registry import BackendName, WeightSyncName
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+class AutoscaleConfig(Section):
+    """`rollout.autoscale`: the fleet's size follows the learner's wait and the engines' idle time."""
+
+    enabled: bool = False
+    """Grow and shrink the fleet between steps (deploy/loop/autoscale.py)."""
+    min_workers: int = Field(1, ge=1)
+    """The fewest rollout workers."""
+    max_workers: int = Field(4, ge=1)
+    """The most rollout workers (more are asked of Ray's autoscaler when the cluster lacks room)."""
+    grow_above: float = Field(0.5, ge=0, le=1)
+    """Grow by one when the learner waited for rollouts more than this share of the steps."""
+    shrink_above: float = Field(0.9, ge=0, le=1)
+    """Shrink by one when the engines idled more than this share of the steps."""
+    every_steps: int = Field(2, ge=1)
+    """Steps the signal is averaged over, and between two decisions."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"rollout.autoscale.min_workers={self.min_workers} > max_workers={self.max_workers}")
+        return self
+
+
 class RolloutConfig(Section):
     """The rollout fleet: engines that generate with the old policy."""
 
@@ -72,6 +95,8 @@ class RolloutConfig(Section):
     max_staleness: int = Field(0, ge=0)
     """Bounded staleness k: 0 is the synchronous loop; k >= 1 lets the fleet generate the
     batches of steps t+1..t+k while the learner trains step t (records at most k versions old)."""
+    autoscale: AutoscaleConfig = AutoscaleConfig()
+    """Resize the fleet between steps by a measured signal (off by default)."""
     partial_rollout: bool = False
     """With max_staleness >= 1 (vLLM): a push interrupts the requests running on a worker, loads
     the new weights between two engine steps and continues them (the KV cache of their tokens so

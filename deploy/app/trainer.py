@@ -42,6 +42,7 @@ from rlfleet.deploy.app.inputs import (
 from rlfleet.deploy.app.plan import check_fits
 from rlfleet.deploy.app.preflight import check_inputs, dry_call_rules
 from rlfleet.deploy.loop import Loop, build_loop, evaluation, run_state
+from rlfleet.deploy.loop.autoscale import Autoscaler
 from rlfleet.deploy.loop.checkpoints import CheckpointManager
 from rlfleet.deploy.loop.guard import GoldWatch
 from rlfleet.deploy.loop.health import RunHealth, UnscorableLog
@@ -126,6 +127,7 @@ class Trainer:
             watch.replay(read_metrics(self.run_dir), first - 1)
         progress = _progress(cfg, first - 1)
         health = RunHealth(cfg)
+        autoscaler = Autoscaler(cfg)
         last: dict[str, Any] = {}
         before: dict[str, Any] = {}
         stopped = None
@@ -135,7 +137,7 @@ class Trainer:
                 metrics.write(0, before)
                 self._watch(watch, ckpts, parts, loop, 0, before)
             for step in range(first, cfg.total_steps + 1):
-                scaled = apply_control(cfg, parts, control, step - 1)
+                scaled = {**apply_control(cfg, parts, control, step - 1), **autoscaler.decide(parts, step - 1)}
                 unscorable.step = step
                 try:
                     last = {**loop.step(step), **scaled}
@@ -148,6 +150,7 @@ class Trainer:
                 if evaluated:
                     last.update(evaluation.evaluate(cfg, parts, data.eval, step))
                 metrics.write(step, last)
+                autoscaler.see(last)
                 health.see(step, last, unscorable)  # a run that cannot learn stops here, named
                 if run_state.checkpoint_due(cfg, step):
                     run_state.save_checkpoint(cfg, parts, ckpts, loop.position(), step)

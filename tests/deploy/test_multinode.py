@@ -1,6 +1,6 @@
-"""Jobs on one real 3-node Ray cluster on this machine (tests/cluster.py: a head that is also the
-learner's and the services' node, two rollout nodes; token authentication on 127.0.0.1),
-submitted as users submit them:
+"""Jobs on one real multi-node Ray cluster on this machine (tests/cluster.py: a head holding the
+services and the drivers, a learner node, two rollout nodes; nodes join and are lost as the
+tests go; token authentication on 127.0.0.1), submitted as users submit them:
 
 - the clusters guide's `ray job submit` line (docs/guides/clusters.md) runs a 2-step GRPO job to
   SUCCEEDED, and a job whose reward code cannot score ends FAILED with the message;
@@ -9,7 +9,9 @@ submitted as users submit them:
   SIGKILLed (Ray restarts it), then a whole rollout node SIGKILLed (its raylet and every
   process on it) — the run goes on with the other engine — and a node with the `rollout`
   resource joining again, where the lost worker is restarted. Every step, every group complete,
-  none duplicated, nothing trained on more than one version old."""
+  none duplicated, nothing trained on more than one version old;
+- `rollout.autoscale` growing the fleet onto a node that joins, then the learner's node lost:
+  the job stops naming it and the checkpoint, and the same submission resumes there."""
 
 from __future__ import annotations
 
@@ -238,15 +240,32 @@ def test_a_job_across_nodes_scales_survives_a_killed_engine_and_a_lost_node_and_
     assert "did not appear in namespace 'rlfleet' within 1 s" in missing.stderr
 
 
-def test_a_lost_learner_node_stops_the_job_naming_it_and_the_checkpoint_and_the_same_command_resumes(
+def test_the_fleet_autoscales_onto_a_joining_node_then_a_lost_learner_node_stops_the_job_and_it_resumes(
         cluster, tmp_path):
-    """The learner's node SIGKILLed mid-run: the job ends FAILED within a bounded time, its log
+    """One job, two stories (a job's start costs half a minute here).
+    Autoscaling (`rollout.autoscale`, up to 3 workers, growing whenever the learner waits): the
+    fleet grows from 1 to 2 on the two rollout nodes, wants a third that the cluster has no room
+    for (asked of Ray's autoscaler: pending, in the metrics and the log), and grows onto a rollout
+    node that joins.
+    The learner's node SIGKILLed mid-run: the job ends FAILED within a bounded time, its log
     naming the learner's node (declared dead) and the last complete checkpoint; once a node with
     the `learner` resource joins, the same submission resumes there and completes every step once."""
-    steps = 8
-    args = [*_job_args(tmp_path, steps), "rollout.num_workers=2", "checkpoint.every_steps=2"]
+    steps = 10
+    args = [*_job_args(tmp_path, steps), "rollout.num_workers=1", "checkpoint.every_steps=2",
+            "rollout.autoscale={enabled: true, max_workers: 3, grow_above: 0.0, every_steps: 1}"]
     HOLD_MARKER.touch()
     job = _submit(cluster, *args)
+    pending = _released_until("a third worker pending", lambda: next(
+        (r for r in _rows(tmp_path) if r.get("rollout/autoscale_pending") == 1.0), None), cluster, job)
+    assert pending["rollout/num_workers"] == 2.0 and pending["rollout/autoscale_target"] == 3.0
+    cluster.add_node("rollout-c", num_cpus=1, resources={"rollout": 1})
+    grown = _released_until("the fleet grown onto the new node", lambda: next(
+        (r for r in _rows(tmp_path) if r["rollout/num_workers"] == 3.0), None), cluster, job)
+    assert grown["rollout/autoscale_pending"] == 0.0 and sorted(_placement(cluster)["VLLMRolloutWorker"]) == ["rollout"] * 3
+    logs = cluster.logs(job, tail=None)
+    assert "rollout workers 1 -> 2 (the learner waited" in logs and "rollout workers 2 -> 3" in logs, logs[-3000:]
+    assert "3 rollout workers wanted (the learner waited" in logs and "the cluster lacks rollout" in logs
+
     _released_until("step 5 (the checkpoint of step 4 complete)", lambda: len(_rows(tmp_path)) >= 5, cluster, job)
     killed = time.monotonic()
     assert cluster.kill_node("learner") >= 2  # the raylet and at least the learner's worker
@@ -255,8 +274,8 @@ def test_a_lost_learner_node_stops_the_job_naming_it_and_the_checkpoint_and_the_
     took = time.monotonic() - killed
     logs = cluster.logs(job, tail=None)
     latest = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())[-1]
-    assert "the learner was lost at step" in logs and ", dead)" in logs, logs
-    assert f"The last complete checkpoint is {tmp_path / 'checkpoints' / latest}" in logs, logs
+    assert "the learner was lost at step" in logs and ", dead)" in logs, logs[-3000:]
+    assert f"The last complete checkpoint is {tmp_path / 'checkpoints' / latest}" in logs, logs[-3000:]
     # Ray declares the node dead (this cluster's health checks: ~5 s; Ray's defaults: ~15-30 s),
     # the step in flight fails, the learner is found gone, the job ends
     assert took < 90, took
