@@ -10,8 +10,9 @@ tests go; token authentication on 127.0.0.1), submitted as users submit them:
   process on it) — the run goes on with the other engine — and a node with the `rollout`
   resource joining again, where the lost worker is restarted. Every step, every group complete,
   none duplicated, nothing trained on more than one version old;
-- `rollout.autoscale` growing the fleet onto a node that joins, then the learner's node lost:
-  the job stops naming it and the checkpoint, and the same submission resumes there."""
+- `rollout.autoscale` growing the fleet onto a node that joins (weights pushed by broadcast),
+  then the learner's node lost: the job stops naming it and the checkpoint, and the same
+  submission resumes there."""
 
 from __future__ import annotations
 
@@ -251,7 +252,10 @@ def test_the_fleet_autoscales_onto_a_joining_node_then_a_lost_learner_node_stops
     naming the learner's node (declared dead) and the last complete checkpoint; once a node with
     the `learner` resource joins, the same submission resumes there and completes every step once."""
     steps = 10
+    # the weights travel by broadcast here (a gloo group from the learner's node to the engines on
+    # the others, re-formed at each push as the fleet grows); the other job's by the object store
     args = [*_job_args(tmp_path, steps), "rollout.num_workers=1", "checkpoint.every_steps=2",
+            "rollout.weight_sync=broadcast",
             "rollout.autoscale={enabled: true, max_workers: 3, grow_above: 0.0, every_steps: 1}"]
     HOLD_MARKER.touch()
     job = _submit(cluster, *args)
@@ -286,4 +290,6 @@ def test_the_fleet_autoscales_onto_a_joining_node_then_a_lost_learner_node_stops
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # resumed: every step once
     assert all(r["learner/version"] == r["step"] and r["rollout/complete_groups"] == PROMPTS for r in rows)
+    # every engine, the ones added by autoscaling too, generated with the weights just broadcast
+    assert all(r["rollout/min_version"] == r["rollout/max_version"] == r["step"] for r in rows)
     assert f"resumed from {tmp_path / 'checkpoints' / latest}" in cluster.logs(again, tail=None)

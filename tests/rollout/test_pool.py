@@ -190,7 +190,7 @@ def test_a_worker_restarted_between_calls_is_resynced_before_its_work_counts(poo
     batch is the pool's version throughout."""
     if pool.version == 0:
         push(pool, pushed_model, 1)
-    victim = pool.handles()[0]
+    victim = pool.handles()[-1]  # not worker 0: the kill tests above spent its restarts (max_restarts=2)
     pid = ray.get(victim.info.remote()).pid
     resynced = pool.stats.resynced
     os.kill(pid, signal.SIGKILL)
