@@ -220,10 +220,20 @@ def _tied_names(model: torch.nn.Module) -> dict[str, str]:
 
 
 def _memory_in_use(device: torch.device) -> int:
+    """GPU memory allocated, or this process's resident memory (0 where neither Linux's /proc
+    nor psutil can say)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm") as statm:  # resident pages
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/self/statm") as statm:  # resident pages
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux (a laptop's macOS)
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss
+        except ImportError:
+            return 0
 
 
 def _release(device: torch.device) -> None:

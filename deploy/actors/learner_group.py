@@ -33,9 +33,9 @@ class LearnerGroup:
         self.lead = self.handles[0]
         self._group = group
         self.helpers = tuple(self.handles[1:]) if sharded else ()
+        """The ranks besides the lead that take part in gathering the weights (publish, save)."""
         self.nodes: list[str] = []
         """The Ray node of each rank, as placed at start."""
-        """The ranks besides the lead that take part in gathering the weights (publish, save)."""
 
     @classmethod
     def start(cls, cfg: RunConfig, policy_path: str, critic_path: str | None = None,

@@ -48,7 +48,9 @@ class Autoscaler:
             return {}
         have = parts.pool.num_workers
         want, reason = self._target(have)
-        if self._pending is not None and want <= have:
+        if self._pending is not None and self._pending <= have:  # reached (by hand, `rlfleet scale`, too)
+            self._pending = None
+        if self._pending is not None and want == have:  # a shrink decision drops the request
             want, reason = self._pending, "a size asked of the cluster earlier"
         out = {"rollout/autoscale_target": float(want), "rollout/autoscale_pending": 0.0,
                "rollout/autoscale_refused": 0.0}
