@@ -71,7 +71,7 @@ class HFRolloutWorker:
         self._model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, config.dtype)
         ).to(self._device).eval()
-        if self._device.type == "cpu":
+        if self._device.type == "cpu" and config.sleep_between_steps:
             # into this process's own memory: the loader keeps the checkpoint file mapped, and
             # weights left in its pages would not be freed by `sleep`
             for param in self._model.parameters():

@@ -105,7 +105,8 @@ def compare_with_cpu(device_numbers: dict, cpu: dict, label: str) -> None:
         d, c = device_numbers[estimator], cpu[estimator]
         gap = mean_abs(d["old"], c["old"])
         check(f"{estimator} old log-probs, {label} vs fp32 CPU", gap < 0.02, f"mean |Δ| {gap:.2e} nats (< 2e-2)")
-        for key, rel in (("learner/grad_norm", 0.1), ("loss/value_avg", 0.1)):
+        # bf16 rounds each product to ~3 digits; over two layers the norms move by well under 5 %
+        for key, rel in (("learner/grad_norm", 0.05), ("loss/value_avg", 0.05)):
             if c["metrics"].get(key) is None:
                 continue
             a, b = d["metrics"][key], c["metrics"][key]

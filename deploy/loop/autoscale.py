@@ -29,8 +29,7 @@ class Autoscaler:
 
     def __init__(self, cfg: RunConfig):
         self._cfg, self._auto = cfg, cfg.rollout.autoscale
-        self._seen: deque[tuple[float, float]] = deque(maxlen=self._auto.every_steps)
-        self._since = 0
+        self._seen: deque[tuple[float, float]] = deque(maxlen=self._auto.every_steps)  # since the last decision
         self._pending: int | None = None  # a size asked of the cluster that it had no room for
 
     def see(self, row: dict[str, Any]) -> None:
@@ -40,7 +39,6 @@ class Autoscaler:
             waited = min(1.0, (row.get("timing/generate") or 0.0) / step_s)
             idle = max(0.0, 1.0 - (row.get("timing/generate_busy") or 0.0) / step_s)
             self._seen.append((waited, idle))
-        self._since += 1
 
     def decide(self, parts: Parts, done: int) -> dict[str, float]:
         """Between steps: grow, shrink or wait, as the signal and the cluster say; the metrics."""
@@ -55,7 +53,6 @@ class Autoscaler:
         out = {"rollout/autoscale_target": float(want), "rollout/autoscale_pending": 0.0,
                "rollout/autoscale_refused": 0.0}
         if want != have:
-            self._since = 0
             self._seen.clear()
         if want < have:
             parts.pool.scale_to(want)
@@ -78,7 +75,7 @@ class Autoscaler:
 
     def _target(self, have: int) -> tuple[int, str]:
         auto = self._auto
-        if self._since < auto.every_steps or not self._seen:
+        if len(self._seen) < auto.every_steps:
             return have, ""
         waited = sum(w for w, _ in self._seen) / len(self._seen)
         idle = sum(i for _, i in self._seen) / len(self._seen)
