@@ -268,3 +268,18 @@ class StepResult:
     """Policy version of the weights after the step (the next push carries it)."""
     metrics: dict[str, float | None]
     """Metric name → value (`rlfleet.common.metric_names`; None where a metric does not apply)."""
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    """What the driver did with a request for rollout workers, at a step boundary."""
+
+    ticket: int
+    requested: int
+    outcome: str
+    """'granted' (the fleet is that size now), 'unchanged' (it already was) or 'refused'."""
+    reason: str
+    """Why it was refused (the resources the cluster lacks), else ''."""
+    after_step: int
+    rollout_workers: int
+    """The fleet's size after the decision."""

@@ -34,8 +34,8 @@ class LearnerGroup:
         self._group = group
         self.helpers = tuple(self.handles[1:]) if sharded else ()
         """The ranks besides the lead that take part in gathering the weights (publish, save)."""
-        self.nodes: list[str] = []
-        """The Ray node of each rank, as placed at start."""
+        self._node_refs: list[ray.ObjectRef] = []
+        self._nodes: list[str] | None = None
 
     @classmethod
     def start(cls, cfg: RunConfig, policy_path: str, critic_path: str | None = None,
@@ -57,7 +57,8 @@ class LearnerGroup:
             for rank in range(d)
         ]
         learners = cls(handles, group, sharded=d > 1 and cfg.learner.strategy == "fsdp")
-        learners.nodes = ray.get([h.__ray_call__.remote(_node_of) for h in handles], timeout=timeout_s)
+        # asked now, read when needed: waiting here would build the learner before the other roles start
+        learners._node_refs = [h.__ray_call__.remote(_node_of) for h in handles]
         if d > 1:
             host, port = ray.get(learners.lead.open_dp_group.remote(d), timeout=timeout_s)
             ray.get([h.join_dp_group.remote(rank, d, host, port) for rank, h in enumerate(handles)],
@@ -84,6 +85,13 @@ class LearnerGroup:
                 except ray.exceptions.RayActorError as err:
                     return f"learner rank {rank} {self._where(rank)} is gone ({type(err).__name__})"
         return None
+
+    @property
+    def nodes(self) -> list[str]:
+        """The Ray node of each rank, as placed at start (waits for the ranks to be built)."""
+        if self._nodes is None:
+            self._nodes = ray.get(self._node_refs, timeout=600) if self._node_refs else []
+        return self._nodes
 
     def _where(self, rank: int) -> str:
         node = self.nodes[rank] if rank < len(self.nodes) else ""

@@ -183,7 +183,7 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str, reward_sources:
                               environment=cfg.environment, env_hosts=hosts or ())
     services = [h.health.remote() for h in (reward, reference) if h is not None]
     ray.get(services, timeout=600)
-    learner.version()  # the learners are built
+    logger.debug("learner ranks built on nodes %s", learner.nodes)  # waits for them
     return Parts(learner, pool, reward and RewardClient(reward, restarts),
                  reference and ReferenceClient(reference, restarts), tokenizer_path,
                  gold=bool(gold) or bool(hosts), env_hosts=hosts or [])

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rlfleet.deploy.loop.scaling import ScaleDecision
+from rlfleet.common.records import ScaleDecision
 
 NAMESPACE = "rlfleet"
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in the driver
@@ -103,8 +103,7 @@ def start_control(key: str) -> Any:
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     handle = ray.remote(RunControl).options(name=name, namespace=NAMESPACE, num_cpus=0,
                                             scheduling_strategy=here).remote()
-    ray.get(handle.status.remote())
-    return handle
+    return handle  # not awaited: a named actor's name is registered at creation; its process starts beside the run's
 
 
 def find_control(key: str, wait_s: float = 0.0) -> Any:

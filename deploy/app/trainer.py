@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from rlfleet.common.config import RunConfig
 from rlfleet.common.data import PromptSampler
 from rlfleet.common.metrics import MetricsWriter, read_metrics
+from rlfleet.common.records import ScaleDecision
 from rlfleet.deploy.actors.parts import (
     Parts,
     connect_ray,
@@ -46,7 +47,7 @@ from rlfleet.deploy.loop.autoscale import Autoscaler
 from rlfleet.deploy.loop.checkpoints import CheckpointManager
 from rlfleet.deploy.loop.guard import GoldWatch
 from rlfleet.deploy.loop.health import RunHealth, UnscorableLog
-from rlfleet.deploy.loop.scaling import CONTROL_TIMEOUT_S, ScaleDecision, apply_control
+from rlfleet.deploy.loop.scaling import CONTROL_TIMEOUT_S, apply_control
 from rlfleet.services.decoding import TextDecoder
 
 logger = logging.getLogger(__name__)

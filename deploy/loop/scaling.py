@@ -4,33 +4,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from rlfleet.common.config import RunConfig
+from rlfleet.common.records import ScaleDecision
 from rlfleet.deploy.actors.assembly import missing_resources
 from rlfleet.deploy.actors.parts import Parts
 
 logger = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 120.0
-
-
-@dataclass(frozen=True)
-class ScaleDecision:
-    """What the driver did with a request for rollout workers, at a step boundary."""
-
-    ticket: int
-    requested: int
-    outcome: str
-    """'granted' (the fleet is that size now), 'unchanged' (it already was) or 'refused'."""
-    reason: str
-    """Why it was refused (the resources the cluster lacks), else ''."""
-    after_step: int
-    rollout_workers: int
-    """The fleet's size after the decision."""
 
 
 def apply_control(cfg: RunConfig, parts: Parts, control: Any, done: int) -> dict[str, float]:
