@@ -49,6 +49,11 @@ class ClusterConfig(Section):
     """Times the reward and reference actors are restarted after a crash; the call in flight is
     retried after each restart (the reward normaliser's state restored first). Past it the run
     stops with an error and the last checkpoint is left as it was."""
+    service_lost_wait_s: float = Field(120.0, gt=0)
+    """When the reward or reference actor's node is lost and no live node offers the resources
+    it asks for, how long a call waits for a node to join (Ray's autoscaler adding one) before
+    the run stops, naming the service and the node (exit 4; the same command resumes from the
+    last complete checkpoint)."""
     learner_placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy of the learner group's bundles: PACK keeps the ranks on as
     few nodes as possible (NVLink/fast intra-node collectives), STRICT_PACK insists on one node."""

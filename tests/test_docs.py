@@ -53,6 +53,17 @@ def test_the_reference_pages_are_generated_from_the_current_code():
     assert describe("no/such/metric") is None
 
 
+@pytest.mark.unit
+def test_every_test_the_docs_cite_exists():
+    """A guide's "Tested:" column names tests by path::name; a renamed or moved test is caught here."""
+    cited = {m for doc in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+             for m in re.findall(r"(tests/[\w/]+\.py)::(test_\w+)", doc.read_text())}
+    assert cited
+    missing = [f"{path}::{name}" for path, name in sorted(cited)
+               if not (ROOT / path).is_file() or f"def {name}(" not in (ROOT / path).read_text()]
+    assert not missing, missing
+
+
 def _quickstart_commands() -> list[str]:
     text = (ROOT / "docs" / "quickstart.md").read_text()
     bash = [c.strip() for block in re.findall(r"```bash\n(.*?)\n```", text, flags=re.DOTALL) for c in block.splitlines()]

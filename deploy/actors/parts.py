@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import ray
 import torch
 
-from rlfleet.common.config import RewardConfig, RuleRewardConfig, RunConfig
+from rlfleet.common.config import RewardConfig, RoleResources, RuleRewardConfig, RunConfig
 from rlfleet.common.precision import resolve_dtype
 from rlfleet.common.records import PromptInput, RolloutBatch, SamplingSpec, ScoreBatch
 from rlfleet.common.reward_scale import RewardScaler
@@ -184,9 +184,16 @@ def start_parts(cfg: RunConfig, model: str, tokenizer_path: str, reward_sources:
     services = [h.health.remote() for h in (reward, reference) if h is not None]
     ray.get(services, timeout=600)
     logger.debug("learner ranks built on nodes %s", learner.nodes)  # waits for them
-    return Parts(learner, pool, reward and RewardClient(reward, restarts),
-                 reference and ReferenceClient(reference, restarts), tokenizer_path,
+    wait = cfg.cluster.service_lost_wait_s
+    return Parts(learner, pool, reward and RewardClient(reward, restarts, needs=_needs(cfg.cluster.reward),
+                                                        lost_wait_s=wait),
+                 reference and ReferenceClient(reference, restarts, needs=_needs(cfg.cluster.reference),
+                                               lost_wait_s=wait), tokenizer_path,
                  gold=bool(gold) or bool(hosts), env_hosts=hosts or [])
+
+
+def _needs(res: RoleResources) -> dict[str, float]:
+    return {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
 
 
 def start_eval_parts(cfg: RunConfig, model: str, reward_sources: RewardConfig,

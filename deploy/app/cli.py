@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     from rlfleet.common.data import DataError
     from rlfleet.deploy.loop.health import RunHealthError
-    from rlfleet.deploy.loop.run_state import LearnerLostError
+    from rlfleet.deploy.loop.run_state import LostError
 
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -171,9 +171,9 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
     except RunHealthError as err:  # a run that cannot learn: named, exit 3, its checkpoints kept
         sys.stderr.write(f"rlfleet: {err}\n")
         return RunHealthError.exit_code
-    except LearnerLostError as err:  # the learner's node lost: named with the checkpoint to resume from, exit 4
+    except LostError as err:  # the learner's or a service's node lost: named with the checkpoint to resume from
         sys.stderr.write(f"rlfleet: {err}\n")
-        return LearnerLostError.exit_code
+        return LostError.exit_code
 
 
 def _dispatch(args: argparse.Namespace, cfg: RunConfig) -> int:

@@ -143,7 +143,7 @@ class Trainer:
                 try:
                     last = {**loop.step(step), **scaled}
                 except Exception as err:
-                    lost = run_state.learner_lost(cfg, parts, ckpts, step, err)
+                    lost = run_state.role_lost(cfg, parts, ckpts, step, err)
                     if lost is None:
                         raise
                     raise lost from err

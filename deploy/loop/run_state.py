@@ -12,6 +12,7 @@ from rlfleet.common.metrics import MetricsWriter
 from rlfleet.deploy.actors.parts import Parts
 from rlfleet.deploy.loop.checkpoints import CheckpointManager, read_state
 from rlfleet.deploy.loop.stages import push_weights
+from rlfleet.services.client import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -52,25 +53,44 @@ def checkpoint_due(cfg: RunConfig, step: int) -> bool:
     return step == cfg.total_steps or (every > 0 and step % every == 0)
 
 
-class LearnerLostError(RuntimeError):
-    """The learner (a rank of it) is gone: its node lost, or its process killed. The run stops;
-    the same command resumes from the last complete checkpoint once the learner can be placed."""
+class LostError(RuntimeError):
+    """A role the run cannot go on without is gone with its node and cannot be placed again:
+    the run stops (exit 4) naming it and the last complete checkpoint, where the same command
+    resumes once the cluster can place it."""
 
     exit_code = 4
 
 
-def learner_lost(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, step: int,
-                 err: BaseException) -> LearnerLostError | None:
-    """The error to stop with when `err` (raised at `step`) came from losing the learner, else None."""
+class LearnerLostError(LostError):
+    """The learner (a rank of it) is gone: its node lost, or its process killed."""
+
+
+class ServiceLostError(LostError):
+    """The reward or reference actor's node is lost and no live node can host it."""
+
+
+def _resume_hint(ckpts: CheckpointManager) -> str:
+    latest = ckpts.latest()
+    return (f"The last complete checkpoint is {latest} (step {read_state(latest)['step']}); run the same command "
+            "again to resume there" if latest is not None else
+            "No checkpoint was written yet (checkpoint.every_steps); the same command starts over")
+
+
+def role_lost(cfg: RunConfig, parts: Parts, ckpts: CheckpointManager, step: int,
+              err: BaseException) -> LostError | None:
+    """The error to stop with when `err` (raised at `step`) came from losing the learner or a
+    service with its node, else None."""
+    cause: BaseException | None = err
+    while cause is not None and not (isinstance(cause, ServiceError) and cause.node_lost):
+        cause = cause.__cause__ or cause.__context__  # the overlapped loop re-raises its threads' errors
+    if cause is not None:
+        return ServiceLostError(f"the run stopped at step {step}: {cause}. {_resume_hint(ckpts)} once a node "
+                                "offers those resources.")
     lost = parts.learner.lost()
     if lost is None:
         return None
-    latest = ckpts.latest()
-    where = (f"The last complete checkpoint is {latest} (step {read_state(latest)['step']}); run the same command "
-             "again to resume there" if latest is not None else
-             "No checkpoint was written yet (checkpoint.every_steps); the same command starts over")
     wants = cfg.cluster.learner
     return LearnerLostError(
         f"the learner was lost at step {step}: {lost} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-        f"{where} once the cluster can place the learner again (cluster.learner: num_cpus={wants.num_cpus}, "
-        f"num_gpus={wants.num_gpus}, resources={dict(wants.resources)}).")
+        f"{_resume_hint(ckpts)} once the cluster can place the learner again (cluster.learner: "
+        f"num_cpus={wants.num_cpus}, num_gpus={wants.num_gpus}, resources={dict(wants.resources)}).")

@@ -10,6 +10,9 @@ tests go; token authentication on 127.0.0.1), submitted as users submit them:
   process on it) — the run goes on with the other engine — and a node with the `rollout`
   resource joining again, where the lost worker is restarted. Every step, every group complete,
   none duplicated, nothing trained on more than one version old;
+- the reward and reference actors' node lost while another can host them: restarted there,
+  the call in flight made again, the run goes on; lost again with none left: the job stops
+  within a bounded time, naming the service, its dead node and the last checkpoint;
 - `rollout.autoscale` growing the fleet onto a node that joins (weights pushed by broadcast),
   then the learner's node lost: the job stops naming it and the checkpoint, and the same
   submission resumes there."""
@@ -29,7 +32,7 @@ import pytest
 from rlfleet.common.metrics import read_metrics
 from tests.cluster import BIN, ROOT, start_cluster, stop_cluster
 from tests.procs import pids_titled
-from tests.services.rule_fixtures import HOLD_MARKER
+from tests.services.rule_fixtures import HELD_MARKER, HOLD_MARKER
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 PROMPTS, SAMPLES, STEPS = 4, 4, 24
@@ -96,18 +99,12 @@ def _submit(cluster, *args: str) -> str:
     return job
 
 
-def _state(cluster, kind: str) -> list[dict]:
-    out = cluster.ray("list", kind, "--format", "json", "--limit", "1000", "--address", cluster.dashboard)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
-
-
 def _placement(cluster) -> dict[str, list[str]]:
     """Alive actor class -> the custom resources of the node each runs on ('head' for none)."""
-    nodes = {n["node_id"]: sorted(k for k in n["resources_total"] if k in ("learner", "rollout")) or ["head"]
-             for n in _state(cluster, "nodes") if n["state"] == "ALIVE"}
+    nodes = {n["node_id"]: sorted(k for k in n["resources_total"] if k in ("learner", "rollout", "scorer")) or ["head"]
+             for n in cluster.state("nodes") if n["state"] == "ALIVE"}
     placed: dict[str, list[str]] = {}
-    for actor in _state(cluster, "actors"):
+    for actor in cluster.state("actors"):
         if actor["state"] == "ALIVE" and actor["node_id"] in nodes:
             placed.setdefault(actor["class_name"], []).append(nodes[actor["node_id"]][0])
     return placed
@@ -163,12 +160,13 @@ def _kill_one_engine(cluster, rng: random.Random) -> int:
     raise AssertionError("the 2 rollout workers were never both up")
 
 
-def _job_args(run_dir, steps: int) -> list[str]:
-    """A GRPO job placed by node resource, its scoring held while HOLD_MARKER exists."""
+def _job_args(run_dir, steps: int, services: str = "services") -> list[str]:
+    """A GRPO job placed by node resource (the reward and reference actors by `services`), its
+    scoring held while HOLD_MARKER exists."""
     return ["examples/grpo_tiny.yaml", f"total_steps={steps}", f"rollout.prompts_per_step={PROMPTS}",
             f"rollout.samples_per_prompt={SAMPLES}", "rollout.max_response_tokens=8",
             "cluster.learner.resources={learner: 1}", "cluster.rollout.resources={rollout: 1}",
-            "cluster.reward.resources={services: 1}", "cluster.reference.resources={services: 1}",
+            f"cluster.reward.resources={{{services}: 1}}", f"cluster.reference.resources={{{services}: 1}}",
             "logging.eval_every_steps=0", f"logging.run_dir={run_dir}",
             "reward.rules=[{function: 'tests.services.rule_fixtures:math_answer_while_not_held', timeout_s: 900}]"]
 
@@ -293,3 +291,41 @@ def test_the_fleet_autoscales_onto_a_joining_node_then_a_lost_learner_node_stops
     # every engine, the ones added by autoscaling too, generated with the weights just broadcast
     assert all(r["rollout/min_version"] == r["rollout/max_version"] == r["step"] for r in rows)
     assert f"resumed from {tmp_path / 'checkpoints' / latest}" in cluster.logs(again, tail=None)
+
+
+def test_a_lost_services_node_moves_them_to_another_and_with_none_left_the_job_stops_naming_them(cluster, tmp_path):
+    """The reward and reference actors on a node of their own (resource `scorer`). That node
+    SIGKILLed while the reward call is in flight and a second `scorer` node is up: Ray restarts
+    both there, the call is made again, every step trains once. The second node lost too, with
+    no node left that offers `scorer`: the job ends FAILED (exit 4) within a bounded time, its
+    log naming the service, its dead node and the last complete checkpoint."""
+    cluster.add_node("scorer-1", num_cpus=2, resources={"scorer": 2})
+    HOLD_MARKER.touch()
+    job = _submit(cluster, *_job_args(tmp_path, 40, services="scorer"), "rollout.num_workers=1",
+                  "checkpoint.every_steps=2", "cluster.service_lost_wait_s=5")
+    _released_until("step 3", lambda: len(_rows(tmp_path)) >= 3, cluster, job)
+    placed = _placement(cluster)
+    assert placed["RewardService"] == ["scorer"] and placed["ReferenceService"] == ["scorer"], placed
+    cluster.add_node("scorer-2", num_cpus=2, resources={"scorer": 2})
+    _wait("a reward call held in flight", lambda: HELD_MARKER.exists() and
+          HELD_MARKER.stat().st_mtime >= HOLD_MARKER.stat().st_mtime, 120, cluster, job)
+    before = len(_rows(tmp_path))
+    assert cluster.kill_node("scorer-1") >= 2  # held: the reward's call is in flight on that node
+    moved = _released_until("two steps with the services restarted on the other node", lambda: next(
+        (r for r in _rows(tmp_path) if r["step"] >= before + 2), None), cluster, job)
+    assert moved["services/retries"] >= 1.0, moved  # the call in flight made again after the restart
+    placed = _placement(cluster)
+    assert placed["RewardService"] == ["scorer"] and placed["ReferenceService"] == ["scorer"], placed
+
+    killed = time.monotonic()
+    assert cluster.kill_node("scorer-2") >= 2
+    HOLD_MARKER.unlink()
+    assert cluster.wait(job, timeout=300) == "FAILED", cluster.logs(job)
+    took = time.monotonic() - killed
+    logs = cluster.logs(job, tail=None)
+    assert "actor's node" in logs and "is dead and no live node can host it (it needs" in logs, logs[-3000:]
+    assert "'scorer': 1.0" in logs and "The last complete checkpoint is" in logs, logs[-3000:]
+    # Ray declares the node dead (~5 s here), a call waits service_lost_wait_s (5 s) for a node
+    assert took < 90, took
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) < 40

@@ -65,6 +65,8 @@ def allocates_without_bound(*args):
 
 
 HOLD_MARKER = Path(tempfile.gettempdir()) / "rlfleet-test-hold-scoring"
+HELD_MARKER = Path(tempfile.gettempdir()) / "rlfleet-test-held-scoring"
+"""Touched by a call that found HOLD_MARKER: a scoring call is in flight, held."""
 
 
 def math_answer_while_not_held(prompt, response, extra):
@@ -76,6 +78,8 @@ def math_answer_while_not_held(prompt, response, extra):
     if response == "0":
         return math_answer(prompt, response, extra)
     deadline = time.monotonic() + 600
+    if HOLD_MARKER.exists():
+        HELD_MARKER.touch()
     while HOLD_MARKER.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     return math_answer(prompt, response, extra)
