@@ -321,62 +321,59 @@ def fit_with_reward_actor_killed_after_step_1(cfg: RunConfig) -> None:
         KILL_MARKER.unlink(missing_ok=True)
 
 
-def test_a_killed_reference_actor_is_restarted_and_the_run_completes(ray_cluster, tmp_path):
-    """The reference actor (its own actor: not colocated) is SIGKILLed after step 1; Ray
-    restarts it (`cluster.service_restarts`), a call it was serving is retried, and every step
-    completes with the reference KL in the loss. One update per step: the learner makes its
-    own old log-probs (no `prepare` call)."""
+def test_killed_reward_and_reference_actors_are_restarted_and_their_calls_retried(ray_cluster, tmp_path):
+    """After step 1 the reward actor is SIGKILLed while it scores (by a fault-injecting rule) and
+    the reference actor (its own actor: not colocated) is SIGKILLed too: Ray restarts both
+    (`cluster.service_restarts`), the driver makes the calls again and the run completes every
+    step, the reference KL in the loss. One update per step: the learner makes its own old
+    log-probs (no `prepare` call). With no restarts allowed the reward's fault stops the run with
+    an error naming the actor and the setting, and the step-1 checkpoint stays the newest
+    complete one."""
+    from rlfleet.services.client import ServiceError
+    from tests.services.rule_fixtures import KILL_MARKER
+
+    fired = Path(f"{KILL_MARKER}.fired")
+    fired.unlink(missing_ok=True)
     before = pids_titled(b"ray::ReferenceService")
     killed: list[int] = []
 
-    def kill_reference():
+    def kill_both():
+        KILL_MARKER.touch()  # the reward actor's next scoring call kills it
         mine = pids_titled(b"ray::ReferenceService") - before  # this run's actor, not others'
         assert len(mine) == 1, mine
         killed.append(mine.pop())
         os.kill(killed[0], signal.SIGKILL)
 
-    cfg = grpo_config(tmp_path, total_steps=4, reference={"colocate_with_learner": False},
-                      learner={"minibatch_size": 32}, cluster={"service_restarts": 1})
+    rule = {"rules": [{"function": "tests.services.rule_fixtures:kills_its_service_once"}]}
+    run = tmp_path / "restarts1"
+    cfg = grpo_config(run, total_steps=4, reward=rule, reference={"colocate_with_learner": False},
+                      learner={"minibatch_size": 32}, cluster={"service_restarts": 1}, checkpoint={"every_steps": 1})
     assert reuses_update_logprobs(cfg)
-    fit_with_fault_after_step_1(cfg, kill_reference)
-    assert killed
-    rows = read_metrics(tmp_path)
+    try:
+        fit_with_fault_after_step_1(cfg, kill_both)
+    finally:
+        KILL_MARKER.unlink(missing_ok=True)
+    assert killed and fired.exists()  # both really were killed
+    fired.unlink()
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    retries = [r["services/retries"] for r in rows]  # the reward's call made again; the reference's if in flight
+    assert retries[0] == 0.0 and retries == sorted(retries) and retries[2] >= 1.0 and retries[-1] <= 2.0, retries
     assert all(r["objective/kl"] >= 0 for r in rows) and rows[-1]["objective/kl"] > 0
     # the old log-probs came from the update itself: no prepare call, a ratio of exactly 1, and
     # they still match vLLM's
     assert all("timing/old_logprobs" not in r and r["val/ratio"] == pytest.approx(1.0, abs=1e-6) for r in rows)
     assert all(r["rollout/logprob_diff"] < 1e-3 and r["learner/version"] == r["step"] for r in rows)
 
-
-def test_a_killed_reward_actor_is_restarted_and_its_call_retried(ray_cluster, tmp_path):
-    """The reward actor is SIGKILLed while it scores (by a fault-injecting rule): Ray restarts
-    it, the driver retries the call and the run completes every step. With no restarts allowed
-    the same fault stops the run with an error naming the actor and the setting, and the
-    step-1 checkpoint stays the newest complete one."""
-    from rlfleet.services.client import ServiceError
-    from tests.services.rule_fixtures import KILL_MARKER
-
-    fired = Path(f"{KILL_MARKER}.fired")
-    fired.unlink(missing_ok=True)
-    rule = {"rules": [{"function": "tests.services.rule_fixtures:kills_its_service_once"}]}
-    for restarts in (1, 0):
-        run = tmp_path / f"restarts{restarts}"
-        cfg = grpo_config(run, total_steps=3, reward=rule, cluster={"service_restarts": restarts},
-                          checkpoint={"every_steps": 1})
-        if restarts:
-            fit_with_reward_actor_killed_after_step_1(cfg)
-            rows = read_metrics(run)
-            assert [r["step"] for r in rows] == [1, 2, 3]
-            assert [r["services/retries"] for r in rows] in ([0.0, 1.0, 1.0], [0.0, 0.0, 1.0])
-        else:
-            with pytest.raises(ServiceError, match=r"the reward actor died 1 time\(s\) \(cluster.service_restarts=0\)"):
-                fit_with_reward_actor_killed_after_step_1(cfg)
-            assert [r["step"] for r in read_metrics(run)] == [1]
-            latest = CheckpointManager(run, keep_last=2).latest()
-            assert latest is not None and latest.name == "step_00000001"
-        assert fired.exists()  # the actor really was killed
-        fired.unlink()
+    run = tmp_path / "restarts0"
+    cfg = grpo_config(run, total_steps=3, reward=rule, cluster={"service_restarts": 0}, checkpoint={"every_steps": 1})
+    with pytest.raises(ServiceError, match=r"the reward actor died 1 time\(s\) \(cluster.service_restarts=0\)"):
+        fit_with_reward_actor_killed_after_step_1(cfg)
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    latest = CheckpointManager(run, keep_last=2).latest()
+    assert latest is not None and latest.name == "step_00000001"
+    assert fired.exists()
+    fired.unlink()
 
 
 def test_a_sigkilled_driver_resumes_from_the_last_complete_checkpoint(tmp_path):
