@@ -117,7 +117,7 @@ def measure(name: str, work: Path) -> dict:
         AutoModelForCausalLM.from_config(hf).save_pretrained(model_dir)
     cfg = run_config(str(model_dir), learner, model)
     lora = cfg.model.lora
-    parts = learner_parts(cfg, ModelShape.of(hf, lora.rank if lora.enabled else 0, tuple(lora.target_modules)))
+    parts = learner_parts(cfg, ModelShape.of(hf, lora.rank if lora.enabled else 0, lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)))
     planned = sum(p.bytes for p in parts)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

@@ -81,8 +81,11 @@ class LoraConfig(Section):
     """LoRA scaling alpha (the update is scaled by alpha / rank)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA input."""
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    """Names of the linear modules that get adapters."""
+    target_modules: list[str] | Literal["auto"] = "auto"
+    """Names of the linear modules that get adapters (a module's last name: `q_proj`), or
+    'auto': every linear layer of the attention blocks, as the family names them (Llama, Qwen,
+    Mistral, Gemma: q/k/v/o_proj; Phi-3: its fused qkv_proj and o_proj). A name that matches
+    no linear layer of the model is refused at start, naming the layers it has."""
 
 
 class ModelConfig(Section):

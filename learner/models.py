@@ -9,7 +9,7 @@ value response token t.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
@@ -43,7 +43,7 @@ def load_policy(path: str, lora: LoraConfig, device: torch.device, gradient_chec
             r=lora.rank,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
+            target_modules=lora_targets(model, lora.target_modules),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, peft_config)
@@ -51,6 +51,29 @@ def load_policy(path: str, lora: LoraConfig, device: torch.device, gradient_chec
             model.enable_input_require_grads()
     model.train()
     return model
+
+
+ATTENTION_BLOCKS = ("self_attn", "attention", "attn")
+
+
+def lora_targets(model: torch.nn.Module, wanted: Sequence[str] | str) -> list[str]:
+    """The module names LoRA adapts (`model.lora.target_modules`): 'auto' → every linear layer
+    inside the attention blocks; a list is checked against the model's linear layers."""
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    kind = type(model).__name__
+    if wanted == "auto":
+        names = sorted({name.rsplit(".", 1)[-1] for name in linear
+                        if any(part in ATTENTION_BLOCKS for part in name.split(".")[:-1])})
+        if not names:
+            raise ValueError(f"model.lora.target_modules='auto': {kind} has no attention block named "
+                             f"{' / '.join(ATTENTION_BLOCKS)}; list the modules to adapt (its linear layers: {leaves})")
+        return names
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        raise ValueError(f"model.lora.target_modules: {missing} match no linear layer of {kind} (its linear "
+                         f"layers: {leaves}); 'auto' adapts its attention projections")
+    return list(wanted)
 
 
 def load_critic(path: str, device: torch.device, gradient_checkpointing: bool = False):

@@ -33,7 +33,7 @@ from rlfleet.learner.algos import (
     masked_sum,
     reward_model_loss,
 )
-from rlfleet.learner.models import response_logprobs
+from rlfleet.learner.models import lora_targets, response_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def train_reward_model(model_path: str, out_dir: str | Path, train: Sequence[Pre
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, task_type="SEQ_CLS",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+                                                 target_modules=lora_targets(model, "auto")))
     trained = torch.nn.ModuleList([model] + ([lm_head] if lm_head is not None else []))
 
     def forward(rows: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

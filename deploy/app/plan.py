@@ -73,7 +73,7 @@ def model_shape(cfg: RunConfig) -> ModelShape:
 
         hf = tiny_model_config(cfg.model.tiny)
     lora = cfg.model.lora
-    return ModelShape.of(hf, lora.rank if lora.enabled else 0, tuple(lora.target_modules))
+    return ModelShape.of(hf, lora.rank if lora.enabled else 0, lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules))
 
 
 def make_plan(cfg: RunConfig, gpu_bytes: float | None = None) -> Plan:

@@ -43,7 +43,7 @@ class ModelShape:
     """The output head's own parameters (0 when tied to the input embeddings)."""
 
     @classmethod
-    def of(cls, hf_config, lora_rank: int = 0, lora_targets: tuple[str, ...] = ()) -> ModelShape:
+    def of(cls, hf_config, lora_rank: int = 0, lora_targets: tuple[str, ...] | str = ()) -> ModelShape:
         """From a transformers config: built on the meta device, counted."""
         from transformers import AutoModelForCausalLM
 
@@ -52,8 +52,11 @@ class ModelShape:
         params = sum(p.numel() for p in model.parameters())
         lora = 0
         if lora_rank:
+            from rlfleet.learner.models import lora_targets as resolve
+
+            targets = resolve(model, lora_targets if isinstance(lora_targets, str) else list(lora_targets))
             for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets:
+                if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
                     lora += lora_rank * (module.in_features + module.out_features)
         text = getattr(hf_config, "text_config", None) or hf_config
         heads = text.num_attention_heads
