@@ -137,7 +137,6 @@ class ServiceClient:
             except ray.exceptions.ActorDiedError as err:
                 raise ServiceError(f"the {self.name} actor died and was not restarted: {err}") from err
 
-
     def node(self) -> str:
         """The Ray node the actor runs on ('' while that is not known)."""
         if self._node is None:
