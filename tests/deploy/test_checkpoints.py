@@ -78,3 +78,33 @@ def test_bad_training_data_exits_2_naming_the_line_and_keeps_checkpoints(tmp_pat
     assert cli.main(["eval", "--checkpoint", str(tmp_path), f"logging.run_dir={tmp_path}"]) == 2
     assert "neither a checkpoint folder nor an HF model folder" in capsys.readouterr().err
 
+
+
+def test_a_lost_services_node_stops_the_run_naming_the_checkpoint_even_when_the_loop_re_raised_it(tmp_path):
+    """`role_lost` finds a node-lost ServiceError through the chain the overlapped loop re-raises
+    (its threads' errors), and names the last complete checkpoint; any other error is not a
+    lost service (the learner is asked next, here: it answers)."""
+    from rlfleet.common.config import RunConfig
+    from rlfleet.deploy.loop.run_state import ServiceLostError, role_lost
+    from rlfleet.services.client import ServiceError
+
+    ckpts = CheckpointManager(tmp_path, keep_last=2)
+    ckpts.save(4, lambda folder: None, {"data": {}})
+
+    class Answering:
+        def lost(self):
+            return None
+
+    parts = type("Parts", (), {"learner": Answering()})()
+    try:
+        try:
+            raise ServiceError("the reward actor's node 0123 (10.0.0.2) is dead and no live node can host it",
+                               node_lost=True)
+        except ServiceError as inner:
+            raise RuntimeError("the scoring thread failed") from inner
+    except RuntimeError as err:
+        lost = role_lost(RunConfig(), parts, ckpts, 6, err)
+    assert isinstance(lost, ServiceLostError) and lost.exit_code == 4
+    assert "the run stopped at step 6: the reward actor's node 0123" in str(lost)
+    assert f"The last complete checkpoint is {tmp_path / 'checkpoints' / 'step_00000004'} (step 4)" in str(lost)
+    assert role_lost(RunConfig(), parts, ckpts, 6, ServiceError("died 4 times")) is None
